@@ -1,0 +1,67 @@
+"""Model flags shared by train, summary, compare and bench (the seed's flag names)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import ARCHITECTURES, ALIASES, MODEL_SIZES, PRESETS, ModelConfig, preset_config
+
+
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
+    parser.add_argument(name, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool = False) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--architecture",
+        default=None if architecture_required else "dense",
+        required=architecture_required,
+        metavar="{" + ",".join(list(ARCHITECTURES) + list(ALIASES)) + "}",
+        help="model family (default: dense)",
+    )
+    g.add_argument("--model-size", choices=MODEL_SIZES, default=None, help="size preset")
+    g.add_argument("--preset", choices=PRESETS, default=None, help="named model preset")
+    g.add_argument("--vocab-size", type=int, default=None)
+    g.add_argument("--d-model", type=int, default=None)
+    g.add_argument("--n-layers", type=int, default=None)
+    g.add_argument("--n-heads", type=int, default=None)
+    g.add_argument("--d-ff", type=int, default=None)
+    g.add_argument("--max-seq-len", type=int, default=None)
+    g.add_argument("--dropout", type=float, default=None)
+    _bool_flag(g, "--use-rope", "rotary position embedding instead of learned positions")
+    _bool_flag(g, "--use-rmsnorm", "RMSNorm instead of LayerNorm")
+    _bool_flag(g, "--tie-weights", "tie input embedding and output head")
+    g.add_argument("--state-size", type=int, default=None, help="Mamba SSM state size (16)")
+    g.add_argument("--conv-size", type=int, default=None, help="Mamba conv kernel (4)")
+    g.add_argument("--expand", type=int, default=None, help="Mamba expansion (2)")
+    g.add_argument("--num-experts", type=int, default=None, help="MoE experts (8)")
+    g.add_argument(
+        "--expert-capacity", "--top-k", dest="top_k", type=int, default=None,
+        help="MoE experts per token, top-k (2)",
+    )
+    g.add_argument("--capacity-factor", type=float, default=None,
+                   help="MoE capacity factor; 0 drops no token")
+    g.add_argument("--hybrid-local-window", dest="local_window", type=int, default=None,
+                   help="sliding attention window of the hybrid (256)")
+    g.add_argument("--hypernetwork-hidden-dim", type=int, default=None)
+
+
+MODEL_KEYS = (
+    "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "dropout", "use_rope",
+    "use_rmsnorm", "tie_weights", "state_size", "conv_size", "expand", "num_experts", "top_k",
+    "capacity_factor", "local_window", "hypernetwork_hidden_dim",
+)
+
+
+def model_config_from_args(args: Any, vocab_size: int | None = None) -> ModelConfig:
+    """Preset/size first, then explicit flags override; validated."""
+    overrides = {k: getattr(args, k, None) for k in MODEL_KEYS}
+    return preset_config(
+        args.architecture,
+        model_size=getattr(args, "model_size", None),
+        preset=getattr(args, "preset", None),
+        vocab_size=getattr(args, "vocab_size", None) or vocab_size,
+        **overrides,
+    )

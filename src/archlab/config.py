@@ -1,0 +1,267 @@
+"""Model configuration, size presets and validation.
+
+Every user-facing mistake in a configuration raises :class:`ConfigError` with one line that
+names the flag and the allowed values; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+ARCHITECTURES = ("dense", "hypermixer", "mamba", "moe", "hybrid")
+ALIASES = {"transformer": "dense", "ssm": "mamba"}
+MODEL_SIZES = ("nano", "micro", "tiny", "medium", "large")
+PRESETS = ("rustgpt",)
+
+# Human-readable names used by `summary` (the seed's "Architecture Type:" line).
+DISPLAY_NAMES = {
+    "dense": "Transformer",
+    "hypermixer": "HyperMixer",
+    "mamba": "Mamba",
+    "moe": "MixtureOfExperts",
+    "hybrid": "Hybrid (Mamba + Sliding-Window Attention)",
+}
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration a user asked for is invalid; the message is one line for the CLI."""
+
+
+def canonical_architecture(name: str) -> str:
+    key = name.strip().lower()
+    key = ALIASES.get(key, key)
+    if key not in ARCHITECTURES:
+        allowed = ", ".join(list(ARCHITECTURES) + list(ALIASES))
+        raise ConfigError(f"--architecture: unknown architecture {name!r} (allowed: {allowed})")
+    return key
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a model; serialised as config.json in checkpoints."""
+
+    architecture: str = "dense"
+    vocab_size: int = 4096
+    d_model: int = 128  # seed: "Embedding Dimension"
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 512  # seed: "Hidden Dimension" (MLP width)
+    max_seq_len: int = 256
+    dropout: float = 0.0
+    use_rope: bool = False  # False: learned absolute positions
+    use_rmsnorm: bool = False  # False: LayerNorm
+    tie_weights: bool = True
+    norm_eps: float = 1e-5
+    bias: bool = False  # biases in attention/MLP linears of the modern blocks
+    # Mamba
+    state_size: int = 16
+    conv_size: int = 4
+    expand: int = 2
+    dt_rank: int = 0  # 0 -> ceil(d_model / 16)
+    # MoE
+    num_experts: int = 8
+    top_k: int = 2
+    expert_d_ff: int = 0  # 0 -> d_ff // top_k (matches dense active parameters)
+    capacity_factor: float = 0.0  # 0 -> no capacity limit (no token dropped)
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    # Hybrid
+    local_window: int = 256
+    # HyperMixer
+    hypernetwork_hidden_dim: int = 0  # 0 -> d_model // 4
+    hypermixer_mixing_dim: int = 0  # d' of the generated token-mixing MLP; 0 -> d_model // 2
+    # Presets ("rustgpt" switches to the seed's post-norm blocks)
+    preset: str | None = None
+    # Extra, free-form knobs (kept in config.json, ignored by builders that do not know them)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.architecture = canonical_architecture(self.architecture)
+
+    # ---- derived values -------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def resolved_dt_rank(self) -> int:
+        return self.dt_rank or math.ceil(self.d_model / 16)
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def resolved_expert_d_ff(self) -> int:
+        return self.expert_d_ff or max(1, self.d_ff // self.top_k)
+
+    @property
+    def resolved_hyper_hidden(self) -> int:
+        return self.hypernetwork_hidden_dim or max(1, self.d_model // 4)
+
+    @property
+    def resolved_mixing_dim(self) -> int:
+        return self.hypermixer_mixing_dim or max(1, self.d_model // 2)
+
+    @property
+    def uses_learned_positions(self) -> bool:
+        """Learned absolute positions bound the sequence length; RoPE and Mamba do not."""
+        if self.preset == "rustgpt":
+            return True
+        if self.architecture == "mamba":
+            return False
+        if self.architecture == "hybrid":
+            return False  # Mamba layers carry position; attention layers use RoPE
+        return not self.use_rope
+
+    # ---- (de)serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config.json: unknown model config keys {unknown}")
+        return cls(**d)
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ---- validation ----------------------------------------------------------------------
+    def validate(self) -> ModelConfig:
+        """Raise ConfigError naming the offending flag; return self for chaining."""
+
+        def positive(flag: str, value: float) -> None:
+            if value <= 0:
+                raise ConfigError(f"{flag}: must be a positive number (got {value})")
+
+        positive("--vocab-size", self.vocab_size)
+        positive("--d-model", self.d_model)
+        positive("--n-layers", self.n_layers)
+        positive("--n-heads", self.n_heads)
+        positive("--d-ff", self.d_ff)
+        positive("--max-seq-len", self.max_seq_len)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout: must be in [0, 1) (got {self.dropout})")
+        if self.architecture in ("dense", "moe", "hybrid") and self.preset != "rustgpt":
+            if self.d_model % self.n_heads:
+                raise ConfigError(
+                    f"--n-heads: d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
+                )
+            if self.use_rope and self.head_dim % 2:
+                raise ConfigError(f"--use-rope: head dimension {self.head_dim} must be even")
+        if self.architecture in ("mamba", "hybrid"):
+            positive("--state-size", self.state_size)
+            positive("--conv-size", self.conv_size)
+            positive("--expand", self.expand)
+            if self.dt_rank < 0:
+                raise ConfigError(f"--dt-rank: must be >= 0 (got {self.dt_rank})")
+        if self.architecture == "moe":
+            positive("--num-experts", self.num_experts)
+            positive("--expert-capacity", self.top_k)
+            if self.top_k > self.num_experts:
+                raise ConfigError(
+                    f"--expert-capacity: top_k {self.top_k} exceeds --num-experts {self.num_experts}"
+                )
+            if self.capacity_factor < 0:
+                raise ConfigError(
+                    f"--capacity-factor: must be >= 0 (got {self.capacity_factor}; 0 disables)"
+                )
+        if self.architecture == "hybrid" and self.local_window < 1:
+            raise ConfigError(
+                f"--hybrid-local-window: must be >= 1 (got {self.local_window})"
+            )
+        if self.hypernetwork_hidden_dim < 0 or self.hypermixer_mixing_dim < 0:
+            raise ConfigError("--hypernetwork-hidden-dim: must be >= 0")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(
+                f"--preset: unknown preset {self.preset!r} (allowed: {', '.join(PRESETS)})"
+            )
+        if self.preset == "rustgpt" and self.architecture not in ("dense", "hypermixer"):
+            raise ConfigError(
+                "--preset rustgpt: only defined for --architecture dense or hypermixer"
+            )
+        return self
+
+
+# ---- size presets -----------------------------------------------------------------------
+# Dense shapes per size; the other architectures are scaled to land within 15% of dense's
+# parameter count (Mamba doubles the layers as in its paper, MoE matches active parameters).
+_DENSE_SIZES: dict[str, dict[str, int]] = {
+    "nano": dict(d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=256),
+    "micro": dict(d_model=256, n_layers=6, n_heads=8, d_ff=1024, max_seq_len=512),
+    "tiny": dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072, max_seq_len=1024),
+    "medium": dict(d_model=1024, n_layers=24, n_heads=16, d_ff=4096, max_seq_len=1024),
+    "large": dict(d_model=1536, n_layers=36, n_heads=16, d_ff=6144, max_seq_len=2048),
+}
+# Seed sizes use untied embeddings at a 32k vocabulary; CPU sizes tie them.
+_SEED_SIZES = ("tiny", "medium", "large")
+DEFAULT_VOCAB = {"nano": 4096, "micro": 4096, "tiny": 32000, "medium": 32000, "large": 32000}
+
+
+def _architecture_overrides(arch: str, size: str, base: dict[str, int]) -> dict[str, Any]:
+    """Per-architecture changes to the dense shape that keep parameter counts comparable."""
+    n = base["n_layers"]
+    if arch == "mamba":
+        return dict(n_layers=2 * n)  # a Mamba block has ~6 d^2 parameters, half a dense block
+    if arch == "hybrid":
+        return dict(n_layers=n if n % 2 == 0 else n + 1)
+    if arch == "hypermixer":
+        # token mixing (~0.5 d^2) + MLP (8 d^2) per block: add layers to match 12 d^2
+        return dict(n_layers=max(1, round(n * 12 / 8.6)))
+    return {}
+
+
+def preset_config(
+    architecture: str,
+    model_size: str | None = None,
+    preset: str | None = None,
+    vocab_size: int | None = None,
+    **overrides: Any,
+) -> ModelConfig:
+    """Build a validated config from a size preset or the rustgpt preset plus overrides."""
+    arch = canonical_architecture(architecture)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(
+                f"--preset: unknown preset {preset!r} (allowed: {', '.join(PRESETS)})"
+            )
+        kw: dict[str, Any] = dict(
+            architecture=arch,
+            vocab_size=vocab_size or 533,
+            d_model=128,
+            d_ff=256,
+            n_layers=3,
+            n_heads=1,
+            max_seq_len=80,
+            use_rope=False,
+            use_rmsnorm=False,
+            tie_weights=False,
+            bias=True,
+            hypernetwork_hidden_dim=32,
+            hypermixer_mixing_dim=64,
+            preset="rustgpt",
+        )
+    else:
+        size = model_size or "nano"
+        if size not in MODEL_SIZES:
+            raise ConfigError(
+                f"--model-size: unknown size {size!r} (allowed: {', '.join(MODEL_SIZES)})"
+            )
+        base = dict(_DENSE_SIZES[size])
+        kw = dict(architecture=arch, vocab_size=vocab_size or DEFAULT_VOCAB[size], **base)
+        kw["tie_weights"] = size not in _SEED_SIZES
+        kw.update(_architecture_overrides(arch, size, base))
+        if arch in ("dense", "moe", "hybrid", "hypermixer"):
+            kw.setdefault("use_rope", False)
+    for key, value in overrides.items():
+        if value is not None:
+            kw[key] = value
+    return ModelConfig(**kw).validate()

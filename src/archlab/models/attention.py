@@ -1,0 +1,75 @@
+"""Causal multi-head self-attention through SDPA, optional sliding window, KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .layers import RotaryEmbedding
+
+
+def causal_mask(
+    q_start: int, t_q: int, k_start: int, t_k: int, window: int | None, device: torch.device
+) -> Tensor:
+    """Boolean (t_q, t_k) mask, True where query position may attend to key position."""
+    qpos = torch.arange(q_start, q_start + t_q, device=device)[:, None]
+    kpos = torch.arange(k_start, k_start + t_k, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= (qpos - kpos) < window
+    return allowed
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal attention.
+
+    ``window`` limits each query to the last ``window`` positions including itself
+    (sliding-window attention); the decode cache then keeps only that many keys.
+    State (decode cache): {"k": (B, H, S, hd), "v": (B, H, S, hd)}.
+    """
+
+    def __init__(self, cfg: ModelConfig, window: int | None = None, use_rope: bool | None = None):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.window = window
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.proj.residual_scale = True  # type: ignore[attr-defined]
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        rope = cfg.use_rope if use_rope is None else use_rope
+        self.rope = RotaryEmbedding(self.head_dim) if rope else None
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        # (B, H, T, hd)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        if self.rope is not None:
+            cos, sin = self.rope.cos_sin(pos, T, x.device)
+            q = RotaryEmbedding.apply(q, cos, sin)
+            k = RotaryEmbedding.apply(k, cos, sin)
+        k_start = pos
+        if state is not None:
+            if "k" in state:
+                k = torch.cat([state["k"], k], dim=2)
+                v = torch.cat([state["v"], v], dim=2)
+                k_start = pos - state["k"].shape[2]
+            keep = k.shape[2] if self.window is None else min(k.shape[2], self.window)
+            state["k"], state["v"] = k[:, :, -keep:], v[:, :, -keep:]
+        drop = self.dropout if self.training else 0.0
+        t_k = k.shape[2]
+        if k_start == pos and self.window is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=T > 1)
+        elif T == 1 and (self.window is None or t_k <= self.window):
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        else:
+            mask = causal_mask(pos, T, k_start, t_k, self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.resid_drop(self.proj(y))

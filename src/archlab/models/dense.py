@@ -1,0 +1,23 @@
+"""Dense Transformer block (pre-norm): x + Attn(N(x)); x + MLP(N(x))."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .attention import CausalSelfAttention
+from .layers import MLP, make_norm
+
+
+class DenseBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.mixer = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        x = x + self.mixer(self.norm1(x), state, pos)
+        x = x + self.ffn(self.norm2(x))
+        return x, {}

@@ -1,0 +1,64 @@
+"""Shared layers: normalisation, rotary position embedding, feed-forward MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019); computed in float32 for stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
+    dim = dim or cfg.d_model
+    if cfg.use_rmsnorm or cfg.architecture == "mamba":
+        return RMSNorm(dim, cfg.norm_eps)
+    return nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021), rotate-half layout as in GPT-NeoX / Llama."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        t = torch.arange(start, start + length, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x: (B, H, T, hd); cos/sin: (T, hd)."""
+        x1, x2 = x.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: d -> d_ff -> d with GELU (tanh approximation)."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.proj.residual_scale = True  # type: ignore[attr-defined]
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))

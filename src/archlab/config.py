@@ -175,9 +175,7 @@ class ModelConfig:
                     f"--capacity-factor: must be >= 0 (got {self.capacity_factor}; 0 disables)"
                 )
         if self.architecture == "hybrid" and self.local_window < 1:
-            raise ConfigError(
-                f"--hybrid-local-window: must be >= 1 (got {self.local_window})"
-            )
+            raise ConfigError(f"--hybrid-local-window: must be >= 1 (got {self.local_window})")
         if self.hypernetwork_hidden_dim < 0 or self.hypermixer_mixing_dim < 0:
             raise ConfigError("--hypernetwork-hidden-dim: must be >= 0")
         if self.preset is not None and self.preset not in PRESETS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import ARCHITECTURES, ALIASES, MODEL_SIZES, PRESETS, ModelConfig, preset_config
+from ..config import ALIASES, ARCHITECTURES, MODEL_SIZES, PRESETS, ModelConfig, preset_config
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -38,20 +38,44 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
     g.add_argument("--expand", type=int, default=None, help="Mamba expansion (2)")
     g.add_argument("--num-experts", type=int, default=None, help="MoE experts (8)")
     g.add_argument(
-        "--expert-capacity", "--top-k", dest="top_k", type=int, default=None,
+        "--expert-capacity",
+        "--top-k",
+        dest="top_k",
+        type=int,
+        default=None,
         help="MoE experts per token, top-k (2)",
     )
-    g.add_argument("--capacity-factor", type=float, default=None,
-                   help="MoE capacity factor; 0 drops no token")
-    g.add_argument("--hybrid-local-window", dest="local_window", type=int, default=None,
-                   help="sliding attention window of the hybrid (256)")
+    g.add_argument(
+        "--capacity-factor", type=float, default=None, help="MoE capacity factor; 0 drops no token"
+    )
+    g.add_argument(
+        "--hybrid-local-window",
+        dest="local_window",
+        type=int,
+        default=None,
+        help="sliding attention window of the hybrid (256)",
+    )
     g.add_argument("--hypernetwork-hidden-dim", type=int, default=None)
 
 
 MODEL_KEYS = (
-    "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len", "dropout", "use_rope",
-    "use_rmsnorm", "tie_weights", "state_size", "conv_size", "expand", "num_experts", "top_k",
-    "capacity_factor", "local_window", "hypernetwork_hidden_dim",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "d_ff",
+    "max_seq_len",
+    "dropout",
+    "use_rope",
+    "use_rmsnorm",
+    "tie_weights",
+    "state_size",
+    "conv_size",
+    "expand",
+    "num_experts",
+    "top_k",
+    "capacity_factor",
+    "local_window",
+    "hypernetwork_hidden_dim",
 )
 
 

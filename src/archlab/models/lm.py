@@ -172,17 +172,27 @@ class LanguageModel(nn.Module):
         if arch == "hypermixer":
             d["hypernetwork_hidden_dim"] = cfg.resolved_hyper_hidden
         if arch in ("mamba", "hybrid"):
-            d.update(state_size=cfg.state_size, conv_size=cfg.conv_size, expand=cfg.expand,
-                     dt_rank=cfg.resolved_dt_rank)
+            d.update(
+                state_size=cfg.state_size,
+                conv_size=cfg.conv_size,
+                expand=cfg.expand,
+                dt_rank=cfg.resolved_dt_rank,
+            )
         if arch == "moe":
-            d.update(num_experts=cfg.num_experts, top_k=cfg.top_k,
-                     expert_hidden_dim=cfg.resolved_expert_d_ff,
-                     capacity_factor=cfg.capacity_factor)
+            d.update(
+                num_experts=cfg.num_experts,
+                top_k=cfg.top_k,
+                expert_hidden_dim=cfg.resolved_expert_d_ff,
+                capacity_factor=cfg.capacity_factor,
+            )
         if arch == "hybrid":
             d["local_window"] = cfg.local_window
         if not self.rustgpt:
-            d["positions"] = "learned" if cfg.uses_learned_positions else (
-                "rope" if cfg.use_rope and arch != "mamba" else "none (recurrent)")
+            d["positions"] = (
+                "learned"
+                if cfg.uses_learned_positions
+                else ("rope" if cfg.use_rope and arch != "mamba" else "none (recurrent)")
+            )
             d["norm"] = "RMSNorm" if (cfg.use_rmsnorm or arch == "mamba") else "LayerNorm"
             d["tied_embeddings"] = cfg.tie_weights
         d["layer_stack"] = self.layer_stack()

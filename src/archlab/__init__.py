@@ -1,5 +1,7 @@
 """archlab: train and compare small language-model architectures under one protocol."""
 
+from typing import Any
+
 from .config import ConfigError, ModelConfig, preset_config
 from .models import InferenceCache, LanguageModel, build_model, count_parameters
 
@@ -12,5 +14,16 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "count_parameters",
+    "generate",
+    "load",
     "preset_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`load` and `generate` import the generation stack lazily (tokenizers, safetensors)."""
+    if name in ("load", "generate"):
+        from . import generate as _generate_module
+
+        return getattr(_generate_module, name)
+    raise AttributeError(f"module 'archlab' has no attribute {name!r}")

@@ -23,7 +23,10 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """`load` and `generate` import the generation stack lazily (tokenizers, safetensors)."""
     if name in ("load", "generate"):
-        from . import generate as _generate_module
+        import importlib
 
-        return getattr(_generate_module, name)
+        module = importlib.import_module(".generate", __name__)
+        # importing the submodule binds `archlab.generate` to the module: rebind the function
+        globals().update(load=module.load, generate=module.generate)
+        return globals()[name]
     raise AttributeError(f"module 'archlab' has no attribute {name!r}")

@@ -1,0 +1,181 @@
+"""Mixture-of-experts Transformer block: x + Attn(N(x)); x + MoE(N(x)).
+
+The MoE feed-forward replaces the dense MLP with ``num_experts`` expert MLPs (each the GELU
+MLP of ``layers.MLP``, width ``expert_d_ff``) and a linear router that sends every token to
+its ``top_k`` experts (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral, Jiang et al.
+2024). With ``expert_d_ff = d_ff // top_k`` the parameters used per token match the dense MLP.
+
+Routing (Mixtral form): p = softmax(router(x)) over all E experts; the top-k probabilities are
+renormalised to sum to 1 and weight the chosen experts' outputs. With top_k = 1 the weight
+would then always be 1 and the router would learn only from the auxiliary loss, so for k = 1
+we use the Switch gate instead: the raw probability of the chosen expert.
+
+Auxiliary losses (returned to the trainer, weighted by ``aux_loss_coef`` / ``z_loss_coef``):
+
+- load balancing (Switch eq. 4-6 as Mixtral computes it): ``E * sum_e f_e * P_e`` with
+  ``f_e`` = (token-slots routed to e) / tokens and ``P_e`` = mean router probability of e.
+  ``sum_e f_e = top_k``, so a perfectly balanced router (f_e = k/E) or a uniform one
+  (P_e = 1/E) gives exactly ``top_k``; imbalance concentrated where the router is confident
+  raises it. Gradients flow through ``P_e`` (``f_e`` is a count).
+- router z-loss (ST-MoE, Zoph et al. 2022): ``mean_tokens logsumexp(logits)^2``, which keeps
+  router logits small and the softmax numerically tame.
+
+Capacity (optional, ``capacity_factor > 0``, training only): each expert accepts at most
+``ceil(capacity_factor * tokens * top_k / E)`` token-slots per forward; overflow slots are
+dropped (contribute zero, the other chosen experts' weights are not renormalised), so a token
+whose every slot is dropped passes through the residual only. Slots are admitted in order of
+sequence position, then batch row, then choice rank. Ordering by position first keeps dropping
+causal: a later token can never take the slot of an earlier one, so changing token t+1 never
+changes outputs at positions <= t (rank-first priority, as in GShard, would leak the future).
+The price is that late positions are dropped first when an expert overflows. Capacity is not
+applied in eval mode (the standard practice): decoding sees one token at a time, so batch
+composition must not change the result, and cached decoding equals the full forward.
+
+Dispatch: slots are sorted by expert (a stable sort, so capacity priority survives), each
+expert runs once on its contiguous slice and the weighted results are added back with
+``index_add_``. A loop over experts, none over tokens; measured on CPU it is as fast as a
+padded ``bmm`` form under balanced routing and much faster under skewed routing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .attention import CausalSelfAttention
+from .layers import MLP, make_norm
+
+
+@dataclass
+class Routing:
+    """The router's decision for N tokens."""
+
+    logits: Tensor  # (N, E) float32
+    probs: Tensor  # (N, E) softmax over all experts
+    weights: Tensor  # (N, k) gate of each chosen expert (sums to 1 per token when k > 1)
+    experts: Tensor  # (N, k) chosen expert ids, best first
+
+
+@dataclass
+class Dispatch:
+    """Token-slots grouped by expert, in capacity-priority order within each expert."""
+
+    token: Tensor  # (S,) flat token index of each kept slot
+    weight: Tensor  # (S,) gate of each kept slot
+    counts: list[int]  # kept slots per expert; the slices of ``token`` in expert order
+    routed: Tensor  # (E,) slots routed to each expert before any dropping (float)
+
+
+class MoELayer(nn.Module):
+    """Top-k routed mixture of GELU expert MLPs with balancing and z-losses."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.capacity_factor = cfg.capacity_factor
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.z_loss_coef = cfg.z_loss_coef
+        self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
+        # each expert is layers.MLP: d -> expert_d_ff -> d, GELU, proj.residual_scale = True
+        self.experts = nn.ModuleList(
+            MLP(cfg.d_model, cfg.resolved_expert_d_ff, cfg.bias, cfg.dropout)
+            for _ in range(cfg.num_experts)
+        )
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def params_per_expert(self) -> int:
+        return sum(p.numel() for p in self.experts[0].parameters())
+
+    def inactive_parameters(self) -> int:
+        """Expert parameters a token does not use: (E - k) experts' worth."""
+        return (self.num_experts - self.top_k) * self.params_per_expert()
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Slots per expert for this forward, or None when nothing is dropped."""
+        if self.capacity_factor <= 0 or not self.training:
+            return None
+        return math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts)
+
+    # ---- routing -----------------------------------------------------------------------
+    def route(self, x: Tensor) -> Routing:
+        """x (N, D) -> the router's top-k choice; softmax in float32."""
+        logits = self.router(x).float()  # (N, E)
+        probs = logits.softmax(dim=-1)
+        top_p, top_e = probs.topk(self.top_k, dim=-1)  # (N, k)
+        weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
+        return Routing(logits, probs, weights, top_e)
+
+    def dispatch(self, routing: Routing, batch: int, seq: int) -> Dispatch:
+        """Group the N*k slots by expert; drop overflow slots when a capacity applies.
+
+        Tokens are flat in (B, T) order; priority is position, then batch row, then rank.
+        """
+        E, k = self.num_experts, self.top_k
+        N = batch * seq
+        dev = routing.experts.device
+        # flat token ids in priority order (T, B) -> (T*B,), then k slots each -> (T*B*k,)
+        token = torch.arange(N, device=dev).view(batch, seq).t().reshape(-1)
+        token = token.repeat_interleave(k)
+        expert = routing.experts[token, torch.arange(k, device=dev).repeat(N)]
+        weight = routing.weights[token, torch.arange(k, device=dev).repeat(N)]
+        routed = torch.bincount(expert, minlength=E)  # (E,)
+        order = torch.argsort(expert, stable=True)  # group by expert, keep priority
+        token, weight = token[order], weight[order]
+        cap = self.capacity(N)
+        if cap is not None:
+            start = routed.cumsum(0) - routed  # (E,) first sorted index of each expert
+            rank_in_expert = torch.arange(N * k, device=dev) - start[expert[order]]
+            keep = rank_in_expert < cap
+            token, weight = token[keep], weight[keep]
+            counts = routed.clamp(max=cap).tolist()
+        else:
+            counts = routed.tolist()
+        return Dispatch(token, weight, counts, routed.float())
+
+    # ---- forward -----------------------------------------------------------------------
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)  # (N, D)
+        routing = self.route(flat)
+        plan = self.dispatch(routing, B, T)
+        xs = flat[plan.token]  # (S, D) slots grouped by expert
+        outs = [
+            self.experts[e](seg) for e, seg in enumerate(xs.split(plan.counts)) if seg.shape[0] > 0
+        ]
+        ys = torch.cat(outs) if outs else xs  # (S, D)
+        ys = ys * plan.weight.to(ys.dtype)[:, None]
+        out = torch.zeros_like(flat).index_add_(0, plan.token, ys)  # (N, D)
+
+        # auxiliary losses over all N tokens (routing before any capacity drop)
+        f = plan.routed / (B * T)  # (E,) sums to top_k
+        P = routing.probs.mean(dim=0)  # (E,)
+        load_balance = self.num_experts * (f * P).sum()
+        z_loss = torch.logsumexp(routing.logits, dim=-1).square().mean()
+        aux = {
+            "aux_loss": self.aux_loss_coef * load_balance + self.z_loss_coef * z_loss,
+            "load_balance_loss": load_balance,
+            "z_loss": z_loss,
+            "expert_counts": plan.routed.detach(),
+        }
+        return out.view(B, T, D), aux
+
+
+class MoEBlock(nn.Module):
+    """Pre-norm Transformer block whose feed-forward is a mixture of experts."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.mixer = CausalSelfAttention(cfg)
+        self.norm2 = make_norm(cfg)
+        self.ffn = MoELayer(cfg)
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        x = x + self.mixer(self.norm1(x), state, pos)
+        y, aux = self.ffn(self.norm2(x))
+        return x + y, aux

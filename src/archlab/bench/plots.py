@@ -1,0 +1,198 @@
+"""Plots for compare and bench, drawn with matplotlib's Agg backend (no display needed).
+
+Figures are built with ``matplotlib.figure.Figure`` (no pyplot global state) and returned, so
+tests can inspect the plotted lines. Each data line carries a ``gid`` naming what it shows
+(``"val:<arch>"``, ``"train:<arch>"``, ``"fwd:<arch>"``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from .results import Curve, RunResult  # noqa: E402
+
+COLORS = {
+    "dense": "#1f77b4",
+    "hypermixer": "#ff7f0e",
+    "mamba": "#2ca02c",
+    "moe": "#d62728",
+    "hybrid": "#9467bd",
+}
+
+
+def color_of(name: str, index: int) -> str:
+    return COLORS.get(name, f"C{index % 10}")
+
+
+@dataclass
+class MeanCurve:
+    """A curve averaged over seeds, aligned by record index (same protocol, same steps)."""
+
+    x_tokens: list[float] = field(default_factory=list)
+    x_time: list[float] = field(default_factory=list)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+def mean_curve(curves: Sequence[Curve]) -> MeanCurve:
+    curves = [c for c in curves if c.loss]
+    out = MeanCurve()
+    if not curves:
+        return out
+    n = min(len(c.loss) for c in curves)
+    for i in range(n):
+        ys = [c.loss[i] for c in curves]
+        out.x_tokens.append(statistics.fmean(c.tokens[i] for c in curves))
+        out.x_time.append(statistics.fmean(c.elapsed_s[i] for c in curves))
+        out.mean.append(statistics.fmean(ys))
+        out.std.append(statistics.stdev(ys) if len(ys) > 1 else 0.0)
+    return out
+
+
+def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average with bias correction (as in TensorBoard smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, start=1):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** i))
+    return out
+
+
+def loss_figure(
+    runs_by_arch: dict[str, list[RunResult]],
+    x: str,
+    entropy_floor: float | None = None,
+    title: str = "",
+) -> Figure:
+    """Validation loss (solid, one line per architecture, mean over seeds with a ±std band)
+    and smoothed training loss (dotted, thin) against tokens (x="tokens") or seconds
+    (x="time")."""
+    if x not in ("tokens", "time"):
+        raise ValueError(f"x must be 'tokens' or 'time', got {x!r}")
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (arch, runs) in enumerate(runs_by_arch.items()):
+        ok = [r for r in runs if r.ok] or runs
+        color = color_of(arch, i)
+        train = mean_curve([r.train_curve for r in ok])
+        if train.mean:
+            tx = train.x_tokens if x == "tokens" else train.x_time
+            ax.plot(
+                tx,
+                ema(train.mean),
+                color=color,
+                linewidth=0.8,
+                alpha=0.45,
+                linestyle=":",
+                gid=f"train:{arch}",
+                label="_nolegend_",
+            )
+        val = mean_curve([r.val_curve for r in ok])
+        if not val.mean:
+            continue
+        vx = val.x_tokens if x == "tokens" else val.x_time
+        label = arch if len(ok) == 1 else f"{arch} (mean of {len(ok)} seeds)"
+        ax.plot(
+            vx,
+            val.mean,
+            color=color,
+            linewidth=2.0,
+            marker="o",
+            markersize=3,
+            gid=f"val:{arch}",
+            label=label,
+        )
+        if len(ok) > 1:
+            lo = [m - s for m, s in zip(val.mean, val.std, strict=True)]
+            hi = [m + s for m, s in zip(val.mean, val.std, strict=True)]
+            ax.fill_between(vx, lo, hi, color=color, alpha=0.15, linewidth=0)
+    if entropy_floor is not None and math.isfinite(entropy_floor):
+        ax.axhline(
+            entropy_floor,
+            color="black",
+            linestyle="--",
+            linewidth=1.0,
+            gid="floor",
+            label=f"entropy floor ({entropy_floor:.3f})",
+        )
+    ax.set_xlabel("training tokens" if x == "tokens" else "wall time (s)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title or ("validation loss vs " + ("tokens" if x == "tokens" else "time")))
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(
+            loc="upper right", fontsize=8, title="solid: val, dotted: train (EMA)", title_fontsize=7
+        )
+    fig.tight_layout()
+    return fig
+
+
+def loglog_figure(
+    panels: list[tuple[str, str, dict[str, tuple[list[float], list[float]]]]],
+    xlabel: str,
+    title: str = "",
+) -> Figure:
+    """Side-by-side log-log panels; each panel is (key, ylabel, {name: (xs, ys)}).
+
+    The line for name ``n`` in the panel keyed ``k`` gets gid ``"k:n"``.
+    """
+    fig = Figure(figsize=(5 * len(panels), 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    for p, (key, ylabel, series) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), p + 1)
+        for i, (name, (xs, ys)) in enumerate(series.items()):
+            pts = [(a, b) for a, b in zip(xs, ys, strict=True) if b is not None and b > 0]
+            if not pts:
+                continue
+            arch = name.split(" ")[0]
+            ax.plot(
+                [a for a, _ in pts],
+                [b for _, b in pts],
+                marker="o",
+                markersize=3,
+                color=color_of(arch, i),
+                gid=f"{key}:{name}",
+                label=name,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write a PNG atomically (temporary name, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
+def data_lines(fig: Figure, prefix: str) -> dict[str, object]:
+    """{name: Line2D} of the lines whose gid starts with ``prefix:``."""
+    out = {}
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            gid = line.get_gid() or ""
+            if gid.startswith(prefix + ":"):
+                out[gid.split(":", 1)[1]] = line
+    return out

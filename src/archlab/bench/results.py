@@ -1,0 +1,273 @@
+"""Reading finished run folders and aggregating them over seeds.
+
+A run folder follows the trainer's contract: ``summary.json`` (final numbers) and
+``metrics.jsonl`` (train and eval records). Everything `archlab compare` reports comes from
+those two files, so the report can always be checked against the runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Numbers reported per architecture (mean and spread over seeds).
+METRICS = (
+    "total_params",
+    "active_params",
+    "steps",
+    "tokens_seen",
+    "train_time_s",
+    "tokens_per_s",
+    "peak_mem_bytes",
+    "final_val_loss",
+    "gap_to_floor",
+    "nan_count",
+    "roughness",
+    "mfu",
+)
+
+
+@dataclass
+class Curve:
+    """One run's loss curve: parallel lists, one entry per logged record."""
+
+    steps: list[int] = field(default_factory=list)
+    tokens: list[float] = field(default_factory=list)
+    elapsed_s: list[float] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    """One architecture trained with one seed."""
+
+    architecture: str
+    seed: int
+    run_dir: str
+    status: str = "failed"  # "ok" | "failed"
+    error: str | None = None
+    returncode: int | None = None
+    total_params: int | None = None
+    active_params: int | None = None
+    steps: int | None = None
+    tokens_seen: int | None = None
+    train_time_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_mem_bytes: float | None = None
+    final_val_loss: float | None = None
+    last_eval_val_loss: float | None = None  # from metrics.jsonl, for cross-checking
+    entropy_floor: float | None = None
+    gap_to_floor: float | None = None
+    nan_count: int | None = None
+    roughness: float | None = None
+    mfu: float | None = None
+    val_curve: Curve = field(default_factory=Curve)
+    train_curve: Curve = field(default_factory=Curve)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def to_dict(self, curves: bool = True) -> dict[str, Any]:
+        d = asdict(self)
+        if not curves:
+            d.pop("val_curve")
+            d.pop("train_curve")
+        return d
+
+
+@dataclass
+class Stat:
+    """Mean and sample standard deviation over the seeds that finished."""
+
+    mean: float | None
+    std: float | None
+    n: int
+    values: list[float]
+
+    @classmethod
+    def of(cls, values: list[float | None]) -> Stat:
+        vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+        if not vals:
+            return cls(None, None, 0, [])
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return cls(statistics.fmean(vals), std, len(vals), vals)
+
+
+@dataclass
+class ArchResult:
+    """All seeds of one architecture."""
+
+    architecture: str
+    runs: list[RunResult]
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def ok_runs(self) -> list[RunResult]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def status(self) -> str:
+        n_ok = len(self.ok_runs)
+        if n_ok == len(self.runs):
+            return "ok"
+        return "failed" if n_ok == 0 else "partial"
+
+    @property
+    def errors(self) -> list[str]:
+        return [f"seed {r.seed}: {r.error}" for r in self.runs if not r.ok]
+
+    def mean(self, metric: str) -> float | None:
+        stat = self.stats.get(metric)
+        return None if stat is None else stat.mean
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "status": self.status,
+            "seeds": [r.seed for r in self.runs],
+            "ok_seeds": [r.seed for r in self.ok_runs],
+            "errors": self.errors,
+            "run_dirs": [r.run_dir for r in self.runs],
+            "stats": {k: asdict(v) for k, v in self.stats.items()},
+        }
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl; a torn last line (killed run) is ignored."""
+    path = Path(run_dir) / "metrics.jsonl"
+    records: list[dict[str, Any]] = []
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def curves_from_metrics(records: list[dict[str, Any]]) -> tuple[Curve, Curve]:
+    """(validation curve from eval records, training curve from train records)."""
+    val, train = Curve(), Curve()
+    for rec in records:
+        kind = rec.get("kind")
+        if kind == "eval" and rec.get("val_loss") is not None:
+            curve, loss = val, rec["val_loss"]
+        elif kind == "train" and rec.get("loss") is not None:
+            curve, loss = train, rec["loss"]
+        else:
+            continue
+        if not math.isfinite(float(loss)):
+            continue
+        curve.steps.append(int(rec.get("step", 0)))
+        curve.tokens.append(float(rec.get("tokens", 0)))
+        curve.elapsed_s.append(float(rec.get("elapsed_s", 0.0)))
+        curve.loss.append(float(loss))
+    return val, train
+
+
+def roughness(train: Curve) -> float | None:
+    """Std of the step-to-step change of the training loss over the second half of the run.
+
+    A smooth, stable run has small changes between logged steps; spikes and oscillations
+    make it large. None with fewer than four logged points in that half.
+    """
+    half = train.loss[len(train.loss) // 2 :]
+    if len(half) < 4:
+        return None
+    diffs = [b - a for a, b in zip(half, half[1:], strict=False)]
+    return statistics.pstdev(diffs)
+
+
+def read_run(
+    run_dir: Path,
+    architecture: str,
+    seed: int,
+    returncode: int | None = None,
+    stderr_tail: str | None = None,
+    entropy_floor: float | None = None,
+) -> RunResult:
+    """Collect one run folder into a RunResult; a missing summary makes it a failure."""
+    run_dir = Path(run_dir)
+    res = RunResult(architecture=architecture, seed=seed, run_dir=str(run_dir))
+    res.returncode = returncode
+    summary = _read_json(run_dir / "summary.json")
+    records = read_metrics(run_dir)
+    res.val_curve, res.train_curve = curves_from_metrics(records)
+    res.roughness = roughness(res.train_curve)
+    if res.val_curve.loss:
+        res.last_eval_val_loss = res.val_curve.loss[-1]
+    if summary is not None:
+        for key in (
+            "total_params",
+            "active_params",
+            "steps",
+            "tokens_seen",
+            "train_time_s",
+            "tokens_per_s",
+            "peak_mem_bytes",
+            "final_val_loss",
+            "nan_count",
+            "mfu",
+        ):
+            setattr(res, key, summary.get(key))
+        res.entropy_floor = summary.get("entropy_floor", entropy_floor)
+        res.status = summary.get("status", "failed")
+        res.error = summary.get("error")
+    if res.entropy_floor is None:
+        res.entropy_floor = entropy_floor
+    if res.final_val_loss is not None and not math.isfinite(res.final_val_loss):
+        res.status = "failed"
+        res.error = res.error or f"final validation loss is {res.final_val_loss}"
+    if returncode not in (None, 0) and res.status == "ok":
+        res.status = "failed"
+    if summary is None:
+        res.status = "failed"
+    if res.status != "ok" and not res.error:
+        res.error = _failure_line(returncode, stderr_tail, summary is None)
+    if res.ok and res.final_val_loss is not None and res.entropy_floor is not None:
+        res.gap_to_floor = res.final_val_loss - res.entropy_floor
+    return res
+
+
+def _failure_line(returncode: int | None, stderr_tail: str | None, no_summary: bool) -> str:
+    if returncode is not None and returncode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    if stderr_tail:
+        return stderr_tail
+    if returncode not in (None, 0):
+        return f"exit code {returncode}"
+    return "no summary.json written" if no_summary else "failed"
+
+
+def aggregate(runs: list[RunResult], order: list[str]) -> list[ArchResult]:
+    """Group runs by architecture (in ``order``) with mean and std over the ok seeds."""
+    out: list[ArchResult] = []
+    for arch in order:
+        mine = [r for r in runs if r.architecture == arch]
+        ok = [r for r in mine if r.ok]
+        stats = {m: Stat.of([getattr(r, m) for r in ok]) for m in METRICS}
+        out.append(ArchResult(architecture=arch, runs=mine, stats=stats))
+    return out

@@ -54,7 +54,7 @@ from .layers import MLP, make_norm
 class Routing:
     """The router's decision for N tokens."""
 
-    logits: Tensor  # (N, E) float32
+    logits: Tensor  # (N, E) float32 (float64 for a float64 model)
     probs: Tensor  # (N, E) softmax over all experts
     weights: Tensor  # (N, k) gate of each chosen expert (sums to 1 per token when k > 1)
     experts: Tensor  # (N, k) chosen expert ids, best first
@@ -103,8 +103,9 @@ class MoELayer(nn.Module):
 
     # ---- routing -----------------------------------------------------------------------
     def route(self, x: Tensor) -> Routing:
-        """x (N, D) -> the router's top-k choice; softmax in float32."""
-        logits = self.router(x).float()  # (N, E)
+        """x (N, D) -> the router's top-k choice; softmax in at least float32."""
+        logits = self.router(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, E)
         probs = logits.softmax(dim=-1)
         top_p, top_e = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p

@@ -1,0 +1,360 @@
+"""archlab train: train one architecture on one stage (language, code, chat).
+
+The seed's command lines run unchanged (``scripts/train.py`` is a shim onto this command)::
+
+    python3 scripts/train.py --architecture mamba --stage language --model-size tiny \\
+        --batch-size 8 --num-epochs 1 --steps-per-epoch 100 --use-amp
+
+Precedence: TrainConfig defaults < ``--config FILE`` (YAML or JSON, same keys as the flags,
+dashes or underscores) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+from .model_args import MODEL_KEYS, add_model_args
+
+_SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
+
+# Flags whose destinations are TrainConfig fields (every one defaults to None so that the
+# command can tell an explicit flag from a default; TrainConfig holds the real defaults).
+TRAIN_KEYS = (
+    "stage",
+    "data",
+    "out_dir",
+    "seed",
+    "device",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "seq_len",
+    "num_epochs",
+    "steps_per_epoch",
+    "max_tokens",
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "grad_clip",
+    "max_nan_steps",
+    "use_amp",
+    "use_compile",
+    "use_gradient_checkpointing",
+    "num_threads",
+    "eval_interval",
+    "eval_steps",
+    "log_interval",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "tensorboard",
+    "wandb",
+    "init_from",
+)
+# Config-file-only knobs (no flag of their own): TrainConfig fields.
+FILE_ONLY_KEYS = ("min_lr_ratio", "beta1", "beta2", "eval_seed")
+SPEC_KEYS = ("architecture", "model_size", "preset", "vocab_size", *MODEL_KEYS)
+
+
+def parse_count(text: str) -> int:
+    """'2000000', '2_000_000', '2e6', '2M', '500k' -> int."""
+    s = str(text).strip().lower().replace("_", "").replace(",", "")
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e[0-9]+)?)([kmbgt]?)", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a token count: {text!r} (e.g. 2000000, 2e6, 2M)")
+    value = float(m.group(1)) * _SUFFIX.get(m.group(2), 1)
+    return int(round(value))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (language, code or chat stage)",
+        description="Train one architecture; writes metrics.jsonl, checkpoints and summary.json "
+        "into the run folder (--out-dir).",
+    )
+    add_model_args(p)
+    p.set_defaults(architecture=None)  # None: dense, or the checkpoint's architecture
+    B = argparse.BooleanOptionalAction
+
+    g = p.add_argument_group("run")
+    g.add_argument(
+        "--stage",
+        choices=("language", "code", "chat"),
+        default=None,
+        help="training stage; picks the default data (language: stories, code: "
+        "python, chat: rustgpt-chat) (default: language)",
+    )
+    g.add_argument(
+        "--data",
+        default=None,
+        help="prepared data folder, built-in source (stories, python, rustgpt, "
+        "rustgpt-chat, mqar, tinystories) or local file/folder/glob",
+    )
+    g.add_argument("--out-dir", default=None, help="run folder (default: runs/ARCH-STAGE-TIME)")
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda", "mps"),
+        default=None,
+        help="auto picks cuda, then mps, then cpu (default: auto)",
+    )
+    g.add_argument(
+        "--init-from",
+        default=None,
+        help="checkpoint or run folder to start from (language -> code, "
+        "pretraining -> chat); the data is tokenized with its tokenizer",
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN",
+        help="continue a run exactly from its latest checkpoint (RUN, a checkpoint "
+        "folder, or --out-dir when given without a value)",
+    )
+    g.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="YAML or JSON file with the same keys as the flags; flags override it",
+    )
+
+    g = p.add_argument_group("batch and budget")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per micro-batch per process (default: 8)",
+    )
+    g.add_argument(
+        "--gradient-accumulation-steps",
+        type=int,
+        default=None,
+        help="micro-batches per optimizer step (default: 1)",
+    )
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: the model's max sequence length)",
+    )
+    g.add_argument("--num-epochs", type=int, default=None, help="epochs (default: 1)")
+    g.add_argument(
+        "--steps-per-epoch",
+        type=int,
+        default=None,
+        help="optimizer steps per epoch (default: 1000)",
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=parse_count,
+        default=None,
+        help="token budget (e.g. 2M); steps = ceil(N / (batch x accumulation x "
+        "seq-len x processes)); overrides epochs",
+    )
+
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (3e-4)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (100)")
+    g.add_argument(
+        "--weight-decay", type=float, default=None, help="AdamW decay of weight matrices (0.1)"
+    )
+    g.add_argument(
+        "--grad-clip",
+        type=float,
+        default=None,
+        help="clip the global gradient norm; 0 disables (1.0)",
+    )
+    g.add_argument(
+        "--max-nan-steps",
+        type=int,
+        default=None,
+        help="stop after this many non-finite steps in a row (10)",
+    )
+
+    g = p.add_argument_group("speed")
+    g.add_argument(
+        "--use-amp",
+        action=B,
+        default=None,
+        help="mixed precision: bf16 autocast where supported, else fp16 + scaler",
+    )
+    g.add_argument("--use-compile", action=B, default=None, help="torch.compile the model")
+    g.add_argument(
+        "--use-gradient-checkpointing",
+        action=B,
+        default=None,
+        help="recompute each block's activations in the backward pass",
+    )
+    g.add_argument("--num-threads", type=int, default=None, help="CPU threads for torch")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument(
+        "--eval-interval",
+        type=int,
+        default=None,
+        help="evaluate every N steps and at the end; 0: only at the end (200)",
+    )
+    g.add_argument(
+        "--eval-steps", type=int, default=None, help="fixed validation batches per evaluation (20)"
+    )
+    g.add_argument("--log-interval", type=int, default=None, help="log every N steps (10)")
+    g.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=None,
+        help="checkpoint every N steps and at the end; 0: only at the end (1000)",
+    )
+    g.add_argument("--keep-checkpoints", type=int, default=None, help="keep the last K (3)")
+    g.add_argument("--tensorboard", action=B, default=None, help="also log to TensorBoard")
+    g.add_argument("--wandb", action=B, default=None, help="also log to Weights & Biases")
+
+    # Test-only fault injection, hidden from --help.
+    p.add_argument(
+        "--debug-nan-at-step", type=int, action="append", default=None, help=argparse.SUPPRESS
+    )
+    p.add_argument("--debug-sigkill-at-step", type=int, default=None, help=argparse.SUPPRESS)
+
+
+# ---- --config FILE -------------------------------------------------------------------------
+def _load_config_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config: {p} not found")
+    text = p.read_text()
+    try:
+        if p.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # json/yaml parse errors
+        msg = " ".join(str(exc).split())[:160]
+        raise UserError(f"--config: cannot parse {p} ({msg})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config: {p} must hold a mapping of flag names to values")
+    return data
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """Check/convert one config-file value the way the flag would have."""
+    where = f"--config {path}: {key}"
+    if isinstance(action, argparse.BooleanOptionalAction) or (
+        action.nargs == 0 and action.const is True
+    ):
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            value = value.lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false (got {value!r})")
+        return value
+    if action.dest == "resume":
+        return value if isinstance(value, bool) or value is None else str(value)
+    if action.type is not None and value is not None and not isinstance(value, bool):
+        try:
+            value = action.type(value if action.type is not parse_count else str(value))
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            raise UserError(f"{where}: {exc}") from None
+    if action.choices is not None and value not in action.choices:
+        allowed = ", ".join(map(str, action.choices))
+        raise UserError(f"{where}: {value!r} is not one of {allowed}")
+    return value
+
+
+def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser) -> set[str]:
+    """Fill values the command line left unset from --config; returns the keys the file set."""
+    data = _load_config_file(args.config)
+    actions = {
+        a.dest: a
+        for a in parser._actions
+        if a.dest not in ("help", "config") and a.help != argparse.SUPPRESS
+    }
+    set_keys: set[str] = set()
+    unknown = []
+    for raw_key, value in data.items():
+        key = str(raw_key).lstrip("-").replace("-", "_")
+        key = {"hybrid_local_window": "local_window", "expert_capacity": "top_k"}.get(key, key)
+        if key in FILE_ONLY_KEYS:
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+                set_keys.add(key)
+            continue
+        if key not in actions:
+            unknown.append(str(raw_key))
+            continue
+        if getattr(args, key, None) is None:  # flags override the file
+            setattr(args, key, _coerce(actions[key], key, value, args.config))
+            set_keys.add(key)
+    if unknown:
+        raise UserError(f"--config {args.config}: unknown keys {', '.join(sorted(unknown))}")
+    return set_keys
+
+
+# ---- run -------------------------------------------------------------------------------------
+def build_configs(args: argparse.Namespace):
+    """(TrainConfig, ModelSpec, explicit train keys) from parsed (and config-merged) args."""
+    from ..train.config import TrainConfig
+    from ..train.trainer import ModelSpec
+
+    train_kw = {k: getattr(args, k, None) for k in (*TRAIN_KEYS, *FILE_ONLY_KEYS)}
+    explicit = {k for k, v in train_kw.items() if v is not None}
+    train_kw = {k: v for k, v in train_kw.items() if v is not None}
+    try:
+        cfg = TrainConfig(**train_kw)
+    except TypeError as exc:
+        raise UserError(f"bad training configuration ({exc})") from None
+    overrides = {k: getattr(args, k, None) for k in ("vocab_size", *MODEL_KEYS)}
+    spec = ModelSpec(
+        architecture=getattr(args, "architecture", None),
+        model_size=getattr(args, "model_size", None),
+        preset=getattr(args, "preset", None),
+        overrides={k: v for k, v in overrides.items() if v is not None},
+    )
+    return cfg, spec, explicit
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..train.trainer import DebugHooks, run_training
+
+    if getattr(args, "config", None):
+        apply_config_file(args, train_parser())
+    cfg, spec, explicit = build_configs(args)
+    hooks = DebugHooks(
+        nan_at_steps=frozenset(args.debug_nan_at_step or ()),
+        sigkill_at_step=args.debug_sigkill_at_step,
+    )
+    try:
+        summary = run_training(cfg, spec, resume=args.resume, explicit=explicit, hooks=hooks)
+    except (torch.OutOfMemoryError, MemoryError):
+        raise UserError(OOM_MESSAGE) from None
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise UserError(OOM_MESSAGE) from None
+        raise
+    return 0 if summary.get("status") == "ok" else 1
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """The ``train`` subparser (to read its actions when applying --config)."""
+    from ..cli import build_parser
+
+    for action in build_parser()._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["train"]
+    raise AssertionError("train command not registered")
+
+
+OOM_MESSAGE = (
+    "out of memory while training; try a smaller --batch-size (with more "
+    "--gradient-accumulation-steps to keep the effective batch), "
+    "--use-gradient-checkpointing, --use-amp or a smaller --model-size"
+)

@@ -1,0 +1,105 @@
+"""Model FLOPs per token and a measured matmul peak, for MFU (model FLOPs utilisation).
+
+MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s of the devices), the PaLM
+definition (Chowdhery et al. 2022, appendix B): only the model's own arithmetic counts, not
+recomputation from gradient checkpointing, and training costs three forward passes.
+
+Model FLOPs per token, forward (x3 for forward + backward):
+
+- 2 x every parameter a token multiplies: all active parameters except the embedding
+  lookups, plus the output head (which is the embedding matrix when tied). MoE experts count
+  top_k of E through ``num_active_parameters()``; norms and biases are counted too (<1%).
+- attention: 2 x T_eff x d for QK^T and 2 x T_eff x d for AV per layer, T_eff = the attended
+  span (min(T, window)); the full square, as PaLM counts it, though causal kernels skip half.
+- any other sequence mixing a block does without parameters (a selective scan, generated
+  token-mixing weights): a module reports its forward FLOPs per token through an optional
+  method ``flops_per_token(seq_len) -> float``; modules without one add nothing.
+
+The peak is measured, not looked up: the best of a few timed square matmuls on this device
+in the training dtype, once per process (cached). On a shared machine it is a noisy number.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+from torch import nn
+
+
+def _attention_forward_flops(module: nn.Module, seq_len: int) -> float | None:
+    """Forward FLOPs per token of a known attention module, None if ``module`` is not one."""
+    from ..models.attention import CausalSelfAttention
+    from ..models.rustgpt import RustGPTAttention
+
+    if isinstance(module, CausalSelfAttention):
+        span = seq_len if module.window is None else min(seq_len, module.window)
+        return 4.0 * span * module.n_heads * module.head_dim
+    if isinstance(module, RustGPTAttention):
+        return 4.0 * seq_len * module.w_q.out_features
+    return None
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training (forward + backward) model FLOPs per token at context length ``seq_len``."""
+    active = (
+        model.num_active_parameters()
+        if hasattr(model, "num_active_parameters")
+        else sum(p.numel() for p in model.parameters())
+    )
+    matmul_params = active
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    for emb in embeddings:
+        matmul_params -= emb.weight.numel()  # a lookup, not a matmul
+    head = getattr(model, "head", None)
+    if isinstance(head, nn.Linear) and any(head.weight is e.weight for e in embeddings):
+        matmul_params += head.weight.numel()  # tied head: the matrix is multiplied once more
+    forward = 2.0 * matmul_params
+    for module in model.modules():
+        custom = getattr(module, "flops_per_token", None)
+        if module is not model and callable(custom):
+            forward += float(custom(seq_len))
+            continue
+        attn = _attention_forward_flops(module, seq_len)
+        if attn is not None:
+            forward += attn
+    return 3.0 * forward
+
+
+@functools.lru_cache(maxsize=8)
+def measured_peak_flops(device: str, dtype: torch.dtype = torch.float32) -> float:
+    """Best observed FLOP/s of a square matmul on ``device`` in ``dtype``; measured once per process."""
+    dev = torch.device(device)
+    n = 4096 if dev.type in ("cuda", "mps") else 1024
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        elif dev.type == "mps":
+            torch.mps.synchronize()
+
+    a @ b  # warm up kernels / thread pools
+    sync()
+    best = float("inf")
+    budget = 0.3 if dev.type == "cpu" else 0.5  # seconds of timing, best single matmul wins
+    start = time.perf_counter()
+    trials = 0
+    reps = 1 if dev.type == "cpu" else 10  # GPU kernels are short: time a few back to back
+    while trials < 3 or (time.perf_counter() - start < budget and trials < 200):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - t0) / reps)
+        trials += 1
+    return 2.0 * n**3 / best
+
+
+def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops: float, world_size: int = 1) -> float:
+    """Fraction of the devices' measured matmul peak the model's arithmetic used."""
+    if peak_flops <= 0 or world_size <= 0:
+        return 0.0
+    return flops_per_tok * tokens_per_s / (peak_flops * world_size)

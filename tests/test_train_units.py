@@ -31,7 +31,7 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert s.lr_at(60) == pytest.approx(0.55e-3)  # half way: mean of peak and floor
     assert s.lr_at(110) == pytest.approx(1e-4)  # the last step reaches the floor
     lrs = [s.lr_at(i) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
+    assert all(a >= b for a, b in zip(lrs[:-1], lrs[1:], strict=True))  # monotone decay
 
 
 def test_schedule_without_warmup_and_tiny_runs():
@@ -223,7 +223,9 @@ def tokenizer_file(tmp_path):
 
 def _model(vocab=40, seed=0):
     torch.manual_seed(seed)
-    cfg = preset_config("dense", "nano", vocab_size=vocab, n_layers=2, d_model=32, n_heads=2, d_ff=64)
+    cfg = preset_config(
+        "dense", "nano", vocab_size=vocab, n_layers=2, d_model=32, n_heads=2, d_ff=64
+    )
     return build_model(cfg), cfg
 
 
@@ -231,8 +233,13 @@ def _state(model, step):
     opt = torch.optim.AdamW(model.parameters())
     model(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
     opt.step()
-    return {"step": step, "optimizer": opt.state_dict(), "data_rng": torch.Generator().get_state(),
-            "python": (3, tuple(range(5)), None), "train_config": TrainConfig().to_dict()}
+    return {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "data_rng": torch.Generator().get_state(),
+        "python": (3, tuple(range(5)), None),
+        "train_config": TrainConfig().to_dict(),
+    }
 
 
 def test_checkpoint_round_trip_with_weights_only(tmp_path, tokenizer_file):
@@ -249,7 +256,7 @@ def test_checkpoint_round_trip_with_weights_only(tmp_path, tokenizer_file):
     assert state["step"] == 7 and "state" in state["optimizer"]
     loaded, loaded_cfg, tok = ck.load_model(run)  # a run folder resolves to its latest
     assert loaded_cfg == cfg and tok.vocab_size > 0 and not loaded.training
-    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     assert loaded.head.weight is loaded.tok_emb.weight  # tying survives the round trip
 
@@ -368,7 +375,9 @@ def test_logging_backends_fail_clearly_when_missing(tmp_path, monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda n, *a: None if n in ("tensorboard", "wandb") else real(n, *a)
+        importlib.util,
+        "find_spec",
+        lambda n, *a: None if n in ("tensorboard", "wandb") else real(n, *a),
     )
     with pytest.raises(UserError, match="--tensorboard: the tensorboard package is not installed"):
         MetricsWriter(tmp_path, tensorboard=True)

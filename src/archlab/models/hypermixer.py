@@ -1,0 +1,227 @@
+"""HyperMixer block (Mai et al. 2023, arXiv 2203.03691), made causal at linear cost.
+
+Block (pre-norm): x + TokenMix(N(x)); x + MLP(N(x)).
+
+HyperMixing mixes tokens with an MLP whose weights are *generated* per token: two small
+hypernetworks h1, h2 (d -> hidden -> d', GELU) map every token (plus its position) to a row of
+W1 and of W2 in R^{T x d'}, and the token mixer is ``out = W2 · GELU(W1^T X)``: every output
+token reads the same d' "slots" W1^T X (a d' x d summary of the sequence) through its own
+row of W2.  The original is bidirectional (W1^T X sums over all T tokens).
+
+Causal form.  Position t may only summarise tokens i <= t, so it uses the running sum
+
+    S_t = sum_{i<=t} w1_i x_i^T                     (d' x d)
+    out_t = w2_t · GELU(S_t / (t + 1))              (d)
+
+The division by t+1 turns the sum into a running mean: without it the pre-activation grows
+with t (linearly for coherent tokens), so GELU would run in a different regime at every
+position and the layer would behave differently at T=80 and T=4096.  It plays the role of
+softmax normalisation in attention, and it is what makes a single decode state
+``{"S": (B, d', d), "count": n}`` enough to continue: each new token costs O(d' d).
+
+Because GELU sits between the prefix sum and the read-out, S_t cannot be folded away as in
+linear attention: every position needs its own d' x d matrix.  Materialising all of them costs
+B*T*d'*d floats (1 GiB at B=8, T=4096, d=128, d'=64), so :func:`causal_hypermix` processes
+positions in chunks carrying S, and its custom backward recomputes each chunk instead of
+storing it.  Peak memory is O(B*C*d'*d + B*(T/C)*d'*d) for chunk length C.
+
+Position information.  Without it the hypernetworks see only content and the summary S_t is
+a bag of the prefix tokens.  As in the official code (idiap/hypermixing), fixed sinusoidal
+encodings of the absolute position are added to the hypernetworks' input inside the mixer
+(the mixed values X stay position-free).  They need no parameters, work at any length (also
+when the model uses RoPE or no learned positions at all) and every layer gets them directly,
+not diluted through the residual stream.  Unlike the official code we do not multiply x by
+sqrt(d): our input is layer-normalised, so x and the encoding already have comparable norms.
+
+Defaults follow the official implementation: untied hypernetworks, GELU, a LayerNorm on the
+mixer's output (the generated weights have no controlled scale; the norm gives the residual
+branch a fixed one).  ``cfg.extra["hypermixer_tied"]`` ties h1 and h2 and
+``cfg.extra["hypermixer_layer_norm"] = False`` removes the output norm.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .layers import MLP, make_norm
+
+# Chunk length is chosen so that one chunk's (B, C, d', d) tensor has about this many elements
+# (8 MiB in float32): small enough to stay in cache, large enough to amortise the Python loop.
+_CHUNK_ELEMENTS = 1 << 21
+
+
+def sinusoidal_positions(start: int, length: int, dim: int, device: torch.device) -> Tensor:
+    """Vaswani et al. encodings of positions start..start+length-1: (length, dim), float32."""
+    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)[:, None]
+    half = (dim + 1) // 2
+    freq = torch.exp(
+        torch.arange(half, device=device, dtype=torch.float32) * (-math.log(10000.0) * 2 / dim)
+    )
+    angles = pos * freq  # (length, half)
+    pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # sin, cos interleaved
+    return pe[:, :dim]
+
+
+def _auto_chunk(batch: int, mixing_dim: int, d_model: int, length: int) -> int:
+    return max(1, min(length, _CHUNK_ELEMENTS // max(1, batch * mixing_dim * d_model)))
+
+
+def _chunk_prefix(s: Tensor, w1: Tensor, x: Tensor) -> Tensor:
+    """S at every position of a chunk: s + cumsum_i w1_i x_i^T.  (B, C, M, D)."""
+    outer = w1.unsqueeze(-1) * x.unsqueeze(-2)  # (B, C, M, D)
+    outer[:, 0] += s  # folding the carry into the first row costs no extra pass
+    return outer.cumsum_(1)
+
+
+class _CausalHyperMix(torch.autograd.Function):
+    """out_t = w2_t · GELU(S_t / n_t), S_t = S0 + sum_{i<=t} w1_i x_i^T, n_t = start + t + 1.
+
+    Forward and backward walk the sequence in chunks; the backward recomputes each chunk's
+    S from the saved chunk-boundary states, so no (B, T, d', d) tensor is ever stored.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, w1: Tensor, x: Tensor, w2: Tensor, s0: Tensor, start: int, chunk: int
+    ) -> tuple[Tensor, Tensor]:
+        B, T, M = w1.shape
+        out = x.new_empty(B, T, x.shape[-1])
+        inv_n = 1.0 / torch.arange(start + 1, start + T + 1, device=x.device, dtype=x.dtype)
+        s = s0
+        boundaries = []
+        for c0 in range(0, T, chunk):
+            c1 = min(T, c0 + chunk)
+            boundaries.append(s)
+            sc = _chunk_prefix(s, w1[:, c0:c1], x[:, c0:c1])  # (B, C, M, D)
+            s = sc[:, -1].clone()
+            a = F.gelu(sc.mul_(inv_n[c0:c1, None, None]))  # (B, C, M, D)
+            out[:, c0:c1] = torch.matmul(w2[:, c0:c1].unsqueeze(-2), a).squeeze(-2)
+        ctx.save_for_backward(w1, x, w2, torch.stack(boundaries, dim=1), inv_n)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(s)
+        return out, s
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor, _g_s: Tensor | None):  # type: ignore[override]
+        w1, x, w2, boundaries, inv_n = ctx.saved_tensors
+        chunk = ctx.chunk
+        T = w1.shape[1]
+        g_out = g_out.contiguous()
+        dw1, dx, dw2 = torch.empty_like(w1), torch.empty_like(x), torch.empty_like(w2)
+        carry = torch.zeros_like(boundaries[:, 0])  # sum of dL/dS_t over later chunks
+        starts = list(range(0, T, chunk))
+        for k in reversed(range(len(starts))):
+            c0 = starts[k]
+            c1 = min(T, c0 + chunk)
+            w1c, xc, w2c, gc = w1[:, c0:c1], x[:, c0:c1], w2[:, c0:c1], g_out[:, c0:c1]
+            inv = inv_n[c0:c1, None, None]
+            p = _chunk_prefix(boundaries[:, k], w1c, xc).mul_(inv)  # (B, C, M, D)
+            # dL/dw2_t = GELU(P_t) g_t
+            dw2[:, c0:c1] = torch.matmul(F.gelu(p), gc.unsqueeze(-1)).squeeze(-1)
+            # dL/dS_t = GELU'(P_t) * (w2_t g_t^T) / n_t   (1/n_t folded into w2)
+            g_a = (w2c * inv_n[c0:c1, None]).unsqueeze(-1) * gc.unsqueeze(-2)
+            ds = torch.ops.aten.gelu_backward(g_a, p)  # (B, C, M, D)
+            # R_i = sum_{t >= i} dL/dS_t: reverse cumsum inside the chunk plus the carry
+            ds[:, -1] += carry
+            r = ds.flip(1).cumsum_(1).flip(1)
+            carry = r[:, 0]
+            dw1[:, c0:c1] = torch.matmul(r, xc.unsqueeze(-1)).squeeze(-1)  # R_i x_i
+            dx[:, c0:c1] = torch.matmul(w1c.unsqueeze(-2), r).squeeze(-2)  # R_i^T w1_i
+        return dw1, dx, dw2, carry, None, None
+
+
+def causal_hypermix(
+    w1: Tensor,
+    x: Tensor,
+    w2: Tensor,
+    s0: Tensor | None = None,
+    start: int = 0,
+    chunk: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Causal HyperMixing read-out.  w1, w2: (B, T, M); x: (B, T, D); s0: (B, M, D).
+
+    Returns out (B, T, D) with out_t = w2_t · GELU(S_t / (start + t + 1)) and the final
+    running sum S (B, M, D) (no gradient) to continue from.  Computed in at least float32.
+    """
+    B, T, M = w1.shape
+    D = x.shape[-1]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    if s0 is None:
+        s0 = x.new_zeros(B, M, D, dtype=dtype)
+    chunk = chunk or _auto_chunk(B, M, D, T)
+    out, s = _CausalHyperMix.apply(
+        w1.to(dtype), x.to(dtype), w2.to(dtype), s0.to(dtype), start, chunk
+    )
+    return out.to(x.dtype), s
+
+
+class HyperNetwork(nn.Module):
+    """Token-wise MLP d -> hidden -> d' (GELU) generating one row of a token-mixing weight."""
+
+    def __init__(self, d_model: int, hidden: int, out_dim: int, bias: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, hidden, bias=bias)
+        self.proj = nn.Linear(hidden, out_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+    def special_init(self) -> None:
+        """Official init (xavier_uniform, gain sqrt 2): generated weights of order 1, so the
+        token-mixing GELU works in its non-linear range from the start (GPT-2's std 0.02 would
+        make W1, W2 ~1e-2 and the mixer effectively linear and near zero)."""
+        for layer in (self.fc, self.proj):
+            nn.init.xavier_uniform_(layer.weight, gain=math.sqrt(2.0))
+
+
+class CausalHyperMixing(nn.Module):
+    """Causal token mixer.  Decode state: {"S": (B, d', d) float32, "count": int}."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, hidden, m = cfg.d_model, cfg.resolved_hyper_hidden, cfg.resolved_mixing_dim
+        self.mixing_dim = m
+        self.tied = bool(cfg.extra.get("hypermixer_tied", False))
+        self.hyper_w1 = HyperNetwork(d, hidden, m, cfg.bias)
+        self.hyper_w2 = None if self.tied else HyperNetwork(d, hidden, m, cfg.bias)
+        use_norm = bool(cfg.extra.get("hypermixer_layer_norm", True))
+        self.out_norm = make_norm(cfg) if use_norm else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.chunk_size: int | None = None  # None: automatic (see _auto_chunk)
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> Tensor:
+        B, T, D = x.shape
+        # hypernetwork input: token + absolute position; the mixed values stay x
+        hyp_in = x + sinusoidal_positions(pos, T, D, x.device).to(x.dtype)  # (B, T, D)
+        w1 = self.hyper_w1(hyp_in)  # (B, T, M)
+        w2 = w1 if self.hyper_w2 is None else self.hyper_w2(hyp_in)  # (B, T, M)
+        s0, start = None, 0
+        if state is not None and "S" in state:
+            s0, start = state["S"], state["count"]
+            if start != pos:
+                raise ValueError(f"hypermixer decode state holds {start} tokens, not {pos}")
+        out, s = causal_hypermix(w1, x, w2, s0, start, self.chunk_size)  # (B, T, D)
+        if state is not None:
+            state["S"], state["count"] = s, start + T
+        if self.out_norm is not None:
+            out = self.out_norm(out)
+        return self.drop(out)
+
+
+class HyperMixerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.mixer = CausalHyperMixing(cfg)
+        self.norm2 = make_norm(cfg)
+        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        x = x + self.mixer(self.norm1(x), state, pos)
+        x = x + self.ffn(self.norm2(x))
+        return x, {}

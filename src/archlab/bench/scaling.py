@@ -1,0 +1,535 @@
+"""`archlab bench scaling`: time and memory of each architecture against sequence length.
+
+Time: a forward pass (eval mode, no grad) and a training step's forward+backward
+(cross-entropy plus MoE auxiliary losses) per point, after warm-up, median of repeats, all
+in this process with the same threads. Memory: every point in a FRESH process, because an
+allocator that already grew for a larger point hides a smaller one's needs. On CPU the peak
+is the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
+after the model and inputs exist; ``ru_maxrss`` where that reset is unavailable); on CUDA
+``torch.cuda.max_memory_allocated``. Reported as the peak above the memory held before the
+step (weights, inputs), i.e. what the step itself needs.
+
+From the sweep: the fitted exponent p of time ~ T^p per architecture (least squares on
+log-log over the whole sweep), and where hypermixer, mamba and hybrid become cheaper than
+dense (the T where the log-log time curves cross, interpolated between measured points).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig, preset_config
+from ..errors import UserError
+
+MODES = ("fwd", "fwd_bwd")
+CHALLENGERS = ("hypermixer", "mamba", "hybrid")
+
+
+@dataclass
+class ScalingSettings:
+    architectures: list[str]
+    model_sizes: list[str] = field(default_factory=lambda: ["nano"])
+    seq_lens: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024, 2048])
+    batch_size: int = 1
+    warmup: int = 2
+    repeats: int = 5
+    device: str = "cpu"
+    threads: int | None = None
+    memory: bool = True
+    vocab_size: int | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # d_model, n_layers, ...
+    seed: int = 0
+
+
+@dataclass
+class Point:
+    architecture: str
+    model_size: str
+    seq_len: int
+    batch_size: int
+    total_params: int
+    fwd_s: float | None = None
+    fwd_bwd_s: float | None = None
+    fwd_mem_bytes: float | None = None  # peak above the pre-step baseline
+    fwd_bwd_mem_bytes: float | None = None
+    fwd_peak_bytes: float | None = None  # absolute peak (RSS or CUDA allocated)
+    fwd_bwd_peak_bytes: float | None = None
+    error: str | None = None
+
+
+def bench_config(
+    architecture: str,
+    model_size: str,
+    max_seq_len: int,
+    vocab_size: int | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> ModelConfig:
+    """The size preset, stretched to ``max_seq_len`` positions, with explicit overrides."""
+    kw = dict(overrides or {})
+    kw["max_seq_len"] = max(max_seq_len, kw.get("max_seq_len") or 0)
+    return preset_config(architecture, model_size=model_size, vocab_size=vocab_size, **kw)
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        return "mps" if mps is not None and mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: CUDA is not available on this machine")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device: unknown device {name!r} (allowed: auto, cpu, cuda, mps)")
+    return name
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
+
+
+def make_step(model: Any, idx: Any, targets: Any, mode: str):
+    """A closure running one forward (no grad) or one forward+backward training step."""
+    import torch
+    import torch.nn.functional as F
+
+    if mode == "fwd":
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad():
+                model(idx)
+
+    else:
+        model.train()
+
+        def step() -> None:
+            logits, aux = model(idx, return_aux=True)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if "aux_loss" in aux:
+                loss = loss + aux["aux_loss"]
+            loss.backward()
+            for p in model.parameters():
+                p.grad = None
+
+    return step
+
+
+def time_step(step, device: str, warmup: int, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _inputs(cfg: ModelConfig, batch: int, seq_len: int, device: str, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=g)
+    return idx[:, :-1].to(device), idx[:, 1:].to(device)
+
+
+def _build(cfg: ModelConfig, device: str, seed: int):
+    import torch
+
+    from ..models import build_model
+
+    torch.manual_seed(seed)
+    return build_model(cfg).to(device)
+
+
+# ---- memory: one fresh process per point -------------------------------------------------
+_HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
+_RSS = re.compile(r"VmRSS:\s+(\d+)\s+kB")
+
+
+def _proc_status(pattern: re.Pattern) -> int | None:
+    try:
+        m = pattern.search(Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(m.group(1)) * 1024 if m else None
+
+
+def _reset_hwm() -> bool:
+    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one step, in THIS process (call it in a fresh one)."""
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    cfg = ModelConfig.from_dict(spec["config"])
+    model = _build(cfg, device, spec["seed"])
+    idx, targets = _inputs(cfg, spec["batch_size"], spec["seq_len"], device, spec["seed"])
+    step = make_step(model, idx, targets, spec["mode"])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        method = "cuda max_memory_allocated"
+    else:
+        base = _proc_status(_RSS)
+        if base is not None and _reset_hwm():
+            step()
+            peak = _proc_status(_HWM)
+            method = "VmHWM after clear_refs"
+        else:
+            base = _maxrss_bytes()
+            step()
+            peak = _maxrss_bytes()
+            method = "ru_maxrss"
+    return {"peak_bytes": peak, "base_bytes": base, "delta_bytes": peak - base, "method": method}
+
+
+def measure_memory(
+    cfg: ModelConfig, seq_len: int, mode: str, settings: ScalingSettings, device: str
+) -> dict[str, Any]:
+    """Run ``measure_memory_here`` in a fresh interpreter and return its numbers."""
+    spec = {
+        "config": cfg.to_dict(),
+        "seq_len": seq_len,
+        "batch_size": settings.batch_size,
+        "mode": mode,
+        "device": device,
+        "threads": settings.threads,
+        "seed": settings.seed,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "archlab.bench.scaling", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        reason = tail[-1] if tail else f"exit code {proc.returncode}"
+        if proc.returncode < 0:
+            reason = f"killed by signal {-proc.returncode} (out of memory?)"
+        return {"error": reason}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---- the sweep ---------------------------------------------------------------------------
+def run_sweep(settings: ScalingSettings, progress=print) -> list[Point]:
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = resolve_device(settings.device)
+    points: list[Point] = []
+    max_t = max(settings.seq_lens)
+    for size in settings.model_sizes:
+        for arch in settings.architectures:
+            cfg = bench_config(arch, size, max_t, settings.vocab_size, settings.overrides)
+            model = _build(cfg, device, settings.seed)
+            n_params = model.num_parameters()
+            for T in settings.seq_lens:
+                pt = Point(arch, size, T, settings.batch_size, n_params)
+                idx, targets = _inputs(cfg, settings.batch_size, T, device, settings.seed)
+                try:
+                    for mode in MODES:
+                        step = make_step(model, idx, targets, mode)
+                        secs = time_step(step, device, settings.warmup, settings.repeats)
+                        setattr(pt, f"{mode}_s", secs)
+                except (RuntimeError, MemoryError) as exc:
+                    pt.error = str(exc).strip().splitlines()[0][:200]
+                    if device.startswith("cuda"):
+                        torch.cuda.empty_cache()
+                if settings.memory and pt.error is None:
+                    for mode in MODES:
+                        mem = measure_memory(cfg, T, mode, settings, device)
+                        if "error" in mem:
+                            pt.error = f"memory ({mode}): {mem['error']}"
+                            break
+                        setattr(pt, f"{mode}_mem_bytes", mem["delta_bytes"])
+                        setattr(pt, f"{mode}_peak_bytes", mem["peak_bytes"])
+                points.append(pt)
+                progress(point_line(pt))
+            del model
+    return points
+
+
+def point_line(pt: Point) -> str:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v * 1e3:.2f} ms"
+
+    text = (
+        f"{pt.architecture:<10} {pt.model_size:<6} T={pt.seq_len:<6} "
+        f"fwd {ms(pt.fwd_s)}  fwd+bwd {ms(pt.fwd_bwd_s)}"
+    )
+    if pt.fwd_bwd_mem_bytes is not None:
+        text += f"  mem {pt.fwd_bwd_mem_bytes / 2**20:.1f} MiB"
+    return text + (f"  [{pt.error}]" if pt.error else "")
+
+
+# ---- analysis ----------------------------------------------------------------------------
+def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log(y) on log(x): y ~ x^p. None with fewer than two points."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = statistics.fmean(p[0] for p in pts)
+    my = statistics.fmean(p[1] for p in pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    if sxx == 0:
+        return None
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+@dataclass
+class Crossover:
+    architecture: str
+    model_size: str
+    mode: str
+    seq_len: float | None  # T from which the challenger stays cheaper than dense
+    kind: str  # "crossing" | "throughout" | "none"
+
+    def describe(self) -> str:
+        what = "forward" if self.mode == "fwd" else "forward+backward"
+        if self.kind == "none":
+            return f"{self.architecture} vs dense ({what}, {self.model_size}): none in range"
+        if self.kind == "throughout":
+            return (
+                f"{self.architecture} vs dense ({what}, {self.model_size}): cheaper at every "
+                f"measured T (from T={self.seq_len:.0f})"
+            )
+        return (
+            f"{self.architecture} vs dense ({what}, {self.model_size}): cheaper from "
+            f"T ~ {self.seq_len:.0f}"
+        )
+
+
+def crossover(
+    seq_lens: list[int], t_dense: list[float | None], t_other: list[float | None]
+) -> tuple[float | None, str]:
+    """The T beyond which ``other`` is cheaper than dense for the rest of the sweep.
+
+    Interpolates linearly in log T between the last measured point where other was not
+    cheaper and the next one, on the log of the time ratio. ("none" when it is not cheaper at
+    the largest T, "throughout" when it is cheaper at every T.)
+    """
+    pts = [
+        (T, math.log(o / d))
+        for T, d, o in zip(seq_lens, t_dense, t_other, strict=True)
+        if d and o and d > 0 and o > 0
+    ]
+    if not pts or pts[-1][1] >= 0:
+        return None, "none"
+    last_bad = max((i for i, (_, r) in enumerate(pts) if r >= 0), default=None)
+    if last_bad is None:
+        return float(pts[0][0]), "throughout"
+    (t0, r0), (t1, r1) = pts[last_bad], pts[last_bad + 1]
+    frac = r0 / (r0 - r1)  # r0 >= 0 > r1
+    return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), "crossing"
+
+
+def analyse(points: list[Point]) -> dict[str, Any]:
+    """Exponents per (architecture, size, mode) and crossovers against dense."""
+    exponents: dict[str, dict[str, Any]] = {}
+    series: dict[tuple[str, str], list[Point]] = {}
+    for p in points:
+        series.setdefault((p.architecture, p.model_size), []).append(p)
+    for (arch, size), pts in series.items():
+        pts = sorted(pts, key=lambda p: p.seq_len)
+        key = f"{arch}/{size}"
+        exponents[key] = {"architecture": arch, "model_size": size}
+        for mode in MODES:
+            ts = [getattr(p, f"{mode}_s") for p in pts]
+            ok = [(p.seq_len, t) for p, t in zip(pts, ts, strict=True) if t]
+            exponents[key][mode] = fit_exponent([a for a, _ in ok], [b for _, b in ok])
+            tail = ok[-2:]
+            exponents[key][f"{mode}_last_pair"] = (
+                fit_exponent([a for a, _ in tail], [b for _, b in tail]) if len(tail) == 2 else None
+            )
+    crossovers: list[Crossover] = []
+    for (arch, size), pts in series.items():
+        if arch not in CHALLENGERS or ("dense", size) not in series:
+            continue
+        dense = {p.seq_len: p for p in series[("dense", size)]}
+        mine = {p.seq_len: p for p in pts}
+        common = sorted(set(dense) & set(mine))
+        for mode in MODES:
+            T, kind = crossover(
+                common,
+                [getattr(dense[t], f"{mode}_s") for t in common],
+                [getattr(mine[t], f"{mode}_s") for t in common],
+            )
+            crossovers.append(Crossover(arch, size, mode, T, kind))
+    return {"exponents": exponents, "crossovers": crossovers}
+
+
+# ---- output ------------------------------------------------------------------------------
+def table(points: list[Point]) -> str:
+    header = (
+        "| Architecture | Size | T | Params | Fwd (ms) | Fwd+bwd (ms) | Fwd+bwd us/token "
+        "| Fwd mem (MiB) | Fwd+bwd mem (MiB) |"
+    )
+    lines = [header, "|" + "---|" * 9]
+
+    def f(v: float | None, scale: float, fmt: str) -> str:
+        return "-" if v is None else format(v * scale, fmt)
+
+    for p in points:
+        per_tok = None if p.fwd_bwd_s is None else p.fwd_bwd_s / (p.seq_len * p.batch_size)
+        row = [
+            p.architecture,
+            p.model_size,
+            str(p.seq_len),
+            f"{p.total_params:,}",
+            f(p.fwd_s, 1e3, ".2f"),
+            f(p.fwd_bwd_s, 1e3, ".2f"),
+            f(per_tok, 1e6, ".1f"),
+            f(p.fwd_mem_bytes, 1 / 2**20, ".1f"),
+            f(p.fwd_bwd_mem_bytes, 1 / 2**20, ".1f"),
+        ]
+        if p.error:
+            row[-1] += f" ({p.error})"
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def exponent_table(analysis: dict[str, Any]) -> str:
+    lines = [
+        "| Architecture | Size | Fwd exponent | Fwd+bwd exponent | Fwd+bwd exponent (last two T) |",
+        "|---|---|---|---|---|",
+    ]
+    for e in analysis["exponents"].values():
+
+        def g(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+
+        lines.append(
+            f"| {e['architecture']} | {e['model_size']} | {g(e['fwd'])} | {g(e['fwd_bwd'])} "
+            f"| {g(e['fwd_bwd_last_pair'])} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(points: list[Point]):
+    from .plots import loglog_figure
+
+    def series(attr: str, scale: float = 1.0) -> dict[str, tuple[list[float], list[float]]]:
+        out: dict[str, tuple[list[float], list[float]]] = {}
+        sizes = {p.model_size for p in points}
+        for p in points:
+            name = p.architecture if len(sizes) == 1 else f"{p.architecture} ({p.model_size})"
+            xs, ys = out.setdefault(name, ([], []))
+            xs.append(p.seq_len)
+            value = getattr(p, attr)
+            ys.append(None if value is None else value * scale)
+        return out
+
+    panels = [
+        ("fwd", "forward time (s)", series("fwd_s")),
+        ("fwd_bwd", "forward+backward time (s)", series("fwd_bwd_s")),
+    ]
+    if any(p.fwd_bwd_mem_bytes for p in points):
+        panels.append(
+            (
+                "mem",
+                "fwd+bwd peak memory above weights (MiB)",
+                series("fwd_bwd_mem_bytes", 1 / 2**20),
+            )
+        )
+    return loglog_figure(panels, xlabel="sequence length T", title="archlab bench scaling")
+
+
+def write_outputs(
+    out_dir: Path, settings: ScalingSettings, points: list[Point], command: str
+) -> dict[str, Path]:
+    from .hardware import hardware_info, hardware_lines
+    from .plots import save_figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    analysis = analyse(points)
+    hw = hardware_info()
+    doc = {
+        "command": command,
+        "settings": asdict(settings),
+        "hardware": hw,
+        "points": [asdict(p) for p in points],
+        "exponents": analysis["exponents"],
+        "crossovers": [asdict(c) | {"text": c.describe()} for c in analysis["crossovers"]],
+    }
+    paths = {
+        "json": out_dir / "scaling.json",
+        "png": out_dir / "scaling.png",
+        "md": out_dir / "scaling.md",
+    }
+    paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
+    save_figure(figure(points), paths["png"])
+    md = [
+        "# archlab bench scaling",
+        "",
+        table(points),
+        "",
+        "Fitted exponent p of time ~ T^p (least squares on log-log over the sweep):",
+        "",
+        exponent_table(analysis),
+        "",
+        "Crossovers (where the challenger becomes cheaper than dense):",
+        "",
+    ]
+    md += [f"- {c.describe()}" for c in analysis["crossovers"]] or [
+        "- (needs dense and at least one of hypermixer, mamba, hybrid in the sweep)"
+    ]
+    md += ["", "![scaling](scaling.png)", "", "## Settings", ""]
+    md += [f"- `{k}`: {v}" for k, v in asdict(settings).items()]
+    md += ["", "## Rerun", "", "```", command, "```", "", "## Machine", ""]
+    md += hardware_lines(hw)
+    md += [
+        "",
+        "Time: median of the repeats after warm-up, this process. Memory: one fresh process "
+        "per point and mode; the peak above the memory held before the step (CPU: resident "
+        "set high-water mark; CUDA: max allocated).",
+        "",
+    ]
+    paths["md"].write_text("\n".join(md))
+    return paths
+
+
+if __name__ == "__main__":  # a memory point: python -m archlab.bench.scaling '<json spec>'
+    print(json.dumps(measure_memory_here(json.loads(sys.argv[1]))))

@@ -1,0 +1,155 @@
+"""`archlab bench scaling`: exponent fit, crossovers, fresh-process memory, the CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from archlab.bench import scaling
+from archlab.bench.scaling import Point, ScalingSettings, analyse, crossover, fit_exponent
+from archlab.cli import main
+
+HAS_MAMBA = importlib.util.find_spec("archlab.models.mamba") is not None
+
+
+def test_fit_exponent_recovers_power_laws() -> None:
+    xs = [64, 128, 256, 512, 1024]
+    assert fit_exponent(xs, [3e-5 * x**1.7 for x in xs]) == pytest.approx(1.7)
+    assert fit_exponent(xs, [0.5 * x for x in xs]) == pytest.approx(1.0)
+    assert fit_exponent([64], [1.0]) is None
+    # a failed (None) point is left out of the fit
+    assert fit_exponent(xs, [x**2 if x != 256 else None for x in xs]) == pytest.approx(2.0)
+
+
+def test_crossover_interpolates_in_log_space() -> None:
+    ts = [32, 64, 128, 256, 512]
+    dense = [t * t / 1000 for t in ts]  # quadratic
+    other = [t / 10 for t in ts]  # linear: equal at T = 100
+    T, kind = crossover(ts, dense, other)
+    assert kind == "crossing" and T == pytest.approx(100.0)
+    assert crossover(ts, dense, [d * 0.5 for d in dense]) == (32.0, "throughout")
+    assert crossover(ts, dense, [d * 2 for d in dense]) == (None, "none")
+    # cheaper in the middle only, back above dense at the end: none
+    assert crossover(ts, dense, [1, 1e-9, 1e-9, 1e-9, 1e9])[1] == "none"
+    # noise dip before the real crossing: the LAST crossing counts
+    T, kind = crossover([1, 2, 4, 8], [1, 1, 1, 1], [2, 0.5, 2, 0.5])
+    assert kind == "crossing" and T == pytest.approx(math.exp(math.log(4) + 0.5 * math.log(2)))
+
+
+def test_analyse_on_synthetic_points() -> None:
+    pts = []
+    for T in (128, 256, 512, 1024):
+        pts.append(Point("dense", "nano", T, 1, 10, fwd_s=T**2 * 1e-6, fwd_bwd_s=3 * T**2 * 1e-6))
+        pts.append(Point("mamba", "nano", T, 1, 10, fwd_s=T * 1e-3, fwd_bwd_s=3 * T * 1e-3))
+    res = analyse(pts)
+    assert res["exponents"]["dense/nano"]["fwd_bwd"] == pytest.approx(2.0)
+    assert res["exponents"]["mamba/nano"]["fwd"] == pytest.approx(1.0)
+    (fwd, fwd_bwd) = res["crossovers"]
+    assert fwd.kind == "crossing" and fwd.seq_len == pytest.approx(1000.0)
+    assert "cheaper from T ~ 1000" in fwd_bwd.describe()
+
+
+def test_memory_point_in_fresh_process_grows_with_T() -> None:
+    """The fresh-process peak for a training step grows with the activations it holds."""
+    cfg = scaling.bench_config(
+        "dense", "nano", 1024, vocab_size=4096, overrides=dict(d_model=32, n_layers=1, n_heads=2)
+    )
+    settings = ScalingSettings(["dense"], threads=1)
+    small = scaling.measure_memory(cfg, 64, "fwd_bwd", settings, "cpu")
+    big = scaling.measure_memory(cfg, 1024, "fwd_bwd", settings, "cpu")
+    assert small["delta_bytes"] > 0 and big["peak_bytes"] >= big["base_bytes"]
+    # logits and their gradient alone: 2 x T x V x 4 bytes = 32 MiB at T=1024
+    assert big["delta_bytes"] - small["delta_bytes"] > 20 * 2**20
+
+
+@pytest.mark.skipif(not HAS_MAMBA, reason="mamba block not built in this checkout")
+def test_dense_time_grows_faster_in_T_than_mamba() -> None:
+    """Attention is O(T^2), the selective scan O(T): the fitted exponents must show it."""
+    settings = ScalingSettings(
+        ["dense", "mamba"],
+        seq_lens=[256, 512, 1024, 2048],
+        batch_size=1,
+        warmup=1,
+        repeats=3,
+        threads=1,
+        memory=False,
+        vocab_size=64,
+        overrides=dict(d_model=32, n_layers=1, n_heads=4, d_ff=64),
+    )
+    points = scaling.run_sweep(settings, progress=lambda s: None)
+    exps = analyse(points)["exponents"]
+    dense, mamba = exps["dense/nano"]["fwd_bwd"], exps["mamba/nano"]["fwd_bwd"]
+    assert dense > mamba + 0.2, (dense, mamba)
+    assert dense > 1.2
+
+
+def test_cli_scaling_writes_consistent_outputs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sc"
+    rc = main(
+        [
+            "bench",
+            "scaling",
+            "--architectures",
+            "dense,moe",
+            "--seq-lens",
+            "16,32",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-memory",
+            "--threads",
+            "1",
+            "--d-model",
+            "32",
+            "--n-layers",
+            "1",
+            "--n-heads",
+            "2",
+            "--vocab-size",
+            "64",
+            "--out-dir",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    doc = json.loads((out / "scaling.json").read_text())
+    pts = doc["points"]
+    assert [(p["architecture"], p["seq_len"]) for p in pts] == [
+        ("dense", 16),
+        ("dense", 32),
+        ("moe", 16),
+        ("moe", 32),
+    ]
+    assert all(p["fwd_s"] > 0 and p["fwd_bwd_s"] > 0 for p in pts)
+    assert all(p["fwd_bwd_mem_bytes"] is None for p in pts)  # --no-memory
+    md = (out / "scaling.md").read_text()
+    text = capsys.readouterr().out
+    for p in pts:
+        row = f"| {p['architecture']} | nano | {p['seq_len']} | {p['total_params']:,} | "
+        row += f"{p['fwd_s'] * 1e3:.2f} | {p['fwd_bwd_s'] * 1e3:.2f} |"
+        assert row in md and row in text
+    assert "--seq-lens 16,32" in doc["command"] and "--no-memory" in doc["command"]
+    assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
+    assert doc["exponents"]["dense/nano"]["fwd"] is not None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--architectures", "dense,gpt5"], "unknown architecture 'gpt5'"),
+        (["--seq-lens", "64,abc"], "--seq-lens: expected comma-separated integers"),
+        (["--model-size", "huge"], "--model-size: unknown size 'huge'"),
+        (["--repeats", "0"], "--repeats: must be >= 1"),
+        (["--d-model", "30", "--n-heads", "4"], "--n-heads"),
+    ],
+)
+def test_cli_scaling_bad_input(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
+    rc = main(["bench", "scaling", "--out-dir", str(tmp_path / "x"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()

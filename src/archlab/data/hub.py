@@ -1,0 +1,80 @@
+"""``tinystories``: TinyStories (Eldan & Li, 2023) through Hugging Face ``datasets``.
+
+Uses the network or the local Hugging Face cache. Offline without a cached copy (or without
+``datasets`` installed) it stops with one line saying how to pass a local copy instead. The
+dataset's own train/validation splits are kept; validation stories that also occur in train
+(the data set has duplicates) are dropped so that the splits share no document.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+from ..errors import UserError
+from .sources import Doc, Source
+
+DATASET = "roneneldan/TinyStories"
+LOCAL_HINT = (
+    "download it where you have network and pass a local copy instead, e.g. "
+    "`archlab prepare path/to/TinyStories*.txt` or `--data path/to/*.txt` "
+    "(.txt split on <|endoftext|>, .jsonl or .parquet)"
+)
+
+
+def load_hub_split(split: str) -> Any:
+    """``datasets.load_dataset(DATASET, split=split)`` with one-line errors."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(
+            f"tinystories: the `datasets` package is not installed (pip install datasets); or {LOCAL_HINT}"
+        ) from None
+    try:
+        return datasets.load_dataset(DATASET, split=split)
+    except Exception as exc:  # offline: ConnectionError, OfflineModeIsEnabled, FileNotFoundError...
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise UserError(
+            f"tinystories: cannot load {DATASET} from the Hugging Face Hub or its local cache "
+            f"(offline? {type(exc).__name__}: {reason}); {LOCAL_HINT}"
+        ) from None
+
+
+def tinystories_source(num_stories: int | None) -> Source:
+    if num_stories is not None and num_stories < 2:
+        raise UserError(f"--num-stories must be at least 2 (got {num_stories})")
+    info: dict[str, Any] = {"dataset": DATASET}
+
+    def docs() -> Iterator[Doc]:
+        train = load_hub_split("train")
+        val = load_hub_split("validation")
+        n_train, n_val = len(train), len(val)
+        if num_stories is not None:  # keep the official ratio of the two splits
+            n_val = max(1, min(n_val, round(num_stories * n_val / (n_train + n_val))))
+            n_train = min(n_train, num_stories - n_val)
+        seen: set[bytes] = set()
+        for row in train.select(range(n_train)):
+            text = (row.get("text") or "").strip()
+            if text:
+                seen.add(hashlib.blake2b(text.encode(), digest_size=16).digest())
+                yield Doc(text, split="train")
+        dropped = 0
+        for row in val.select(range(n_val)):
+            text = (row.get("text") or "").strip()
+            if not text:
+                continue
+            if hashlib.blake2b(text.encode(), digest_size=16).digest() in seen:
+                dropped += 1
+                continue
+            yield Doc(text, split="val")
+        info["val_duplicates_dropped"] = dropped
+
+    return Source(
+        name="tinystories",
+        kind="tinystories",
+        fingerprint={"dataset": DATASET, "num_stories": num_stories},
+        docs=docs,
+        split_mode="given",
+        info=info,
+    )

@@ -1,0 +1,718 @@
+"""prepare: a source -> ``train.bin``/``val.bin`` (+ masks), ``tokenizer.json``, ``meta.json``.
+
+The output is built in a temporary sibling folder and renamed into place when complete, so an
+error never leaves a half-written data folder. ``meta.json`` holds a hash of the source's
+fingerprint and every setting; a folder whose hash matches is reused as it is.
+
+Splits: documents go to val when a seeded hash of their text falls below ``val_fraction`` (so
+identical documents always land in the same split and train/val share no document); sources
+with official splits keep them; a corpus that is one single document (e.g. Tiny Shakespeare)
+is cut at a line boundary, the first ``1 - val_fraction`` for training, the rest for val.
+
+Token files: each document's tokens followed by end-of-text (unless the document already ends
+with it, as RustGPT's ``</s>`` does), uint16 when the vocabulary fits, else uint32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import UserError
+from .sources import BUILTIN_SOURCES, Doc, Source, SourceOptions, build_source
+from .tokenizer import TextTokenizer, load_tokenizer, train_bpe, train_char, train_word
+
+FORMAT_VERSION = 1
+DEFAULT_BPE_VOCAB = 4096
+DEFAULT_VAL_FRACTION = 0.1
+STAGE_DEFAULTS = {"language": "stories", "code": "python", "chat": "rustgpt-chat"}
+TOKENIZER_KINDS = ("bpe", "char", "word")
+_BATCH_DOCS = 512
+_CHARS_PER_TOKEN_BOUND = 16  # documents read for --max-tokens: at most this many chars/token
+_MQAR_OPTIONS = {
+    "mqar_vocab_size": "vocab_size",
+    "mqar_pairs": "num_kv_pairs",
+    "mqar_seq_len": "seq_len",
+    "mqar_train_examples": "num_train",
+    "mqar_val_examples": "num_val",
+    "mqar_power_a": "power_a",
+}
+
+
+def log(msg: str, verbose: bool) -> None:
+    if verbose:
+        print(f"archlab prepare: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# meta.json
+# --------------------------------------------------------------------------------------
+
+REQUIRED_META = (
+    "tokenizer",
+    "vocab_size",
+    "eot_id",
+    "dtype",
+    "train_tokens",
+    "val_tokens",
+    "has_mask",
+    "task",
+)
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a prepared folder's meta.json (one-line UserError when bad)."""
+    d = Path(data_dir)
+    p = d / "meta.json"
+    if not p.is_file():
+        raise UserError(f"{d}: not a prepared data folder (no meta.json); run `archlab prepare`")
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"corrupt {p} ({exc}); re-run `archlab prepare --force`") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"corrupt {p} (not a JSON object); re-run `archlab prepare --force`")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise UserError(
+            f"corrupt {p} (missing {', '.join(missing)}); re-run `archlab prepare --force`"
+        )
+    if meta["dtype"] not in ("uint16", "uint32"):
+        raise UserError(f"corrupt {p} (dtype {meta['dtype']!r}); re-run `archlab prepare --force`")
+    return meta
+
+
+def data_files_ok(d: Path, meta: dict[str, Any]) -> str | None:
+    """None when every file the meta promises is there with the right size, else the problem."""
+    item = np.dtype(meta["dtype"]).itemsize
+    for split in ("train", "val"):
+        n = int(meta[f"{split}_tokens"])
+        files = [(d / f"{split}.bin", n * item)]
+        if meta["has_mask"]:
+            files.append((d / f"{split}_mask.bin", n))
+        for f, size in files:
+            if not f.is_file():
+                return f"{f.name} is missing"
+            if f.stat().st_size != size:
+                return f"{f.name} has {f.stat().st_size} bytes, meta.json expects {size}"
+    if not (d / "tokenizer.json").is_file():
+        return "tokenizer.json is missing"
+    return None
+
+
+def _up_to_date(out: Path, digest: str) -> bool:
+    try:
+        meta = json.loads((out / "meta.json").read_text(encoding="utf-8"))
+        return (
+            isinstance(meta, dict)
+            and meta.get("hash") == digest
+            and data_files_ok(out, meta) is None
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Atomic output folder
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """Serialise concurrent prepares of one folder (e.g. parallel compare processes)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # not on POSIX: atomic rename still protects the result
+        yield
+        return
+    with open(out.parent / f".{out.name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").exists():
+        raise UserError(
+            f"--out {out} exists and is not a prepared data folder (no meta.json); "
+            "choose another --out or remove it"
+        )
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_build(out: Path, build: Any) -> None:
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# --------------------------------------------------------------------------------------
+# Settings, names, hashing
+# --------------------------------------------------------------------------------------
+
+
+def _file_digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _tokenizer_setting(spec: str, vocab_size: int | None, src: Source) -> dict[str, Any]:
+    if spec in TOKENIZER_KINDS:
+        if spec == "char" and vocab_size is not None:
+            raise UserError(
+                "--vocab-size does not apply to --tokenizer char (its vocabulary is the data's characters)"
+            )
+        if spec == "bpe":
+            vocab_size = DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size
+        if vocab_size is not None and vocab_size < 1:
+            raise UserError(f"--vocab-size must be positive (got {vocab_size})")
+        return {"kind": spec, "vocab_size": vocab_size, "chat": src.chat}
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise UserError(
+            f"--tokenizer: {spec!r} is neither bpe, char, word nor an existing tokenizer.json"
+        )
+    if vocab_size is not None:
+        raise UserError("--vocab-size does not apply to a given tokenizer.json")
+    return {"file": str(p.resolve()), "sha256": _file_digest(p)}
+
+
+def _default_dir(name: str, spec: str, setting: dict[str, Any], src: Source) -> Path:
+    suffix = ""
+    if "file" in setting:
+        suffix = f"-tok{setting['sha256'][:8]}"
+    elif spec != src.default_tokenizer:
+        suffix = f"-{spec}"
+    if spec == "bpe" and setting.get("vocab_size") != DEFAULT_BPE_VOCAB:
+        suffix += str(setting["vocab_size"])
+    elif spec == "word" and setting.get("vocab_size") is not None:
+        suffix += (
+            f"-{spec}{setting['vocab_size']}"
+            if spec == src.default_tokenizer
+            else str(setting["vocab_size"])
+        )
+    return Path("data") / f"{name}{suffix}"
+
+
+def _digest(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[
+        :24
+    ]
+
+
+def _split_score(text: str, seed: int) -> float:
+    """Uniform in [0, 1) from a seeded hash of the text."""
+    h = hashlib.blake2b(
+        text.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode()
+    )
+    return int.from_bytes(h.digest(), "little") / 2.0**64
+
+
+# --------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------
+
+
+def prepare_dataset(
+    source: str,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    tokenizer: str | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    val_fraction: float | None = None,
+    max_tokens: int | None = None,
+    force: bool = False,
+    verbose: bool = True,
+    **source_options: Any,
+) -> Path:
+    """Prepare ``source`` (a built-in name or local file/folder/glob); returns the folder.
+
+    ``tokenizer``: "bpe" | "char" | "word" | path to a tokenizer.json (default: the source's,
+    bpe or word for rustgpt). ``source_options``: ``num_stories``, ``stories_grammar``,
+    ``doc_separator``, ``text_field``, ``errors`` and, for mqar, ``mqar_vocab_size``,
+    ``mqar_pairs``, ``mqar_seq_len``, ``mqar_train_examples``, ``mqar_val_examples``,
+    ``mqar_power_a``.
+    """
+    mqar_opts = {k: source_options.pop(k) for k in list(source_options) if k in _MQAR_OPTIONS}
+    unknown = set(source_options) - set(SourceOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"prepare_dataset: unknown options {sorted(unknown)}")
+    if max_tokens is not None and max_tokens < 2:
+        raise UserError(f"--max-tokens must be at least 2 (got {max_tokens})")
+    source = str(source)
+    if source == "mqar":
+        return _prepare_mqar(
+            out_dir,
+            tokenizer,
+            vocab_size,
+            seed,
+            val_fraction,
+            max_tokens,
+            force,
+            verbose,
+            mqar_opts,
+            source_options,
+        )
+    given = [k for k, v in mqar_opts.items() if v is not None]
+    if given:
+        raise UserError(f"--{given[0].replace('_', '-')} applies to the mqar source only")
+    vf = DEFAULT_VAL_FRACTION if val_fraction is None else float(val_fraction)
+    if not 0.0 < vf < 1.0:
+        raise UserError(f"--val-fraction must be between 0 and 1, exclusive (got {vf})")
+
+    src = build_source(source, seed, SourceOptions(**source_options))
+    spec = tokenizer or src.default_tokenizer
+    tok_setting = _tokenizer_setting(spec, vocab_size, src)
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "source": src.kind,
+        "fingerprint": src.fingerprint,
+        "tokenizer": tok_setting,
+        "seed": seed,
+        "val_fraction": vf,
+        "max_tokens": max_tokens,
+    }
+    digest = _digest(settings)
+    out = Path(out_dir) if out_dir is not None else _default_dir(src.name, spec, tok_setting, src)
+    with _locked(out):
+        if not force and _up_to_date(out, digest):
+            log(f"{out} is up to date (same inputs and settings); reusing it", verbose)
+            return out
+        _check_replaceable(out)
+        log(f"preparing {source} -> {out}", verbose)
+        t0 = time.time()
+
+        def build(tmp: Path) -> None:
+            meta = _build_lm(src, tmp, spec, tok_setting, seed, vf, max_tokens, verbose)
+            meta.update(
+                source_spec=source,
+                hash=digest,
+                settings=settings,
+                seed=seed,
+                val_fraction=vf,
+                max_tokens=max_tokens,
+                prepare_seconds=round(time.time() - t0, 3),
+            )
+            _write_meta(tmp, meta)
+
+        _atomic_build(out, build)
+    return out
+
+
+def _write_meta(d: Path, meta: dict[str, Any]) -> None:
+    from .. import __version__
+
+    meta = {"format_version": FORMAT_VERSION, "archlab_version": __version__, **meta}
+    meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    (d / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _progress(total: int | None, desc: str, unit: str, verbose: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if verbose else True, leave=False)
+
+
+def _collect(
+    src: Source, seed: int, vf: float, max_tokens: int | None, verbose: bool
+) -> tuple[list[Doc], str]:
+    """All documents in source order, each with its split; returns (docs, split_mode)."""
+    docs: list[Doc] = []
+    budget = None if max_tokens is None else max_tokens * _CHARS_PER_TOKEN_BOUND
+    chars = 0
+    scores: list[float] = []
+    with _progress(src.num_docs, "reading", "doc", verbose) as bar:
+        for doc in src.docs():
+            if doc.split is None:
+                score = _split_score(doc.text, seed)
+                doc.split = "val" if score < vf else "train"
+                scores.append(score)
+            docs.append(doc)
+            bar.update(1)
+            chars += len(doc.text)
+            if budget is not None and chars >= budget:
+                break
+    if not docs:
+        raise UserError(f"{src.name}: empty corpus (no non-empty documents)")
+    mode = src.split_mode
+    if mode == "hash" and len(docs) == 1:  # one document: first part train, tail val
+        text = docs[0].text
+        target = int(len(text) * (1.0 - vf))
+        cut = text.rfind("\n", 0, target) + 1 or target
+        if cut <= 0 or cut >= len(text) or not text[:cut].strip() or not text[cut:].strip():
+            raise UserError(f"{src.name}: a single document too short to split into train and val")
+        return [Doc(text[:cut], split="train"), Doc(text[cut:], split="val")], "tail"
+    if mode == "hash":  # a small corpus can hash every document into one split
+        splits = [d.split for d in docs]
+        if "val" not in splits:
+            docs[int(np.argmin(scores))].split = "val"
+        elif "train" not in splits:
+            docs[int(np.argmax(scores))].split = "train"
+    return docs, mode
+
+
+def _train_tokenizer(
+    src: Source, docs: list[Doc], spec: str, setting: dict[str, Any], verbose: bool
+) -> TextTokenizer:
+    if "file" in setting:
+        return load_tokenizer(setting["file"])
+    train_texts = (d.text for d in docs if d.split == "train")
+    if spec == "bpe":
+        log(
+            f"training byte-level BPE (vocab {setting['vocab_size']}) on the training split",
+            verbose,
+        )
+        return train_bpe(train_texts, setting["vocab_size"], chat=src.chat)
+    if spec == "char":  # the alphabet of all splits: no statistics leak, no <unk> in val
+        return train_char(d.text for d in docs)
+    texts = src.vocab_texts() if src.vocab_texts is not None else train_texts
+    return train_word(texts, setting.get("vocab_size"))
+
+
+def _build_lm(
+    src: Source,
+    tmp: Path,
+    spec: str,
+    tok_setting: dict[str, Any],
+    seed: int,
+    vf: float,
+    max_tokens: int | None,
+    verbose: bool,
+) -> dict[str, Any]:
+    docs, split_mode = _collect(src, seed, vf, max_tokens, verbose)
+    tok = _train_tokenizer(src, docs, spec, tok_setting, verbose)
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    eot = tok.eot_id
+    stats = {
+        s: {"tokens": 0, "docs": 0, "loss_tokens": 0, "logp": [], "doc_tokens": []}
+        for s in ("train", "val")
+    }
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}
+    masks = {s: open(tmp / f"{s}_mask.bin", "wb") for s in ("train", "val")} if src.chat else {}
+    total = 0
+    done = False
+    try:
+        with _progress(len(docs), "tokenizing", "doc", verbose) as bar:
+            for b in range(0, len(docs), _BATCH_DOCS):
+                batch = docs[b : b + _BATCH_DOCS]
+                ids_list, mask_list = _encode_docs(tok, batch, eot)
+                for doc, ids, m in zip(batch, ids_list, mask_list, strict=True):
+                    if max_tokens is not None and total + len(ids) > max_tokens and total > 0:
+                        done = True
+                        break
+                    st = stats[doc.split]
+                    files[doc.split].write(np.asarray(ids, dtype=dtype).tobytes())
+                    if m is not None:
+                        masks[doc.split].write(np.asarray(m, dtype=np.uint8).tobytes())
+                        st["loss_tokens"] += int(sum(m))
+                    else:
+                        st["loss_tokens"] += len(ids)
+                    st["tokens"] += len(ids)
+                    st["docs"] += 1
+                    st["doc_tokens"].append(len(ids))
+                    if doc.logp is not None:
+                        st["logp"].append(doc.logp)
+                    total += len(ids)
+                bar.update(len(batch))
+                if done:
+                    break
+    finally:
+        for f in [*files.values(), *masks.values()]:
+            f.close()
+    for s in ("train", "val"):
+        if stats[s]["tokens"] == 0:
+            why = f" (--max-tokens {max_tokens} is too small)" if max_tokens else ""
+            raise UserError(f"{src.name}: the {s} split is empty{why}; use more data")
+        if stats[s]["loss_tokens"] == 0:
+            raise UserError(f"{src.name}: no token of the {s} split counts for the loss")
+    tok.save(tmp / "tokenizer.json")
+
+    floors: dict[str, float | None] = {}
+    for s in ("train", "val"):
+        st = stats[s]
+        exact = src.has_logp and len(st["logp"]) == st["docs"]
+        floors[s] = -math.fsum(st["logp"]) / st["tokens"] if exact else None
+    meta: dict[str, Any] = {
+        "task": "lm",
+        "source": src.kind,
+        "name": src.name,
+        "tokenizer": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "requested_vocab_size": tok_setting.get("vocab_size"),
+        "eot_id": eot,
+        "special_tokens": tok.special_tokens,
+        "dtype": np.dtype(dtype).name,
+        "train_tokens": stats["train"]["tokens"],
+        "val_tokens": stats["val"]["tokens"],
+        "train_docs": stats["train"]["docs"],
+        "val_docs": stats["val"]["docs"],
+        "train_loss_tokens": stats["train"]["loss_tokens"],
+        "val_loss_tokens": stats["val"]["loss_tokens"],
+        "has_mask": src.chat,
+        "split": split_mode,
+        "entropy_floor": floors["val"],
+        "entropy_floor_train": floors["train"],
+        "entropy_floor_note": (
+            "nats/token: sum of -log p(story) over the val split / its tokens (incl. end-of-text)"
+            if floors["val"] is not None
+            else None
+        ),
+        "mean_doc_tokens": round(
+            (stats["train"]["tokens"] + stats["val"]["tokens"])
+            / (stats["train"]["docs"] + stats["val"]["docs"]),
+            3,
+        ),
+        "truncated_by_max_tokens": done,
+        "source_info": src.info,
+    }
+    if src.chat:
+        from .sources import CHAT_FORMAT
+
+        meta["chat_format"] = CHAT_FORMAT
+    return meta
+
+
+def _encode_docs(
+    tok: TextTokenizer, docs: list[Doc], eot: int
+) -> tuple[list[list[int]], list[list[int] | None]]:
+    """Encode a batch; chat documents piece by piece so the mask follows the segments."""
+    plain = [i for i, d in enumerate(docs) if d.segments is None]
+    ids_out: list[list[int]] = [[] for _ in docs]
+    masks: list[list[int] | None] = [None] * len(docs)
+    if plain:
+        for i, ids in zip(plain, tok.encode_batch([docs[i].text for i in plain]), strict=True):
+            ids_out[i] = ids
+    seg_docs = [i for i, d in enumerate(docs) if d.segments is not None]
+    if seg_docs:
+        pieces = [seg for i in seg_docs for seg in docs[i].segments]  # type: ignore[union-attr]
+        encoded = tok.encode_batch([p for p, _ in pieces])
+        k = 0
+        for i in seg_docs:
+            ids, m = [], []
+            for _text, counts in docs[i].segments:  # type: ignore[union-attr]
+                ids.extend(encoded[k])
+                m.extend([int(counts)] * len(encoded[k]))
+                k += 1
+            ids_out[i], masks[i] = ids, m
+    for i, ids in enumerate(ids_out):
+        if not ids or ids[-1] != eot:
+            ids.append(eot)
+            if masks[i] is not None:
+                # end-of-text after an answer counts: the model must learn to stop
+                masks[i].append(masks[i][-1] if masks[i] else 0)  # type: ignore[index]
+    return ids_out, masks
+
+
+# --------------------------------------------------------------------------------------
+# mqar
+# --------------------------------------------------------------------------------------
+
+
+def _prepare_mqar(
+    out_dir: Any,
+    tokenizer: str | None,
+    vocab_size: int | None,
+    seed: int,
+    val_fraction: float | None,
+    max_tokens: int | None,
+    force: bool,
+    verbose: bool,
+    mqar_opts: dict[str, Any],
+    source_options: dict[str, Any],
+) -> Path:
+    from . import mqar
+
+    for flag, value in (
+        ("--tokenizer", tokenizer),
+        ("--vocab-size (use --mqar-vocab-size)", vocab_size),
+        ("--val-fraction (use --mqar-val-examples)", val_fraction),
+        ("--max-tokens (use --mqar-train-examples)", max_tokens),
+    ):
+        if value is not None:
+            raise UserError(f"{flag} does not apply to the mqar source")
+    for k, v in source_options.items():
+        if v is not None:
+            raise UserError(f"--{k.replace('_', '-')} does not apply to the mqar source")
+    kw = {_MQAR_OPTIONS[k]: v for k, v in mqar_opts.items() if v is not None}
+    cfg = mqar.MQARConfig(**kw).validate()
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "source": "mqar",
+        "mqar": cfg.to_dict(),
+        "seed": seed,
+    }
+    digest = _digest(settings)
+    default = mqar.MQARConfig()
+    name = (
+        "mqar"
+        if cfg == default
+        else f"mqar-v{cfg.vocab_size}-kv{cfg.num_kv_pairs}-len{cfg.seq_len}"
+    )
+    out = Path(out_dir) if out_dir is not None else Path("data") / name
+    with _locked(out):
+        if not force and _up_to_date(out, digest):
+            log(f"{out} is up to date (same settings); reusing it", verbose)
+            return out
+        _check_replaceable(out)
+        log(f"preparing mqar -> {out}", verbose)
+        t0 = time.time()
+
+        def build(tmp: Path) -> None:
+            tok = mqar.tokenizer(cfg.vocab_size)
+            dtype = np.uint16 if cfg.vocab_size <= 2**16 else np.uint32
+            counts = {}
+            for split, n, s in (
+                ("train", cfg.num_train, seed),
+                ("val", cfg.num_val, seed + 1_000_003),
+            ):
+                tokens, mask = mqar.generate(cfg, n, s)
+                tokens.astype(dtype).tofile(tmp / f"{split}.bin")
+                mask.tofile(tmp / f"{split}_mask.bin")
+                counts[split] = (tokens.size, n, int(mask.sum()))
+            tok.save(tmp / "tokenizer.json")
+            _write_meta(
+                tmp,
+                {
+                    "task": "mqar",
+                    "source": "mqar",
+                    "source_spec": "mqar",
+                    "name": name,
+                    "tokenizer": tok.kind,
+                    "vocab_size": tok.vocab_size,
+                    "eot_id": tok.eot_id,
+                    "special_tokens": tok.special_tokens,
+                    "dtype": np.dtype(dtype).name,
+                    "seq_len": cfg.seq_len,
+                    "example_tokens": cfg.seq_len + 1,
+                    "num_kv_pairs": cfg.num_kv_pairs,
+                    "mqar": cfg.to_dict(),
+                    "train_tokens": counts["train"][0],
+                    "val_tokens": counts["val"][0],
+                    "train_docs": counts["train"][1],
+                    "val_docs": counts["val"][1],
+                    "train_loss_tokens": counts["train"][2],
+                    "val_loss_tokens": counts["val"][2],
+                    "has_mask": True,
+                    "split": "generated",
+                    "entropy_floor": None,
+                    "metric": "accuracy",
+                    "hash": digest,
+                    "settings": settings,
+                    "seed": seed,
+                    "prepare_seconds": round(time.time() - t0, 3),
+                },
+            )
+
+        _atomic_build(out, build)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# resolve_data: what --data means for train / compare / eval
+# --------------------------------------------------------------------------------------
+
+
+def _same_tokenizer(a: Path, b: str) -> bool:
+    return load_tokenizer(a).to_json() == load_tokenizer(b).to_json()
+
+
+def resolve_data(
+    spec: str | os.PathLike | None,
+    stage: str,
+    preset: str | None,
+    tokenizer: str | None = None,
+    **opts: Any,
+) -> Path:
+    """``--data`` -> a prepared folder, preparing (or reusing) it when needed.
+
+    ``spec``: a prepared folder (with meta.json), a built-in source name, a local
+    file/folder/glob, or None for the stage's default (language -> stories, code -> python,
+    chat -> rustgpt-chat; with preset rustgpt, language -> rustgpt). ``tokenizer`` (e.g. the
+    tokenizer.json of an --init-from checkpoint) must match an existing folder's, and is used
+    to prepare a source.
+    """
+    if spec is None:
+        if stage not in STAGE_DEFAULTS:
+            raise UserError(
+                f"--stage: unknown stage {stage!r} (allowed: {', '.join(STAGE_DEFAULTS)})"
+            )
+        spec = "rustgpt" if preset == "rustgpt" and stage == "language" else STAGE_DEFAULTS[stage]
+    spec = str(spec)
+    p = Path(spec).expanduser()
+    if p.is_dir() and (p / "meta.json").exists():
+        meta = load_meta(p)
+        problem = data_files_ok(p, meta)
+        if problem:
+            raise UserError(
+                f"data folder {p} is incomplete ({problem}); re-run `archlab prepare --force`"
+            )
+        if tokenizer is not None and not _same_tokenizer(p, tokenizer):
+            raise UserError(
+                f"data folder {p} was tokenized with a different tokenizer than {tokenizer}; "
+                f"prepare it again with --tokenizer {tokenizer}"
+            )
+        return p
+    if spec in BUILTIN_SOURCES or p.exists() or any(ch in spec for ch in "*?["):
+        return prepare_dataset(spec, tokenizer=tokenizer, **opts)
+    raise UserError(
+        f"--data: {spec!r} is neither a prepared folder (with meta.json), a built-in source "
+        f"({', '.join(BUILTIN_SOURCES)}) nor an existing file, folder or glob"
+    )
+
+
+def describe(out: Path, meta: dict[str, Any] | None = None) -> str:
+    """The one-paragraph summary printed by ``archlab prepare``."""
+    m = meta if meta is not None else load_meta(out)
+    vocab = f"{m['vocab_size']:,}"
+    req = m.get("requested_vocab_size")
+    if m["tokenizer"] == "bpe" and req and req != m["vocab_size"]:
+        vocab += f" (asked for {req:,}; the data has no more merges)"
+    parts = [
+        f"{m.get('source', '?')} in {out}: {m['train_tokens']:,} train + {m['val_tokens']:,} val tokens",
+        f"from {m.get('train_docs', 0):,} + {m.get('val_docs', 0):,} documents",
+        f"{m['tokenizer']} tokenizer, vocabulary {vocab}, end-of-text id {m['eot_id']}, {m['dtype']}",
+    ]
+    if m["has_mask"]:
+        parts.append(f"{m.get('train_loss_tokens', 0):,} train tokens count for the loss (mask)")
+    if m.get("task") == "mqar":
+        parts.append(
+            f"MQAR: {m['num_kv_pairs']} pairs, sequences of {m['seq_len']} tokens, metric accuracy"
+        )
+    if m.get("entropy_floor") is not None:
+        parts.append(f"entropy floor {m['entropy_floor']:.4f} nats/token on val")
+    if m.get("prepare_seconds") is not None:
+        parts.append(f"built in {m['prepare_seconds']:.1f} s")
+    return "; ".join(parts) + "."

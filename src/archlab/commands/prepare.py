@@ -84,7 +84,17 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(
             "no source: pass one, e.g. `archlab prepare stories` or `archlab prepare --source corpus.txt`"
         )
-    from ..data.prepare import describe, load_meta, prepare_dataset
+    from pathlib import Path
+
+    from ..data.prepare import data_files_ok, describe, load_meta, prepare_dataset
+
+    if (Path(source) / "meta.json").exists():  # an already prepared folder: check and describe
+        meta = load_meta(source)
+        problem = data_files_ok(Path(source), meta)
+        if problem:
+            raise UserError(f"data folder {source} is incomplete ({problem}); prepare it again")
+        print(describe(Path(source), meta))
+        return 0
 
     options = {
         "num_stories": args.num_stories,

@@ -184,12 +184,15 @@ def winners(archs: list[ArchResult]) -> list[Winner]:
         rough = x.mean("roughness")
         return (math.inf if nan is None else nan, math.inf if rough is None else rough)
 
-    s = min(ok, key=stability_key)
-    nan, rough = stability_key(s)
+    best_key = min(stability_key(x) for x in ok)
+    tied = [x.architecture for x in ok if stability_key(x) == best_key]
+    nan, rough = best_key
     detail = f"{nan:.0f} NaN/skipped steps" if math.isfinite(nan) else "no NaN count"
     if math.isfinite(rough):
         detail += f", train-loss roughness {rough:.4f}"
-    out.append(Winner("most stable", s.architecture, detail))
+    if len(tied) > 1:
+        detail = "tie; " + detail
+    out.append(Winner("most stable", tied[0] if len(tied) == 1 else ", ".join(tied), detail))
     return out
 
 
@@ -286,8 +289,9 @@ def report_markdown(
         "",
         "## How the numbers are measured",
         "",
-        "- Time: the trainer's training wall time (summary.json `train_time_s`); "
-        "tokens/s: training tokens over that time.",
+        "- Time: the trainer's wall time from the first step to the end, evaluations "
+        "included (summary.json `train_time_s`); tokens/s: the trainer's steady-state "
+        "training rate (the first step, which holds warm-up, and evaluations excluded).",
         "- Peak memory: the trainer's peak (CUDA: max allocated; CPU: peak resident set of "
         "the training process, which includes the interpreter and torch). Each architecture "
         "ran in its own process, so the peak is its own.",

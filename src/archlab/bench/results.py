@@ -225,7 +225,7 @@ def read_run(
             "nan_count",
             "mfu",
         ):
-            setattr(res, key, summary.get(key))
+            setattr(res, key, _number(summary.get(key)))
         res.entropy_floor = summary.get("entropy_floor", entropy_floor)
         res.status = summary.get("status", "failed")
         res.error = summary.get("error")
@@ -243,6 +243,16 @@ def read_run(
     if res.ok and res.final_val_loss is not None and res.entropy_floor is not None:
         res.gap_to_floor = res.final_val_loss - res.entropy_floor
     return res
+
+
+def _number(value: Any) -> Any:
+    """The trainer writes non-finite floats as strings ("nan", "inf"): read them back."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return value
 
 
 def _failure_line(returncode: int | None, stderr_tail: str | None, no_summary: bool) -> str:

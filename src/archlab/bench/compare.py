@@ -1,0 +1,638 @@
+"""`archlab compare`: train several architectures under one protocol and report the result.
+
+The protocol (DESIGN.md): the same prepared data and tokenizer, the same token budget, the
+same effective batch (batch x accumulation x sequence length), the same optimizer and
+schedule, the same seed(s), the same fixed validation batches and the same optimizations.
+The data is prepared ONCE here; then every (architecture, seed) trains in its own
+subprocess (``python -m archlab train ...``), so its peak memory is its own and a crash
+(out of memory, NaNs) only ends that run. The folder then holds ``compare.json`` (the
+settings, written first), one run folder per (architecture, seed), ``logs/``,
+``report.md``, ``results.json``, ``results.csv``, ``loss_vs_tokens.png`` and
+``loss_vs_time.png``.
+
+Exit code: 0 when at least one run finished, 1 when every run failed, 2 for a user error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TextIO
+
+from ..errors import UserError
+from .results import RunResult, aggregate, read_run
+
+# Default protocol of a bare `archlab compare` (see DEFAULT_BUDGET_NOTE for the budget).
+DEFAULT_MAX_TOKENS = 600_000
+DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_BUDGET_NOTE = (
+    "default budget: 600,000 tokens per architecture (293 steps of 16 x 128 tokens), chosen so "
+    "that all five nano architectures train in about 5 minutes on 2 CPU cores"
+)
+FLAG_NAMES = {
+    "architectures": "--architectures",
+    "model_size": "--model-size",
+    "data": "--data",
+    "max_tokens": "--max-tokens",
+    "num_epochs": "--num-epochs",
+    "steps_per_epoch": "--steps-per-epoch",
+    "seq_len": "--seq-len",
+    "batch_size": "--batch-size",
+    "gradient_accumulation_steps": "--gradient-accumulation-steps",
+    "learning_rate": "--learning-rate",
+    "warmup_steps": "--warmup-steps",
+    "eval_interval": "--eval-interval",
+    "eval_steps": "--eval-steps",
+    "log_interval": "--log-interval",
+    "checkpoint_interval": "--checkpoint-interval",
+    "use_amp": "--use-amp",
+    "use_compile": "--use-compile",
+    "use_gradient_checkpointing": "--use-gradient-checkpointing",
+    "use_rmsnorm": "--use-rmsnorm",
+    "use_rope": "--use-rope",
+    "device": "--device",
+    "num_threads": "--num-threads",
+    "seed": "--seed",
+    "seeds": "--seeds",
+}
+
+
+@dataclass
+class CompareSettings:
+    """Everything that defines a comparison; stored in compare.json, checked on --resume."""
+
+    architectures: list[str]
+    model_size: str = "nano"
+    data: str = ""  # the prepared folder every run reads
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    num_epochs: int | None = None
+    steps_per_epoch: int | None = None
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = DEFAULT_LEARNING_RATE
+    warmup_steps: int = 0  # resolved from the step count when not given
+    eval_interval: int = 0  # resolved: about ten evaluations per run
+    eval_steps: int = 8
+    log_interval: int = 0  # resolved: about a hundred train records per run
+    checkpoint_interval: int = 0  # resolved: about four checkpoints per run (for --resume)
+    use_amp: bool = False
+    use_compile: bool = False
+    use_gradient_checkpointing: bool = False
+    use_rmsnorm: bool | None = None  # None: each architecture's preset default
+    use_rope: bool | None = None
+    device: str = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+    seeds: int = 1
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps * self.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_tokens is not None:
+            return math.ceil(self.max_tokens / self.tokens_per_step)
+        assert self.num_epochs is not None and self.steps_per_epoch is not None
+        return self.num_epochs * self.steps_per_epoch
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CompareSettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class RunSpec:
+    """One child process: an architecture, a seed and its run folder."""
+
+    architecture: str
+    seed: int
+    run_dir: Path
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
+    """Defaults for what the user left unset, and every check that needs no data.
+
+    ``raw`` holds the user's explicit values (None = unset) keyed like CompareSettings.
+    """
+    given = {k: v for k, v in raw.items() if v is not None}
+    if "max_tokens" in given and ("num_epochs" in given or "steps_per_epoch" in given):
+        raise UserError("--max-tokens and --num-epochs/--steps-per-epoch are exclusive: give one")
+    if ("num_epochs" in given) != ("steps_per_epoch" in given):
+        raise UserError("--num-epochs and --steps-per-epoch go together (steps = their product)")
+    if "num_epochs" in given:
+        given["max_tokens"] = None
+    for key in (
+        "max_tokens",
+        "num_epochs",
+        "steps_per_epoch",
+        "seq_len",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "eval_steps",
+        "seeds",
+        "num_threads",
+    ):
+        if given.get(key) is not None and given[key] < 1:
+            raise UserError(f"{FLAG_NAMES[key]}: must be >= 1 (got {given[key]})")
+    for key in ("warmup_steps", "eval_interval", "log_interval", "checkpoint_interval"):
+        if given.get(key) is not None and given[key] < 0:
+            raise UserError(f"{FLAG_NAMES[key]}: must be >= 0 (got {given[key]})")
+    lr = given.get("learning_rate")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise UserError(f"--learning-rate: must be a positive number (got {lr})")
+    s = CompareSettings(**given)
+    if s.max_tokens is not None and s.max_tokens < s.tokens_per_step:
+        raise UserError(
+            f"--max-tokens {s.max_tokens:,} is smaller than one optimizer step "
+            f"(batch {s.batch_size} x accumulation {s.gradient_accumulation_steps} x seq-len "
+            f"{s.seq_len} = {s.tokens_per_step:,} tokens); raise it or shrink the batch"
+        )
+    steps = s.total_steps
+    if "warmup_steps" not in given:
+        s.warmup_steps = max(1, round(0.1 * steps)) if steps > 1 else 0
+    if "eval_interval" not in given:
+        s.eval_interval = max(1, steps // 10)
+    if "log_interval" not in given:
+        s.log_interval = max(1, steps // 100)
+    if "checkpoint_interval" not in given:
+        s.checkpoint_interval = max(1, math.ceil(steps / 4))
+    return s
+
+
+def check_against_data(s: CompareSettings, data_dir: Path, meta: dict[str, Any]) -> None:
+    """Bind the prepared data; every split must hold a window, every model the seq-len."""
+    from ..config import preset_config
+
+    s.data = str(data_dir)
+    # Every split must hold a window; every model must accept the sequence length.
+    for split in ("train", "val"):
+        n = int(meta.get(f"{split}_tokens", 0))
+        if meta.get("task") != "mqar" and n <= s.seq_len + 1:
+            raise UserError(
+                f"--seq-len {s.seq_len}: the {split} split of {data_dir} has only {n} tokens"
+            )
+    for arch in s.architectures:
+        cfg = preset_config(
+            arch,
+            model_size=s.model_size,
+            vocab_size=int(meta["vocab_size"]),
+            use_rope=s.use_rope,
+            use_rmsnorm=s.use_rmsnorm,
+        )
+        if cfg.uses_learned_positions and s.seq_len > cfg.max_seq_len:
+            raise UserError(
+                f"--seq-len {s.seq_len} exceeds {arch}'s max_seq_len {cfg.max_seq_len} at "
+                f"--model-size {s.model_size} (learned positions); lower --seq-len or pass "
+                "--use-rope"
+            )
+
+
+def child_command(
+    s: CompareSettings, arch: str, seed: int, run_dir: Path, resume: bool
+) -> list[str]:
+    """The exact `archlab train` command line of one run."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "archlab",
+        "train",
+        "--architecture",
+        arch,
+        "--model-size",
+        s.model_size,
+        "--data",
+        s.data,
+        "--seq-len",
+        str(s.seq_len),
+        "--batch-size",
+        str(s.batch_size),
+        "--gradient-accumulation-steps",
+        str(s.gradient_accumulation_steps),
+    ]
+    if s.max_tokens is not None:
+        cmd += ["--max-tokens", str(s.max_tokens)]
+    else:
+        cmd += ["--num-epochs", str(s.num_epochs), "--steps-per-epoch", str(s.steps_per_epoch)]
+    cmd += [
+        "--learning-rate",
+        repr(s.learning_rate),
+        "--warmup-steps",
+        str(s.warmup_steps),
+        "--seed",
+        str(seed),
+        "--eval-interval",
+        str(s.eval_interval),
+        "--eval-steps",
+        str(s.eval_steps),
+        "--log-interval",
+        str(s.log_interval),
+        "--checkpoint-interval",
+        str(s.checkpoint_interval),
+        "--device",
+        s.device,
+    ]
+    for key in ("use_amp", "use_compile", "use_gradient_checkpointing"):
+        cmd.append(FLAG_NAMES[key] if getattr(s, key) else "--no-" + FLAG_NAMES[key][2:])
+    for key in ("use_rmsnorm", "use_rope"):
+        value = getattr(s, key)
+        if value is not None:
+            cmd.append(FLAG_NAMES[key] if value else "--no-" + FLAG_NAMES[key][2:])
+    if s.num_threads is not None:
+        cmd += ["--num-threads", str(s.num_threads)]
+    cmd += ["--out-dir", str(run_dir)]
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+def rerun_command(s: CompareSettings, out_dir: Path) -> str:
+    """A command that repeats this comparison with every setting spelled out."""
+    parts = [
+        "archlab",
+        "compare",
+        "--architectures",
+        ",".join(s.architectures),
+        "--model-size",
+        s.model_size,
+        "--data",
+        s.data,
+    ]
+    if s.max_tokens is not None:
+        parts += ["--max-tokens", str(s.max_tokens)]
+    else:
+        parts += ["--num-epochs", str(s.num_epochs), "--steps-per-epoch", str(s.steps_per_epoch)]
+    for key in (
+        "seq_len",
+        "batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "warmup_steps",
+        "eval_interval",
+        "eval_steps",
+        "log_interval",
+        "checkpoint_interval",
+        "device",
+        "num_threads",
+        "seed",
+        "seeds",
+    ):
+        value = getattr(s, key)
+        if value is not None:
+            parts += [FLAG_NAMES[key], repr(value) if isinstance(value, float) else str(value)]
+    for key in ("use_amp", "use_compile", "use_gradient_checkpointing", "use_rmsnorm", "use_rope"):
+        value = getattr(s, key)
+        if value is not None:
+            parts.append(FLAG_NAMES[key] if value else "--no-" + FLAG_NAMES[key][2:])
+    parts += ["--out-dir", str(out_dir)]
+    return shlex.join(parts)
+
+
+def plan_runs(s: CompareSettings, out_dir: Path) -> list[RunSpec]:
+    runs = []
+    for seed in s.seed_list:
+        for arch in s.architectures:
+            name = arch if s.seeds == 1 else f"{arch}-seed{seed}"
+            runs.append(RunSpec(arch, seed, out_dir / name))
+    return runs
+
+
+def run_finished(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") == "ok"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "checkpoints" / "latest").exists()
+
+
+# ---- the child process, with live progress -----------------------------------------------
+_PROGRESS = re.compile(r"^step \d+/\d+ ")
+_TRACE_NOISE = re.compile(r"^(Traceback|\s+File |\s+\^|\s{4})")
+
+
+class Progress:
+    """Relays a child's progress lines: overwritten in place on a terminal, else throttled."""
+
+    def __init__(self, stream: TextIO, every_s: float = 10.0) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.every_s = every_s
+        self.last = 0.0
+        self.open_line = False
+
+    def status(self, prefix: str, line: str) -> None:
+        now = time.monotonic()
+        if self.tty:
+            text = f"{prefix} {line}"[: shutil.get_terminal_size().columns - 1]
+            self.stream.write("\r\x1b[2K" + text)
+            self.open_line = True
+        elif now - self.last >= self.every_s:
+            self.stream.write(f"{prefix} {line}\n")
+            self.last = now
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self.open_line:
+            self.stream.write("\r\x1b[2K")
+            self.open_line = False
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def run_child(spec: RunSpec, log_path: Path, progress: Progress, prefix: str) -> tuple[int, str]:
+    """Run one training process to its end; (return code, last meaningful stderr line)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    last_line = ""
+    with log_path.open("w") as log:
+        log.write("$ " + shlex.join(spec.command) + "\n")
+        log.flush()
+        proc = subprocess.Popen(
+            spec.command, stdout=log, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
+        )
+        assert proc.stderr is not None
+        try:
+            for raw in proc.stderr:
+                log.write(raw)
+                for line in raw.replace("\r", "\n").splitlines():
+                    line = line.strip()
+                    if not line:
+                        continue
+                    if _PROGRESS.match(line):
+                        progress.status(prefix, line)
+                    elif line.startswith("step ") and "val loss" in line:
+                        progress.message(f"{prefix} {line}")
+                    elif not _TRACE_NOISE.match(line):
+                        last_line = line
+            rc = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    return rc, last_line
+
+
+# ---- the whole comparison ----------------------------------------------------------------
+def data_summary(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "source",
+        "source_spec",
+        "tokenizer",
+        "vocab_size",
+        "train_tokens",
+        "val_tokens",
+        "train_docs",
+        "val_docs",
+        "entropy_floor",
+        "task",
+        "hash",
+    )
+    return {"path": str(data_dir), **{k: meta.get(k) for k in keys if k in meta}}
+
+
+def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
+    budget = (
+        f"{s.max_tokens:,} training tokens"
+        if s.max_tokens is not None
+        else f"{s.num_epochs} epochs x {s.steps_per_epoch} steps"
+    )
+    floor = meta.get("entropy_floor")
+    return [
+        f"Architectures: {', '.join(s.architectures)} at --model-size {s.model_size}, each in "
+        "its own process (its peak memory is its own).",
+        f"Data: {s.data} ({meta.get('source', '?')}, {meta.get('tokenizer')} tokenizer, "
+        f"vocabulary {meta.get('vocab_size')}), prepared once and read by every run"
+        + (f"; entropy floor {floor:.4f} nats/token" if floor is not None else "")
+        + ".",
+        f"Budget: {budget} = {s.total_steps} optimizer steps of {s.tokens_per_step:,} tokens "
+        f"(batch {s.batch_size} x accumulation {s.gradient_accumulation_steps} x seq-len "
+        f"{s.seq_len}).",
+        f"Optimizer: AdamW (the trainer's defaults: weight decay 0.1 on matrices, betas 0.9/0.95,"
+        f" gradient clipping 1.0), peak learning rate {s.learning_rate:g}, {s.warmup_steps} "
+        "linear warmup steps then cosine decay to 10%.",
+        f"Seeds: {', '.join(map(str, s.seed_list))}; validation on the same fixed "
+        f"{s.eval_steps} batches every {s.eval_interval} steps and at the end.",
+        f"Optimizations: amp {s.use_amp}, compile {s.use_compile}, gradient checkpointing "
+        f"{s.use_gradient_checkpointing}; rmsnorm {_preset(s.use_rmsnorm)}, rope "
+        f"{_preset(s.use_rope)}; device {s.device}"
+        + (f", {s.num_threads} threads" if s.num_threads else "")
+        + ".",
+    ]
+
+
+def _preset(v: bool | None) -> str:
+    return "preset default" if v is None else str(v)
+
+
+@dataclass
+class CompareOutcome:
+    out_dir: Path
+    runs: list[RunResult]
+    archs: list[Any]
+    winners: list[Any]
+    table: str
+    nothing_to_do: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        if self.nothing_to_do:
+            return 0
+        return 0 if any(r.ok for r in self.runs) else 1
+
+
+def run_compare(
+    s: CompareSettings,
+    out_dir: Path,
+    *,
+    resume: bool,
+    meta: dict[str, Any],
+    stream: TextIO | None = None,
+    say: Callable[[str], None] | None = None,
+) -> CompareOutcome:
+    """Train every planned run that is not finished yet, then write all outputs."""
+    from .hardware import hardware_info
+
+    stream = stream or sys.stderr
+    progress = Progress(stream)
+    say = say or progress.message
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_path = out_dir / "compare.json"
+    command = rerun_command(s, out_dir)
+    if not settings_path.exists():
+        doc = {"settings": s.to_dict(), "command": command, "created": time.time()}
+        settings_path.write_text(json.dumps(doc, indent=2) + "\n")
+    specs = plan_runs(s, out_dir)
+    for spec in specs:
+        spec.command = child_command(s, spec.architecture, spec.seed, spec.run_dir, resume=False)
+    say(
+        f"archlab compare: {len(s.architectures)} architectures x {s.seeds} seed(s) at "
+        f"{s.model_size}, {s.total_steps} steps of {s.tokens_per_step:,} tokens each, data "
+        f"{s.data} -> {out_dir}"
+    )
+    returncodes: dict[str, tuple[int | None, str | None]] = {}
+    for i, spec in enumerate(specs, start=1):
+        prefix = f"[{i}/{len(specs)} {spec.name}]"
+        if resume and run_finished(spec.run_dir):
+            say(f"{prefix} already finished; skipped")
+            continue
+        cont = resume and has_checkpoint(spec.run_dir)
+        if not cont and spec.run_dir.exists():
+            (spec.run_dir / "summary.json").unlink(missing_ok=True)  # stale failure record
+        spec.command = child_command(s, spec.architecture, spec.seed, spec.run_dir, resume=cont)
+        say(f"{prefix} {'resuming' if cont else 'training'} ...")
+        t0 = time.monotonic()
+        rc, tail = run_child(spec, out_dir / "logs" / f"{spec.name}.log", progress, prefix)
+        returncodes[spec.name] = (rc, tail)
+        res = read_run(spec.run_dir, spec.architecture, spec.seed, rc, tail)
+        if res.ok:
+            say(
+                f"{prefix} done in {time.monotonic() - t0:.1f} s: "
+                f"{res.tokens_per_s or 0:,.0f} tokens/s, final val loss {res.final_val_loss:.4f}"
+            )
+        else:
+            say(f"{prefix} FAILED: {res.error}")
+    floor = meta.get("entropy_floor")
+    runs = []
+    for spec in specs:
+        rc, tail = returncodes.get(spec.name, (None, None))
+        runs.append(read_run(spec.run_dir, spec.architecture, spec.seed, rc, tail, floor))
+    outcome = write_outputs(s, out_dir, runs, meta, hardware_info(), command, specs)
+    return outcome
+
+
+def write_outputs(
+    s: CompareSettings,
+    out_dir: Path,
+    runs: list[RunResult],
+    meta: dict[str, Any],
+    hardware: dict[str, Any],
+    command: str,
+    specs: list[RunSpec],
+) -> CompareOutcome:
+    from . import plots, report
+
+    archs = aggregate(runs, s.architectures)
+    wins = report.winners(archs)
+    table = report.markdown_table(archs)
+    data_meta = data_summary(Path(s.data), meta)
+    settings = s.to_dict() | {"total_steps": s.total_steps, "tokens_per_step": s.tokens_per_step}
+    by_arch = {a.architecture: a.runs for a in archs}
+    floor = meta.get("entropy_floor")
+    title = f"{', '.join(s.architectures)} at {s.model_size}"
+    for x, name in (("tokens", "loss_vs_tokens.png"), ("time", "loss_vs_time.png")):
+        fig = plots.loss_figure(
+            by_arch, x=x, entropy_floor=floor, title=f"validation loss vs {x}: {title}"
+        )
+        plots.save_figure(fig, out_dir / name)
+    report.write_results_json(
+        out_dir / "results.json", archs, runs, wins, settings, hardware, data_meta, command
+    )
+    report.write_results_csv(out_dir / "results.csv", runs)
+    children = {
+        spec.name: shlex.join(
+            child_command(s, spec.architecture, spec.seed, spec.run_dir, resume=False)
+        )
+        for spec in specs
+    }
+    md = report.report_markdown(
+        title=f"archlab compare: {title}",
+        archs=archs,
+        wins=wins,
+        settings=settings,
+        hardware=hardware,
+        data_meta=data_meta,
+        command=command,
+        child_commands=children,
+        plots=[
+            ("loss_vs_tokens.png", "validation loss vs training tokens"),
+            ("loss_vs_time.png", "validation loss vs wall time"),
+        ],
+        protocol_notes=protocol_notes(s, meta),
+    )
+    report.write_report(out_dir / "report.md", md)
+    return CompareOutcome(out_dir, runs, archs, wins, table)
+
+
+OUTPUT_FILES = (
+    "report.md",
+    "results.json",
+    "results.csv",
+    "loss_vs_tokens.png",
+    "loss_vs_time.png",
+)
+
+
+def comparison_finished(s: CompareSettings, out_dir: Path) -> bool:
+    """Every planned run finished and every output file is there."""
+    return all(run_finished(spec.run_dir) for spec in plan_runs(s, out_dir)) and all(
+        (out_dir / f).exists() for f in OUTPUT_FILES
+    )
+
+
+def load_saved_settings(out_dir: Path) -> CompareSettings:
+    path = out_dir / "compare.json"
+    if not path.exists():
+        raise UserError(f"--resume: {out_dir} is not an archlab compare folder (no compare.json)")
+    try:
+        return CompareSettings.from_dict(json.loads(path.read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume: cannot read {path} ({exc})") from None
+
+
+def check_resume_flags(saved: CompareSettings, raw: dict[str, Any]) -> None:
+    """Explicit flags given with --resume must agree with the saved protocol."""
+    for key, value in raw.items():
+        if value is None or key == "data":
+            continue
+        if getattr(saved, key) != value:
+            raise UserError(
+                f"--resume: {FLAG_NAMES[key]} {value} differs from this comparison's "
+                f"{getattr(saved, key)} (compare.json); drop the flag or use a new --out-dir"
+            )
+
+
+__all__ = [
+    "CompareOutcome",
+    "CompareSettings",
+    "DEFAULT_BUDGET_NOTE",
+    "OUTPUT_FILES",
+    "check_resume_flags",
+    "child_command",
+    "comparison_finished",
+    "data_summary",
+    "load_saved_settings",
+    "plan_runs",
+    "rerun_command",
+    "check_against_data",
+    "settings_from_flags",
+    "run_compare",
+]

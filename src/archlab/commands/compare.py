@@ -1,0 +1,176 @@
+"""`archlab compare`: train architectures under one protocol; table, winners, report, plots.
+
+With no arguments: all five architectures at nano size on the built-in stories, about five
+minutes on 2 CPU cores. Exit code 0 when at least one run finished, 1 when all failed,
+2 for a user error (unknown architecture, budget below one step, existing out-dir, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    from ..bench.compare import DEFAULT_BUDGET_NOTE
+
+    p = subparsers.add_parser(
+        "compare",
+        help="train several architectures under the same protocol and report",
+        description="Train each architecture in its own process on the same data, budget, "
+        "batch, optimizer, schedule and seed; print a table and winners; write report.md, "
+        "results.json/csv and loss plots. " + DEFAULT_BUDGET_NOTE + ".",
+    )
+    B = argparse.BooleanOptionalAction
+    p.add_argument(
+        "--architectures",
+        default=None,
+        help="comma list, aliases ok (default: dense,hypermixer,mamba,moe,hybrid)",
+    )
+    p.add_argument("--model-size", default=None, help="size preset for all (default: nano)")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="prepared folder, built-in source or local files (default: stories, "
+        "BPE 4096), prepared once for all runs",
+    )
+    g = p.add_argument_group("budget (one of)")
+    from .train import parse_count
+
+    g.add_argument(
+        "--max-tokens",
+        type=parse_count,
+        default=None,
+        help="training tokens per architecture (default: 600k)",
+    )
+    g.add_argument("--num-epochs", type=int, default=None)
+    g.add_argument("--steps-per-epoch", type=int, default=None)
+    g = p.add_argument_group("protocol (the same for every architecture)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (128)")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (16)")
+    g.add_argument("--gradient-accumulation-steps", type=int, default=None, help="(1)")
+    g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (1e-3)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="(10%% of the steps)")
+    g.add_argument("--eval-interval", type=int, default=None, help="(a tenth of the steps)")
+    g.add_argument("--eval-steps", type=int, default=None, help="validation batches (8)")
+    g.add_argument("--log-interval", type=int, default=None, help="(a hundredth of the steps)")
+    g.add_argument(
+        "--checkpoint-interval",
+        type=int,
+        default=None,
+        help="(a quarter of the steps; lets --resume continue a run midway)",
+    )
+    g.add_argument("--use-amp", action=B, default=None)
+    g.add_argument("--use-compile", action=B, default=None)
+    g.add_argument("--use-gradient-checkpointing", action=B, default=None)
+    g.add_argument("--use-rmsnorm", action=B, default=None, help="(each preset's default)")
+    g.add_argument("--use-rope", action=B, default=None, help="(each preset's default)")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=None)
+    g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per run")
+    g.add_argument("--seed", type=int, default=None, help="first seed (0)")
+    g.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="number of seeds; cells show mean ± std over them (1)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the comparison in --out-dir: finished runs are skipped",
+    )
+    p.add_argument("--out-dir", default=None, help="(default: runs/compare-<time>)")
+
+
+SETTING_KEYS = (
+    "model_size",
+    "max_tokens",
+    "num_epochs",
+    "steps_per_epoch",
+    "seq_len",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "warmup_steps",
+    "eval_interval",
+    "eval_steps",
+    "log_interval",
+    "checkpoint_interval",
+    "use_amp",
+    "use_compile",
+    "use_gradient_checkpointing",
+    "use_rmsnorm",
+    "use_rope",
+    "device",
+    "num_threads",
+    "seed",
+    "seeds",
+)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from ..bench import compare
+    from ..bench.options import parse_architectures, parse_sizes, timestamped_dir
+    from ..errors import UserError
+
+    raw: dict[str, Any] = {k: getattr(args, k) for k in SETTING_KEYS}
+    if args.architectures is not None:
+        raw["architectures"] = parse_architectures(args.architectures)
+    if args.model_size is not None:
+        sizes = parse_sizes(args.model_size)
+        if len(sizes) != 1:
+            raise UserError(f"--model-size: one size per comparison (got {args.model_size!r})")
+        raw["model_size"] = sizes[0]
+
+    if args.resume:
+        if args.out_dir is None:
+            raise UserError("--resume: give the comparison folder with --out-dir")
+        out_dir = Path(args.out_dir)
+        if not out_dir.is_dir():
+            raise UserError(f"--resume: {out_dir} does not exist")
+        settings = compare.load_saved_settings(out_dir)
+        compare.check_resume_flags(settings, raw)
+        if compare.comparison_finished(settings, out_dir):
+            print(
+                f"archlab compare: {out_dir} is already finished "
+                f"({len(compare.plan_runs(settings, out_dir))} runs ok, report.md written); "
+                "nothing to do"
+            )
+            return 0
+        data_dir = Path(settings.data)
+        if not (data_dir / "meta.json").exists():
+            raise UserError(f"--resume: the comparison's data folder {data_dir} is gone")
+        meta = json.loads((data_dir / "meta.json").read_text())
+    else:
+        out_dir = Path(args.out_dir) if args.out_dir else timestamped_dir("compare")
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise UserError(
+                f"--out-dir {out_dir} exists and is not empty; pass --resume to continue that "
+                "comparison or choose another --out-dir"
+            )
+        raw.setdefault("architectures", parse_architectures(None))
+        settings = compare.settings_from_flags(raw)  # flag errors before any data work
+        from ..data.prepare import resolve_data
+
+        data_dir = Path(resolve_data(args.data, "language", None)).resolve()
+        meta = json.loads((data_dir / "meta.json").read_text())
+        compare.check_against_data(settings, data_dir, meta)
+
+    outcome = compare.run_compare(settings, out_dir, resume=args.resume, meta=meta)
+    print()
+    print(outcome.table)
+    print()
+    for w in outcome.winners:
+        print(f"Winner, {w.line()}")
+    print()
+    print(
+        f"Report: {out_dir / 'report.md'} (results.json, results.csv, loss_vs_tokens.png, "
+        "loss_vs_time.png, one run folder per architecture)"
+    )
+    if outcome.exit_code:
+        print("archlab compare: every run failed", file=sys.stderr)
+    return outcome.exit_code

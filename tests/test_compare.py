@@ -1,0 +1,367 @@
+"""`archlab compare`: the end-to-end run on the real trainer, failures, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+
+from archlab.bench import compare
+from archlab.cli import build_parser, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+OUTPUTS = (
+    "report.md",
+    "results.json",
+    "results.csv",
+    "loss_vs_tokens.png",
+    "loss_vs_time.png",
+    "compare.json",
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """Built-in stories, char-level, a few hundred stories: prepared in well under a second."""
+    from archlab.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "stories-char"
+    return prepare_dataset("stories", out, tokenizer="char", num_stories=200, verbose=False)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table_rows(text: str) -> dict[str, list[str]]:
+    lines = [ln for ln in text.splitlines() if ln.startswith("| ")]
+    assert _cells(lines[0])[0] == "Architecture"
+    return {_cells(ln)[0]: _cells(ln) for ln in lines[1:]}
+
+
+def test_compare_end_to_end(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cmp"
+    argv = [
+        "compare",
+        "--architectures",
+        "transformer,hypermixer",
+        "--data",
+        str(tiny_data),
+        "--max-tokens",
+        "192",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "4",
+        "--eval-interval",
+        "1",
+        "--eval-steps",
+        "1",
+        "--checkpoint-interval",
+        "0",
+        "--num-threads",
+        "1",
+        "--out-dir",
+        str(out),
+    ]
+    assert main(argv) == 0
+    printed = capsys.readouterr()
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+    doc = json.loads((out / "results.json").read_text())
+    meta = json.loads((tiny_data / "meta.json").read_text())
+
+    # the printed table, report.md's table and results.json are the same numbers...
+    printed_rows = _table_rows(printed.out)
+    report = (out / "report.md").read_text()
+    assert _table_rows(report) == printed_rows
+    assert [printed_rows[a] for a in ("dense", "hypermixer")] == doc["table"]["rows"]
+    # ... and those are the runs' own summary.json / metrics.jsonl
+    for arch in ("dense", "hypermixer"):
+        run = out / arch
+        summary = json.loads((run / "summary.json").read_text())
+        evals = [
+            json.loads(ln)
+            for ln in (run / "metrics.jsonl").read_text().splitlines()
+            if '"eval"' in ln
+        ]
+        assert summary["status"] == "ok" and summary["steps"] == 3 and len(evals) == 3
+        stats = next(a for a in doc["architectures"] if a["architecture"] == arch)["stats"]
+        for key in (
+            "total_params",
+            "tokens_per_s",
+            "peak_mem_bytes",
+            "final_val_loss",
+            "train_time_s",
+            "nan_count",
+        ):
+            assert stats[key]["mean"] == summary[key], key
+        assert summary["final_val_loss"] == evals[-1]["val_loss"]
+        row = printed_rows[arch]
+        assert row[1].replace(",", "") == str(summary["total_params"])
+        assert float(row[2]) == pytest.approx(summary["train_time_s"], abs=0.05)
+        assert float(row[3].replace(",", "")) == pytest.approx(summary["tokens_per_s"], abs=0.5)
+        assert float(row[4]) == pytest.approx(summary["peak_mem_bytes"] / 2**20, abs=0.05)
+        assert float(row[5]) == pytest.approx(summary["final_val_loss"], abs=5e-5)
+        gap = summary["final_val_loss"] - meta["entropy_floor"]
+        assert float(row[6]) == pytest.approx(gap, abs=5e-5)
+        assert int(row[7]) == summary["nan_count"] == 0
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert len(csv_lines) == 3 and csv_lines[1].startswith("dense,0,ok,")
+
+    # winners: one line per criterion, printed and in the report
+    for crit in ("fastest", "least memory", "best loss", "most stable"):
+        assert f"Winner, {crit}: " in printed.out and f"- {crit}: " in report
+    # live progress named the architectures
+    assert "[1/2 dense] training" in printed.err and "[2/2 hypermixer] done in" in printed.err
+
+    # plots: valid PNGs, decodable
+    for name in ("loss_vs_tokens.png", "loss_vs_time.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_SIGNATURE
+        assert matplotlib.image.imread(out / name).ndim == 3
+
+    # the report names the machine, torch and its threads, and every setting
+    import torch
+
+    assert f"torch {torch.__version__}" in report and "intra-op" in report and "CPU: " in report
+    for key in compare.CompareSettings.__dataclass_fields__:
+        assert f"- `{key}`: " in report, key
+    # the rerun command parses back to the same protocol
+    rerun = shlex.split(doc["command"])
+    assert rerun[:2] == ["archlab", "compare"] and doc["command"] in report
+    args = build_parser().parse_args(rerun[1:])
+    from archlab.commands.compare import SETTING_KEYS
+
+    raw = {k: getattr(args, k) for k in SETTING_KEYS}
+    raw["architectures"] = args.architectures.split(",")
+    again = compare.settings_from_flags(raw)
+    again.data = args.data
+    saved = {k: v for k, v in doc["settings"].items() if k in again.to_dict()}
+    assert again.to_dict() == saved
+
+    # --resume on the finished folder does nothing and says so
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["compare", "--resume", "--out-dir", str(out)]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+# ---- the runner with fake children (no training: fast) ------------------------------------
+FAKE_CHILD = textwrap.dedent(
+    """
+    import json, sys, pathlib
+    arch, seed, run_dir, fail = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3]), sys.argv[4]
+    with open(run_dir.parent / "launches.txt", "a") as f:
+        f.write(f"{arch}-{seed}\\n")
+    if arch in fail.split(","):
+        sys.stderr.write("step 1/3 loss 9.0 lr 1e-3 10 tok/s\\n")
+        sys.stderr.write("Traceback (most recent call last):\\n  File \\"x.py\\", line 1\\n")
+        sys.stderr.write("RuntimeError: out of memory (fake)\\n")
+        sys.exit(3)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loss = {"dense": 2.0, "mamba": 2.5, "moe": 1.8}[arch] + 0.1 * seed
+    recs = [{"kind": "train", "step": s, "tokens": 64 * s, "loss": loss + 1 / s,
+             "elapsed_s": 0.1 * s} for s in (1, 2, 3)]
+    recs += [{"kind": "eval", "step": s, "tokens": 64 * s, "val_loss": loss + 0.5 / s,
+              "elapsed_s": 0.1 * s} for s in (1, 2)]
+    recs.append({"kind": "eval", "step": 3, "tokens": 192, "val_loss": loss, "elapsed_s": 0.3})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\\n" for r in recs))
+    summary = dict(architecture=arch, total_params=100, active_params=100, steps=3,
+                   tokens_seen=192, train_time_s=1.0 + seed, tokens_per_s=1000.0 * (1 + seed),
+                   peak_mem_bytes=2**20, final_val_loss=loss, nan_count=0, mfu=0.1,
+                   entropy_floor=0.5, status="ok", error=None)
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    print("=== Training Summary ===")
+    """
+)
+
+
+@pytest.fixture
+def fake_children(tmp_path: Path, monkeypatch):
+    script = tmp_path / "fake_child.py"
+    script.write_text(FAKE_CHILD)
+    state = {"fail": ""}
+
+    def fake(s, arch, seed, run_dir, resume):
+        return [sys.executable, str(script), arch, str(seed), str(run_dir), state["fail"]]
+
+    monkeypatch.setattr(compare, "child_command", fake)
+    return state
+
+
+def _settings(archs: list[str], seeds: int = 1) -> compare.CompareSettings:
+    s = compare.settings_from_flags(
+        dict(architectures=archs, max_tokens=192, seq_len=16, batch_size=4, seeds=seeds)
+    )
+    s.data = "unused"
+    return s
+
+
+def test_failed_run_gets_its_error_and_the_others_go_on(
+    tmp_path: Path, fake_children, capsys
+) -> None:
+    fake_children["fail"] = "mamba"
+    out = tmp_path / "cmp"
+    res = compare.run_compare(
+        _settings(["dense", "mamba", "moe"]), out, resume=False, meta={"entropy_floor": 0.5}
+    )
+    assert res.exit_code == 0
+    assert [r.ok for r in res.runs] == [True, False, True]
+    mamba = res.runs[1]
+    assert mamba.error == "RuntimeError: out of memory (fake)" and mamba.returncode == 3
+    row = _table_rows(res.table)["mamba"]
+    assert row[8] == "failed: seed 0: RuntimeError: out of memory (fake)" and row[5] == "-"
+    assert "[2/3 mamba] FAILED: RuntimeError: out of memory (fake)" in capsys.readouterr().err
+    wins = {w.criterion: w.architecture for w in res.winners}
+    assert wins["best loss"] == "moe"
+    # the failed architecture has no line in the plot; the others do
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["architectures"][1]["status"] == "failed"
+    assert (out / "logs" / "mamba.log").read_text().count("out of memory (fake)") == 1
+
+    # --resume reruns only what did not finish
+    fake_children["fail"] = ""
+    res = compare.run_compare(
+        _settings(["dense", "mamba", "moe"]), out, resume=True, meta={"entropy_floor": 0.5}
+    )
+    assert all(r.ok for r in res.runs)
+    launches = (out / "launches.txt").read_text().split()
+    assert launches == ["dense-0", "mamba-0", "moe-0", "mamba-0"]
+    assert compare.comparison_finished(_settings(["dense", "mamba", "moe"]), out)
+
+
+def test_every_run_failing_exits_1(tmp_path: Path, fake_children) -> None:
+    fake_children["fail"] = "dense,moe"
+    res = compare.run_compare(_settings(["dense", "moe"]), tmp_path / "c", resume=False, meta={})
+    assert res.exit_code == 1 and not any(r.ok for r in res.runs)
+    assert all(w.architecture is None for w in res.winners)
+
+
+def test_seeds_give_mean_and_std(tmp_path: Path, fake_children) -> None:
+    res = compare.run_compare(
+        _settings(["dense", "moe"], seeds=3),
+        tmp_path / "c",
+        resume=False,
+        meta={"entropy_floor": 0.5},
+    )
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.name.startswith("dense")) == [
+        "dense-seed0",
+        "dense-seed1",
+        "dense-seed2",
+    ]
+    dense = res.archs[0]
+    assert dense.stats["final_val_loss"].mean == pytest.approx(2.1)
+    assert dense.stats["final_val_loss"].std == pytest.approx(0.1)
+    assert dense.stats["tokens_per_s"].mean == pytest.approx(2000.0)
+    row = _table_rows(res.table)["dense"]
+    assert row[5] == "2.1000 ± 0.1000" and row[3] == "2,000 ± 1,000" and row[8] == "3 seeds"
+
+
+def test_child_command_spells_out_the_protocol() -> None:
+    s = compare.settings_from_flags(
+        dict(
+            architectures=["mamba"],
+            max_tokens=10_000,
+            seq_len=32,
+            batch_size=4,
+            gradient_accumulation_steps=2,
+            use_amp=True,
+            use_rope=False,
+        )
+    )
+    s.data = "/d"
+    cmd = compare.child_command(s, "mamba", 7, Path("/o/mamba"), resume=True)
+    assert cmd[:4] == [sys.executable, "-m", "archlab", "train"]
+    text = shlex.join(cmd)
+    for part in (
+        "--architecture mamba",
+        "--model-size nano",
+        "--data /d",
+        "--seq-len 32",
+        "--batch-size 4",
+        "--gradient-accumulation-steps 2",
+        "--max-tokens 10000",
+        "--seed 7",
+        "--use-amp",
+        "--no-use-compile",
+        "--no-use-rope",
+        "--out-dir /o/mamba",
+        "--learning-rate 0.001",
+        "--warmup-steps 4",
+    ):
+        assert part in text, part
+    assert cmd[-1] == "--resume" and "--use-rmsnorm" not in text
+    # steps = ceil(10000 / 256) = 40; defaults follow from it
+    assert (s.total_steps, s.eval_interval, s.log_interval) == (40, 4, 1)
+    # the trainer's own parser accepts the command
+    args = build_parser().parse_args(cmd[3:])
+    assert args.max_tokens == 10_000 and args.use_amp is True and args.resume is True
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--architectures", "dense,gpt"], "--architectures: unknown architecture 'gpt'"),
+        (["--architectures", "dense,transformer"], "listed twice"),
+        (
+            ["--max-tokens", "100", "--seq-len", "32", "--batch-size", "4"],
+            "smaller than one optimizer step",
+        ),
+        (["--max-tokens", "1M", "--num-epochs", "1"], "exclusive"),
+        (["--num-epochs", "2"], "--num-epochs and --steps-per-epoch go together"),
+        (["--seeds", "0"], "--seeds: must be >= 1"),
+        (["--model-size", "nano,micro"], "one size per comparison"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, message, tmp_path: Path, capsys) -> None:
+    rc = main(["compare", "--out-dir", str(tmp_path / "o"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_seq_len_beyond_learned_positions(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    rc = main(
+        [
+            "compare",
+            "--architectures",
+            "dense",
+            "--data",
+            str(tiny_data),
+            "--seq-len",
+            "300",
+            "--out-dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "exceeds dense's max_seq_len 256" in err
+
+
+def test_existing_out_dir_and_resume_errors(tmp_path: Path, capsys) -> None:
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep me")
+    assert main(["compare", "--out-dir", str(busy)]) == 2
+    assert "exists and is not empty; pass --resume" in capsys.readouterr().err
+    assert main(["compare", "--resume", "--out-dir", str(busy)]) == 2
+    assert "not an archlab compare folder" in capsys.readouterr().err
+    assert main(["compare", "--resume"]) == 2
+    assert "--out-dir" in capsys.readouterr().err
+    assert (busy / "x").read_text() == "keep me"
+
+
+def test_resume_refuses_a_different_protocol(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "c"
+    out.mkdir()
+    s = _settings(["dense", "moe"])
+    (out / "compare.json").write_text(json.dumps({"settings": s.to_dict()}))
+    assert main(["compare", "--resume", "--out-dir", str(out), "--seq-len", "64"]) == 2
+    assert "--seq-len 64 differs from this comparison's 16" in capsys.readouterr().err
+    assert main(["compare", "--resume", "--out-dir", str(out), "--architectures", "dense"]) == 2

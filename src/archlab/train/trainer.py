@@ -46,7 +46,6 @@ from ..errors import UserError
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .distributed import (
-    DistInfo,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -213,25 +212,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 # ---- batches ---------------------------------------------------------------------------------
 class GlobalBatchSampler:
-    """Draws global micro-batches from one shared generator; this rank keeps its row slice."""
+    """One shared generator (same seed on every rank) drawing each step's global micro-batches.
 
-    def __init__(self, dataset, batch_size: int, seq_len: int, dist: DistInfo, seed: int) -> None:
+    The dataset (built with this rank and the world size) draws ``batch_size * world_size``
+    window starts from the generator and gathers only this rank's slice of them.
+    """
+
+    def __init__(self, dataset, batch_size: int, seq_len: int, seed: int) -> None:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seq_len = seq_len
-        self.dist = dist
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
 
     def next(self) -> tuple[Tensor, Tensor]:
         """(x, y) of this rank: (B, T) LongTensors on the host."""
-        x, y = self.dataset.get_batch(
-            self.batch_size * self.dist.world_size, self.seq_len, self.generator
-        )
-        if self.dist.enabled:
-            lo = self.dist.rank * self.batch_size
-            x, y = x[lo : lo + self.batch_size], y[lo : lo + self.batch_size]
-        return x, y
+        return self.dataset.get_batch(self.batch_size, self.seq_len, self.generator)
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -267,8 +263,6 @@ class Trainer:
         self.run_dir: Path | None = None
         self.cfg = train_cfg.validate()
         check_logging_backends(self.cfg.tensorboard, self.cfg.wandb)
-        if self.cfg.num_threads is not None:
-            torch.set_num_threads(self.cfg.num_threads)
         self.dist = init_distributed(self._device_type(self.cfg.device))
         self.device = pick_device(self.cfg.device, self.dist.local_rank)
         try:
@@ -309,6 +303,8 @@ class Trainer:
             init_ckpt = ckpt_mod.resolve_checkpoint(cfg.init_from)
             ckpt_mod.verify_checkpoint(init_ckpt)
         source_ckpt = self.resume_ckpt or init_ckpt
+        if cfg.num_threads is not None:  # after a resume merged the run's saved setting
+            torch.set_num_threads(cfg.num_threads)
 
         # 2. The run folder (decided on rank 0: default names carry a timestamp).
         if self.resume_ckpt is not None and cfg.out_dir is None:
@@ -380,7 +376,7 @@ class Trainer:
         self.tokens_per_step = cfg.tokens_per_step(self.seq_len, self.dist.world_size)
 
         # 5. Datasets and samplers.
-        self.train_ds = TokenDataset(self.data_dir, "train")
+        self.train_ds = TokenDataset(self.data_dir, "train", self.dist.rank, self.dist.world_size)
         self.val_ds = TokenDataset(self.data_dir, "val")
         for split, ds in (("train", self.train_ds), ("val", self.val_ds)):
             if ds.num_tokens <= self.seq_len + 1:
@@ -389,9 +385,7 @@ class Trainer:
                     f"for --seq-len {self.seq_len}"
                 )
         self.has_mask = bool(self.meta.get("has_mask"))
-        self.sampler = GlobalBatchSampler(
-            self.train_ds, cfg.batch_size, self.seq_len, self.dist, cfg.seed
-        )
+        self.sampler = GlobalBatchSampler(self.train_ds, cfg.batch_size, self.seq_len, cfg.seed)
 
         # 6. Model, optimizer, schedule, precision.
         torch.manual_seed(cfg.seed + self.dist.rank)
@@ -526,13 +520,19 @@ class Trainer:
         self.sampler.generator.set_state(state["data_rng"])
 
     def _eval_batches(self) -> list[tuple[Tensor, Tensor]]:
-        """This rank's share of the fixed validation set (every rank: i % W == rank)."""
-        batches = list(
-            self.val_ds.eval_batches(
-                self.cfg.batch_size, self.seq_len, self.cfg.eval_steps, self.cfg.eval_seed
-            )
-        )
-        return [b for i, b in enumerate(batches) if i % self.dist.world_size == self.dist.rank]
+        """This rank's rows of the fixed validation set.
+
+        ``eval_steps`` batches of ``batch_size x world_size`` windows (the global micro-batch),
+        fixed by ``eval_seed``; rank r keeps rows [r*B, (r+1)*B) of each, as in training, so
+        one process and W processes at the same global batch evaluate the same windows.
+        """
+        B, r = self.cfg.batch_size, self.dist.rank
+        out = []
+        for x, y in self.val_ds.eval_batches(
+            B * self.dist.world_size, self.seq_len, self.cfg.eval_steps, self.cfg.eval_seed
+        ):
+            out.append((x[r * B : (r + 1) * B], y[r * B : (r + 1) * B]))
+        return out
 
     # ---- the steps -----------------------------------------------------------------------
     def _autocast(self):

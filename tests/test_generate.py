@@ -434,3 +434,15 @@ def test_empty_prompt_is_a_user_error():
         list(generate_ids(model, [], 5))
     with pytest.raises(UserError, match="tokenizer"):
         generate(model, "abc")
+
+
+# ---- helpers shared with the CLI and chat tests --------------------------------------------
+
+
+def save_test_checkpoint(run_dir, model, tokenizer) -> None:
+    """Write `model` + `tokenizer` as a run folder through the trainer's checkpoint writer."""
+    from archlab.train.checkpoint import save_checkpoint
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok_path = tokenizer.save(run_dir / "tokenizer.json")
+    save_checkpoint(run_dir, 1, model.float(), model.cfg, tok_path, {"step": 1})

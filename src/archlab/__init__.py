@@ -1,7 +1,5 @@
 """archlab: train and compare small language-model architectures under one protocol."""
 
-from typing import Any
-
 from .config import ConfigError, ModelConfig, preset_config
 from .models import InferenceCache, LanguageModel, build_model, count_parameters
 
@@ -20,13 +18,8 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """`load` and `generate` import the generation stack lazily (tokenizers, safetensors)."""
-    if name in ("load", "generate"):
-        import importlib
-
-        module = importlib.import_module(".generate", __name__)
-        # importing the submodule binds `archlab.generate` to the module: rebind the function
-        globals().update(load=module.load, generate=module.generate)
-        return globals()[name]
-    raise AttributeError(f"module 'archlab' has no attribute {name!r}")
+# Eager on purpose: the submodule `archlab.generate` and the function share a name, and a lazy
+# __getattr__ loses to the submodule attribute once anything imports `archlab.generate`
+# (then `from archlab import generate` returned the module). Cheap: archlab.generate imports
+# torch and the light archlab.data modules; safetensors and the trainer load inside load().
+from .generate import generate, load  # noqa: E402

@@ -33,14 +33,15 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from .data.sources import CHAT_FORMAT
 from .errors import UserError
 
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_NEW_TOKENS = 128
-# Chat format of the built-in chat stage (rustgpt-chat): "User: ... Assistant: ... </s>".
-CHAT_USER_PREFIX = "User: "
-CHAT_ASSISTANT_PREFIX = " Assistant:"
-CHAT_STOP_TOKENS = ("</s>",)
+# Chat format of the built-in chat stage (rustgpt-chat): "User: {q} Assistant: {a} </s>".
+CHAT_USER_PREFIX = CHAT_FORMAT["user"] + " "
+CHAT_ASSISTANT_PREFIX = " " + CHAT_FORMAT["assistant"]
+CHAT_STOP = (CHAT_FORMAT["end"],)
 STREAM_CONTEXT_TOKENS = 4  # prompt tokens re-decoded with the first piece (word spacing)
 
 
@@ -312,6 +313,99 @@ class TextStream:
         return piece
 
 
+class StopFilter:
+    """Text-level stop strings over a stream of pieces (for stops that are not one token,
+    e.g. ``</s>`` in a byte-level BPE vocabulary).
+
+    Holds back any tail that could still become a stop string, so nothing after a stop is
+    ever emitted. With ``strip``, leading and trailing whitespace of the whole text is dropped
+    (a chat answer), which means trailing whitespace is held back until more text follows.
+    """
+
+    def __init__(self, stops: Sequence[str] = (), strip: bool = False) -> None:
+        self.stops = [s for s in stops if s]
+        self.strip = strip
+        self.held = ""
+        self.started = not strip
+        self.stopped = False
+
+    def _safe_length(self) -> int:
+        """How much of `held` cannot be the start of a stop string (or trailing space)."""
+        n = len(self.held)
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, n), 0, -1):
+                if self.held.endswith(stop[:k]):
+                    keep = max(keep, k)
+                    break
+        safe = n - keep
+        if self.strip:
+            safe = len(self.held[:safe].rstrip())
+        return safe
+
+    def push(self, piece: str) -> str:
+        """Add decoded text; return what is safe to show now."""
+        if self.stopped or not piece:
+            return ""
+        self.held += piece
+        if not self.started:
+            self.held = self.held.lstrip()
+            self.started = bool(self.held)
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            out = self.held[: min(hits)]
+            self.held = ""
+            return out.rstrip() if self.strip else out
+        safe = self._safe_length()
+        out, self.held = self.held[:safe], self.held[safe:]
+        return out
+
+    def flush(self) -> str:
+        """End of generation: release the held tail (a partial stop string is just text)."""
+        out = "" if self.stopped else self.held
+        self.held = ""
+        return out.rstrip() if self.strip else out
+
+
+def stream_text(
+    tokenizer: Tokenizer,
+    prompt_ids: Sequence[int],
+    tokens: Iterator[int],
+    stop: Sequence[str] = (),
+    strip: bool = False,
+    emit: Callable[[str], Any] | None = None,
+) -> tuple[str, list[int]]:
+    """Decode `tokens` as they come into text pieces (given to `emit`) until the tokens end or
+    a stop string appears; return (text, token ids consumed). Closes `tokens` when stopping
+    early, so generation ends there."""
+    decoder = TextStream(tokenizer, prompt_ids)
+    stops = StopFilter(stop, strip)
+    pieces: list[str] = []
+    ids: list[int] = []
+
+    def give(piece: str) -> None:
+        if piece:
+            pieces.append(piece)
+            if emit is not None:
+                emit(piece)
+
+    try:
+        for token in tokens:
+            ids.append(token)
+            give(stops.push(decoder.push(token)))
+            if stops.stopped:
+                break
+        else:
+            give(stops.push(decoder.flush()))
+            give(stops.flush())
+    finally:
+        close = getattr(tokens, "close", None)
+        if close is not None:
+            close()
+    return "".join(pieces), ids
+
+
 def _common_prefix(a: str, b: str) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -415,7 +509,9 @@ def generate(
     `model_or_loaded` is what :func:`load` returns, or a bare model plus ``tokenizer=``.
     `stream`, when given, is called with each new piece of text as soon as it is complete;
     the pieces concatenate to the returned string. Generation stops at the tokenizer's
-    end-of-text token, at any token in `stop` (e.g. ``"</s>"``), or after `max_new_tokens`.
+    end-of-text token, at any string in `stop` (e.g. ``"</s>"``: a token of the vocabulary,
+    or text matched in the decoded output, which is cut before it), or after
+    `max_new_tokens`.
     """
     if isinstance(model_or_loaded, LoadedModel):
         model = model_or_loaded.model
@@ -433,28 +529,13 @@ def generate(
         prompt_ids = [int(t) for t in prompt]
     if not prompt_ids:
         raise UserError("--prompt: the prompt encodes to no tokens")
-    text = TextStream(tokenizer, prompt_ids)
-    pieces: list[str] = []
-    for token in generate_ids(
-        model,
-        prompt_ids,
-        max_new_tokens,
-        params,
-        seed=seed,
-        stop_ids=stop_ids_for(tokenizer, stop),
-        warn=warn,
-    ):
-        piece = text.push(token)
-        if piece:
-            pieces.append(piece)
-            if stream is not None:
-                stream(piece)
-    tail = text.flush()
-    if tail:
-        pieces.append(tail)
-        if stream is not None:
-            stream(tail)
-    return "".join(pieces)
+    token_ids = stop_ids_for(tokenizer, stop)
+    text_stops = [t for t in stop if tokenizer.token_to_id(t) is None]
+    tokens = generate_ids(
+        model, prompt_ids, max_new_tokens, params, seed=seed, stop_ids=token_ids, warn=warn
+    )
+    text, _ = stream_text(tokenizer, prompt_ids, tokens, stop=text_stops, emit=stream)
+    return text
 
 
 # ---------------------------------------------------------------------------------------
@@ -465,12 +546,12 @@ class ChatFormat:
     """How a conversation is laid out as tokens (the chat stage's format).
 
     A turn is ``encode(user_prefix + question + assistant_prefix) + answer + [eot]``;
-    generation stops at end-of-text or any of `stop_tokens`.
+    generation stops at end-of-text or any string of `stop` (token or text).
     """
 
     user_prefix: str = CHAT_USER_PREFIX
     assistant_prefix: str = CHAT_ASSISTANT_PREFIX
-    stop_tokens: tuple[str, ...] = CHAT_STOP_TOKENS
+    stop: tuple[str, ...] = CHAT_STOP
 
     def question_ids(self, tokenizer: Tokenizer, question: str) -> list[int]:
         return tokenizer.encode(f"{self.user_prefix}{question}{self.assistant_prefix}")
@@ -502,7 +583,8 @@ class ChatSession:
             raise UserError(f"--max-new-tokens: must be >= 1 (got {self.max_new_tokens})")
         self.generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
         tok = self.loaded.tokenizer
-        self.stop_ids = stop_ids_for(tok, self.fmt.stop_tokens)
+        self.stop_ids = stop_ids_for(tok, self.fmt.stop)
+        self.text_stops = [t for t in self.fmt.stop if tok.token_to_id(t) is None]
         self.separator = [int(tok.eot_id)]  # closes each answer, as in the training data
 
     @property
@@ -532,14 +614,9 @@ class ChatSession:
         question = question.strip()
         if not question:
             raise UserError("empty question")
-        tokenizer = self.loaded.tokenizer
         history, q = self.build_prompt(question)
         prompt = history + q
-        text = TextStream(tokenizer, prompt)
-        answer_ids: list[int] = []
-        pieces: list[str] = []
-        started = False
-        for token in generate_ids(
+        tokens = generate_ids(
             self.loaded.model,
             prompt,
             self.max_new_tokens,
@@ -547,23 +624,10 @@ class ChatSession:
             generator=self.generator,
             stop_ids=self.stop_ids,
             warn=self.warn,
-        ):
-            answer_ids.append(token)
-            piece = text.push(token)
-            if not started:  # the answer starts after "Assistant:": drop leading spaces
-                piece = piece.lstrip()
-                started = bool(piece)
-            if piece:
-                pieces.append(piece)
-                if stream is not None:
-                    stream(piece)
-        tail = text.flush()
-        if not started:
-            tail = tail.lstrip()
-        if tail:
-            pieces.append(tail)
-            if stream is not None:
-                stream(tail)
+        )
+        answer, answer_ids = stream_text(
+            self.loaded.tokenizer, prompt, tokens, stop=self.text_stops, strip=True, emit=stream
+        )
         if self.keep_history:
             self.turns.append(q + answer_ids + self.separator)
-        return "".join(pieces)
+        return answer

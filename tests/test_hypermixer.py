@@ -37,10 +37,11 @@ def naive_causal_hypermix(w1, x, w2, s0, start):
     return torch.einsum("btm,btmd->btd", w2, F.gelu(s / n[:, None, None]))
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 8, 40])
+# chunks of <= 32 positions use the masked-matmul path, longer ones the cumsum path
+@pytest.mark.parametrize("chunk", [1, 3, 8, 40, 64])
 def test_chunked_mixing_equals_naive_reference_values_and_gradients(chunk):
     torch.manual_seed(0)
-    B, T, M, D = 2, 23, 5, 7
+    B, T, M, D = 2, 45, 5, 7
     w1, x, w2 = (torch.randn(B, T, k, dtype=torch.float64, requires_grad=True) for k in (M, D, M))
     s0 = torch.randn(B, M, D, dtype=torch.float64, requires_grad=True)
     out, s_end = causal_hypermix(w1, x, w2, s0, start=4, chunk=chunk)
@@ -55,11 +56,12 @@ def test_chunked_mixing_equals_naive_reference_values_and_gradients(chunk):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_mixing_gradcheck():
+@pytest.mark.parametrize("T,chunk", [(6, 4), (36, 34)])
+def test_mixing_gradcheck(T, chunk):
     torch.manual_seed(1)
-    args = [torch.randn(1, 6, k, dtype=torch.float64, requires_grad=True) for k in (3, 4, 3)]
+    args = [torch.randn(1, T, k, dtype=torch.float64, requires_grad=True) for k in (3, 4, 3)]
     s0 = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
-    fn = lambda a, b, c, s: causal_hypermix(a, b, c, s, start=2, chunk=4)[0]  # noqa: E731
+    fn = lambda a, b, c, s: causal_hypermix(a, b, c, s, start=2, chunk=chunk)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (*args, s0))
 
 
@@ -201,12 +203,12 @@ def test_long_sequence_with_rope_config_beyond_max_seq_len():
     cfg = small_cfg(use_rope=True, max_seq_len=16)
     model = model_of(cfg)
     for blk in model.blocks:
-        blk.mixer.chunk_size = 32
+        blk.mixer.chunk_size = 64  # cumsum path
     idx = torch.randint(0, cfg.vocab_size, (1, 100), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         full = model(idx)
         for blk in model.blocks:
-            blk.mixer.chunk_size = 7
+            blk.mixer.chunk_size = 7  # masked-matmul path
         torch.testing.assert_close(model(idx), full, rtol=0, atol=1e-5)
 
 

@@ -200,7 +200,7 @@ def test_python_source(tmp_path):
 def test_given_tokenizer_and_resolve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     lang = resolve_data(None, "language", None, num_stories=200, vocab_size=300)
-    assert lang.resolve() == (tmp_path / "data" / "stories300").resolve()
+    assert lang.resolve() == (tmp_path / "data" / "stories-bpe300").resolve()
     assert resolve_data(str(lang), "language", None) == lang  # a prepared folder passes through
     # the chat stage with the pretraining tokenizer (--init-from)
     chat = resolve_data(None, "chat", None, tokenizer=str(lang / "tokenizer.json"))
@@ -402,3 +402,41 @@ def test_script_shim(tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "rustgpt" in r.stdout and load_meta(tmp_path / "r")["tokenizer"] == "word"
+
+
+def test_tinystories_keeps_official_splits_without_shared_documents(tmp_path, monkeypatch):
+    from archlab.data import hub
+
+    rows = {
+        "train": [{"text": f"Once there was story {i}."} for i in range(300)],
+        "validation": [{"text": "Once there was story 3."}]
+        + [{"text": f"A val story {i}."} for i in range(20)],
+    }
+    monkeypatch.setattr(hub, "load_hub_split", lambda split, streaming=False: iter(rows[split]))
+    out = prepare_dataset("tinystories", tmp_path / "t", tokenizer="char", verbose=False)
+    meta = load_meta(out)
+    assert meta["split"] == "given" and meta["train_docs"] == 300 and meta["val_docs"] == 20
+    assert meta["source_info"]["val_duplicates_dropped"] == 1
+    assert not set(docs_of(out, "train")) & set(docs_of(out, "val"))
+    with pytest.raises(UserError, match="own validation split"):
+        prepare_dataset("tinystories", tmp_path / "t2", val_fraction=0.2, verbose=False)
+
+
+def test_bpe_chat_stage_has_role_tokens(tmp_path):
+    out = prepare_dataset(
+        "rustgpt-chat", tmp_path / "c", tokenizer="bpe", vocab_size=400, verbose=False
+    )
+    tok = load_tokenizer(out)
+    assert tok.token_to_id("User:") is not None and tok.token_to_id("Assistant:") is not None
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    mask = np.fromfile(out / "train_mask.bin", dtype=np.uint8)
+    assert tok.token_to_id("User:") in ids.tolist()
+    assert tok.token_to_id("User:") not in ids[mask == 1].tolist()
+    # counted: the answers, their closing </s> and the end-of-text after them
+    counted = tok.decode(ids[mask == 1].tolist())
+    assert counted.count("<|endoftext|>") == load_meta(out)["train_docs"]
+    assert (
+        "Mountains are tall and rocky" in counted
+        or "Mountains are tall and rocky"
+        in tok.decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist())
+    )

@@ -9,7 +9,8 @@ dataset's own train/validation splits are kept; validation stories that also occ
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import UserError
@@ -23,8 +24,15 @@ LOCAL_HINT = (
 )
 
 
-def load_hub_split(split: str) -> Any:
-    """``datasets.load_dataset(DATASET, split=split)`` with one-line errors."""
+# official sizes of the two splits: a --num-stories subset keeps their ratio
+OFFICIAL_TRAIN, OFFICIAL_VAL = 2_119_719, 21_990
+
+
+def load_hub_split(split: str, streaming: bool = False) -> Iterable[dict[str, Any]]:
+    """Rows of ``datasets.load_dataset(DATASET, split=split)``, with one-line errors.
+
+    ``streaming`` reads only as many rows as are taken (for a --num-stories subset).
+    """
     try:
         import datasets
     except ImportError:
@@ -32,7 +40,7 @@ def load_hub_split(split: str) -> Any:
             f"tinystories: the `datasets` package is not installed (pip install datasets); or {LOCAL_HINT}"
         ) from None
     try:
-        return datasets.load_dataset(DATASET, split=split)
+        return datasets.load_dataset(DATASET, split=split, streaming=streaming)
     except Exception as exc:  # offline: ConnectionError, OfflineModeIsEnabled, FileNotFoundError...
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         raise UserError(
@@ -41,30 +49,35 @@ def load_hub_split(split: str) -> Any:
         ) from None
 
 
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def tinystories_source(num_stories: int | None) -> Source:
     if num_stories is not None and num_stories < 2:
         raise UserError(f"--num-stories must be at least 2 (got {num_stories})")
     info: dict[str, Any] = {"dataset": DATASET}
+    n_train = n_val = None
+    if num_stories is not None:
+        n_val = max(1, round(num_stories * OFFICIAL_VAL / (OFFICIAL_TRAIN + OFFICIAL_VAL)))
+        n_train = num_stories - n_val
 
     def docs() -> Iterator[Doc]:
-        train = load_hub_split("train")
-        val = load_hub_split("validation")
-        n_train, n_val = len(train), len(val)
-        if num_stories is not None:  # keep the official ratio of the two splits
-            n_val = max(1, min(n_val, round(num_stories * n_val / (n_train + n_val))))
-            n_train = min(n_train, num_stories - n_val)
+        streaming = num_stories is not None
+        train = load_hub_split("train", streaming)
+        val = load_hub_split("validation", streaming)
         seen: set[bytes] = set()
-        for row in train.select(range(n_train)):
+        for row in itertools.islice(train, n_train):
             text = (row.get("text") or "").strip()
             if text:
-                seen.add(hashlib.blake2b(text.encode(), digest_size=16).digest())
+                seen.add(_digest(text))
                 yield Doc(text, split="train")
         dropped = 0
-        for row in val.select(range(n_val)):
+        for row in itertools.islice(val, n_val):
             text = (row.get("text") or "").strip()
             if not text:
                 continue
-            if hashlib.blake2b(text.encode(), digest_size=16).digest() in seen:
+            if _digest(text) in seen:
                 dropped += 1
                 continue
             yield Doc(text, split="val")
@@ -75,6 +88,7 @@ def tinystories_source(num_stories: int | None) -> Source:
         kind="tinystories",
         fingerprint={"dataset": DATASET, "num_stories": num_stories},
         docs=docs,
+        num_docs=num_stories,
         split_mode="given",
         info=info,
     )

@@ -210,19 +210,14 @@ def _tokenizer_setting(spec: str, vocab_size: int | None, src: Source) -> dict[s
 
 
 def _default_dir(name: str, spec: str, setting: dict[str, Any], src: Source) -> Path:
-    suffix = ""
+    """data/<name>, with a suffix when the tokenizer is not the source's default one."""
     if "file" in setting:
-        suffix = f"-tok{setting['sha256'][:8]}"
-    elif spec != src.default_tokenizer:
-        suffix = f"-{spec}"
-    if spec == "bpe" and setting.get("vocab_size") != DEFAULT_BPE_VOCAB:
-        suffix += str(setting["vocab_size"])
-    elif spec == "word" and setting.get("vocab_size") is not None:
-        suffix += (
-            f"-{spec}{setting['vocab_size']}"
-            if spec == src.default_tokenizer
-            else str(setting["vocab_size"])
-        )
+        return Path("data") / f"{name}-tok{setting['sha256'][:8]}"
+    vocab = setting.get("vocab_size")
+    default_vocab = DEFAULT_BPE_VOCAB if spec == "bpe" else None
+    suffix = ""
+    if spec != src.default_tokenizer or vocab != default_vocab:
+        suffix = f"-{spec}" + (str(vocab) if vocab != default_vocab else "")
     return Path("data") / f"{name}{suffix}"
 
 
@@ -294,6 +289,10 @@ def prepare_dataset(
         raise UserError(f"--val-fraction must be between 0 and 1, exclusive (got {vf})")
 
     src = build_source(source, seed, SourceOptions(**source_options))
+    if src.split_mode == "given" and val_fraction is not None:
+        raise UserError(
+            f"--val-fraction does not apply to {source!r}: it has its own validation split"
+        )
     spec = tokenizer or src.default_tokenizer
     tok_setting = _tokenizer_setting(spec, vocab_size, src)
     settings = {
@@ -395,7 +394,12 @@ def _train_tokenizer(
             f"training byte-level BPE (vocab {setting['vocab_size']}) on the training split",
             verbose,
         )
-        return train_bpe(train_texts, setting["vocab_size"], chat=src.chat)
+        return train_bpe(
+            train_texts,
+            setting["vocab_size"],
+            chat=src.chat,
+            show_progress=verbose and sys.stderr.isatty(),
+        )
     if spec == "char":  # the alphabet of all splits: no statistics leak, no <unk> in val
         return train_char(d.text for d in docs)
     texts = src.vocab_texts() if src.vocab_texts is not None else train_texts
@@ -412,8 +416,11 @@ def _build_lm(
     max_tokens: int | None,
     verbose: bool,
 ) -> dict[str, Any]:
+    t0 = time.perf_counter()
     docs, split_mode = _collect(src, seed, vf, max_tokens, verbose)
+    t1 = time.perf_counter()
     tok = _train_tokenizer(src, docs, spec, tok_setting, verbose)
+    t2 = time.perf_counter()
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     eot = tok.eot_id
     stats = {
@@ -459,6 +466,7 @@ def _build_lm(
         if stats[s]["loss_tokens"] == 0:
             raise UserError(f"{src.name}: no token of the {s} split counts for the loss")
     tok.save(tmp / "tokenizer.json")
+    t3 = time.perf_counter()
 
     floors: dict[str, float | None] = {}
     for s in ("train", "val"):
@@ -496,6 +504,11 @@ def _build_lm(
             3,
         ),
         "truncated_by_max_tokens": done,
+        "timings_s": {
+            "read": round(t1 - t0, 3),
+            "tokenizer": round(t2 - t1, 3),
+            "encode": round(t3 - t2, 3),
+        },
         "source_info": src.info,
     }
     if src.chat:

@@ -146,7 +146,9 @@ def bpe_special_tokens(chat: bool) -> list[str]:
     return [EOT, *ROLE_TOKENS] if chat else [EOT]
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, chat: bool = False) -> HFTokenizer:
+def train_bpe(
+    texts: Iterable[str], vocab_size: int, chat: bool = False, show_progress: bool = False
+) -> HFTokenizer:
     """Train byte-level BPE on ``texts`` (the training split only).
 
     The 256 byte symbols are always in the vocabulary, so every string encodes and decodes
@@ -172,7 +174,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, chat: bool = False) -> HFTo
         min_frequency=2,
         special_tokens=added,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        show_progress=show_progress,
     )
     tok.train_from_iterator(_batched(texts, 1000), trainer=trainer)
     return HFTokenizer(tok, eot_token=EOT)

@@ -1,0 +1,182 @@
+"""Mamba block (Gu & Dao 2023, arXiv 2312.00752): x + Mamba(RMSNorm(x)).
+
+The mixer follows the reference ``Mamba`` module of state-spaces/mamba with its defaults:
+
+    x, z   = in_proj(x)                       d -> 2 d_inner, no bias
+    x      = SiLU(causal depthwise conv1d(x)) kernel conv_size, with bias
+    dt,B,C = x_proj(x)                        d_inner -> dt_rank + 2 N, no bias
+    delta  = softplus(dt_proj(dt))            dt_rank -> d_inner, with bias
+    y      = selective_scan(x, delta, A = -exp(A_log), B, C, D) * SiLU(z)
+    out    = out_proj(y)                      d_inner -> d, no bias
+
+Training runs the chunked scan of ``scan.py`` (or the ``mamba_ssm`` CUDA kernels when they are
+installed and the tensors are on CUDA); decoding keeps, per layer,
+{"conv": (B, d_inner, conv_size - 1) last conv inputs, "ssm": (B, d_inner, N) state}: chunks of
+T > 1 tokens run the scan from the carried state, single tokens take one recurrent step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .layers import make_norm
+from .scan import selective_scan, selective_step
+
+# dt initialisation of the reference: dt ~ log-uniform in [DT_MIN, DT_MAX], floored.
+DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
+
+
+@functools.cache
+def _cuda_kernels() -> tuple[Callable | None, Callable | None]:
+    """(selective_scan_fn, causal_conv1d_fn) from mamba_ssm / causal_conv1d, or None each."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception:  # not installed, or a build that does not match this torch
+        selective_scan_fn = None
+    try:
+        from causal_conv1d import causal_conv1d_fn
+    except Exception:
+        causal_conv1d_fn = None
+    return selective_scan_fn, causal_conv1d_fn
+
+
+def inverse_softplus(x: Tensor) -> Tensor:
+    """y such that softplus(y) = x, stable for small x: x + log(1 - exp(-x))."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+class MambaMixer(nn.Module):
+    """The selective SSM token mixer; input and output (B, T, d_model)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.d_model = cfg.d_model
+        self.d_inner = cfg.d_inner
+        self.state_size = cfg.state_size
+        self.conv_size = cfg.conv_size
+        self.dt_rank = cfg.resolved_dt_rank
+        di, N = self.d_inner, self.state_size
+        self.in_proj = nn.Linear(cfg.d_model, 2 * di, bias=False)
+        self.conv1d = nn.Conv1d(
+            di, di, kernel_size=cfg.conv_size, groups=di, padding=cfg.conv_size - 1, bias=True
+        )
+        self.x_proj = nn.Linear(di, self.dt_rank + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, di, bias=True)
+        self.A_log = nn.Parameter(torch.empty(di, N))
+        self.D = nn.Parameter(torch.empty(di))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.D._no_weight_decay = True  # type: ignore[attr-defined]
+        self.out_proj = nn.Linear(di, cfg.d_model, bias=False)
+        self.out_proj.residual_scale = True  # type: ignore[attr-defined]
+        self.special_init()
+
+    @torch.no_grad()
+    def special_init(self) -> None:
+        """Reference initialisation of dt_proj, A_log (S4D-real), D and the conv."""
+        device = self.A_log.device
+        std = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        log_min, log_max = math.log(DT_MIN), math.log(DT_MAX)
+        dt = torch.exp(torch.rand(self.d_inner, device=device) * (log_max - log_min) + log_min)
+        self.dt_proj.bias.copy_(inverse_softplus(dt.clamp(min=DT_INIT_FLOOR)))
+        A = torch.arange(1, self.state_size + 1, dtype=torch.float32, device=device)
+        self.A_log.copy_(torch.log(A).repeat(self.d_inner, 1))  # (d_inner, N): log 1 .. log N
+        self.D.fill_(1.0)
+        self.conv1d.reset_parameters()
+
+    # ---- forward ----------------------------------------------------------------------
+    def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
+        """x (B, T, d_model) -> (B, T, d_model); ``state`` (a dict) is read and updated."""
+        T = x.shape[1]
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
+        if state is not None and T == 1:
+            return self.out_proj(self._step(xi[:, 0], z[:, 0], state).unsqueeze(1))
+        scan_fn, conv_fn = _cuda_kernels() if x.is_cuda and state is None else (None, None)
+        xc = self._conv(xi, state, conv_fn)  # (B, T, d_inner), after SiLU
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.state_size, self.state_size], -1)
+        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        if scan_fn is not None:
+            y = self._cuda_scan(scan_fn, xc, dt, A, B, C, z)
+        elif state is None:
+            y = selective_scan(xc, self.dt_proj(dt), A, B, C, self.D, z, delta_softplus=True)
+        else:
+            y, state["ssm"] = selective_scan(
+                xc, self.dt_proj(dt), A, B, C, self.D, z, delta_softplus=True,
+                initial_state=state.get("ssm"), return_last_state=True,
+            )  # fmt: skip
+        return self.out_proj(y)
+
+    def _conv(self, xi: Tensor, state: dict | None, conv_fn: Callable | None) -> Tensor:
+        """Causal depthwise conv + SiLU over (B, T, d_inner); keeps the last inputs in state."""
+        T, K = xi.shape[1], self.conv_size
+        xt = xi.transpose(1, 2)  # (B, d_inner, T)
+        if state is None:
+            if conv_fn is not None:
+                w = self.conv1d.weight.squeeze(1)  # (d_inner, K)
+                return conv_fn(xt.contiguous(), w, self.conv1d.bias, activation="silu").transpose(
+                    1, 2
+                )
+            out = self.conv1d(xt)[..., :T]  # padding K - 1 on both sides; keep the causal part
+        else:
+            prev = state.get("conv")
+            if prev is None:
+                prev = xt.new_zeros(xt.shape[0], self.d_inner, K - 1)
+            full = torch.cat([prev.to(xt.dtype), xt], dim=-1)  # (B, d_inner, K - 1 + T)
+            state["conv"] = full[..., full.shape[-1] - (K - 1) :]
+            out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
+        return F.silu(out).transpose(1, 2)
+
+    def _step(self, xi: Tensor, z: Tensor, state: dict) -> Tensor:
+        """One token: xi, z (B, d_inner) -> y (B, d_inner); updates state in place."""
+        K = self.conv_size
+        prev = state.get("conv")
+        if prev is None:
+            prev = xi.new_zeros(xi.shape[0], self.d_inner, K - 1)
+        window = torch.cat([prev.to(xi.dtype), xi.unsqueeze(-1)], dim=-1)  # (B, d_inner, K)
+        state["conv"] = window[..., 1:]
+        w = self.conv1d.weight.squeeze(1)  # (d_inner, K)
+        xc = F.silu((window * w).sum(-1) + self.conv1d.bias)  # (B, d_inner)
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.state_size, self.state_size], -1)
+        delta = F.softplus(self.dt_proj(dt).float())
+        A = -torch.exp(self.A_log.float())
+        h = state.get("ssm")
+        if h is None:
+            h = xc.new_zeros(xc.shape[0], self.d_inner, self.state_size, dtype=torch.float32)
+        y, state["ssm"] = selective_step(h, xc, delta, A, B, C, self.D, z)
+        return y
+
+    def _cuda_scan(self, scan_fn: Callable, xc, dt, A, B, C, z) -> Tensor:
+        """mamba_ssm's selective_scan_fn works in (B, D, T) / (B, N, T) layout."""
+        delta = F.linear(dt, self.dt_proj.weight)  # bias is applied inside the kernel
+        y = scan_fn(
+            xc.transpose(1, 2).contiguous(),
+            delta.transpose(1, 2).contiguous(),
+            A,
+            B.transpose(1, 2).contiguous(),
+            C.transpose(1, 2).contiguous(),
+            self.D.float(),
+            z=z.transpose(1, 2).contiguous(),
+            delta_bias=self.dt_proj.bias.float(),
+            delta_softplus=True,
+        )
+        return y.transpose(1, 2)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block: x + Mamba(RMSNorm(x)); no separate MLP (as in the paper)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.mixer = MambaMixer(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        return x + self.drop(self.mixer(self.norm1(x), state)), {}

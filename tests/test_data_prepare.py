@@ -440,3 +440,11 @@ def test_bpe_chat_stage_has_role_tokens(tmp_path):
         or "Mountains are tall and rocky"
         in tok.decode(np.fromfile(out / "val.bin", dtype=np.uint16).tolist())
     )
+
+
+def test_max_tokens_on_a_single_document(shakespeare_path, tmp_path):
+    out = prepare_dataset(
+        shakespeare_path, tmp_path / "sh", tokenizer="char", max_tokens=10_000, verbose=False
+    )
+    meta = load_meta(out)
+    assert meta["train_tokens"] == 9_000 and meta["val_tokens"] == 1_000 and meta["split"] == "tail"

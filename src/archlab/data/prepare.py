@@ -368,7 +368,7 @@ def _collect(
         raise UserError(f"{src.name}: empty corpus (no non-empty documents)")
     mode = src.split_mode
     if mode == "hash" and len(docs) == 1:  # one document: first part train, tail val
-        text = docs[0].text
+        text = docs[0].text if budget is None else docs[0].text[:budget]
         target = int(len(text) * (1.0 - vf))
         cut = text.rfind("\n", 0, target) + 1 or target
         if cut <= 0 or cut >= len(text) or not text[:cut].strip() or not text[cut:].strip():
@@ -423,10 +423,7 @@ def _build_lm(
     t2 = time.perf_counter()
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     eot = tok.eot_id
-    stats = {
-        s: {"tokens": 0, "docs": 0, "loss_tokens": 0, "logp": [], "doc_tokens": []}
-        for s in ("train", "val")
-    }
+    stats = {s: {"tokens": 0, "docs": 0, "loss_tokens": 0, "logp": []} for s in ("train", "val")}
     files = {s: open(tmp / f"{s}.bin", "wb") for s in ("train", "val")}
     masks = {s: open(tmp / f"{s}_mask.bin", "wb") for s in ("train", "val")} if src.chat else {}
     total = 0
@@ -437,7 +434,13 @@ def _build_lm(
                 batch = docs[b : b + _BATCH_DOCS]
                 ids_list, mask_list = _encode_docs(tok, batch, eot)
                 for doc, ids, m in zip(batch, ids_list, mask_list, strict=True):
-                    if max_tokens is not None and total + len(ids) > max_tokens and total > 0:
+                    if max_tokens is not None and split_mode == "tail":
+                        # one document cut in two: cap each part at its share, token-exact
+                        share = 1.0 - vf if doc.split == "train" else vf
+                        cap = max(2, round(max_tokens * share))
+                        if len(ids) > cap:
+                            ids, done = ids[: cap - 1] + [eot], True
+                    elif max_tokens is not None and total + len(ids) > max_tokens and total > 0:
                         done = True
                         break
                     st = stats[doc.split]
@@ -449,7 +452,6 @@ def _build_lm(
                         st["loss_tokens"] += len(ids)
                     st["tokens"] += len(ids)
                     st["docs"] += 1
-                    st["doc_tokens"].append(len(ids))
                     if doc.logp is not None:
                         st["logp"].append(doc.logp)
                     total += len(ids)

@@ -177,44 +177,11 @@ ENDINGS = (
 )
 NUM_EVENTS = {3: 0.2, 4: 0.3, 5: 0.25, 6: 0.15, 7: 0.1}
 
-NAMES = (
-    ("Tom", HE),
-    ("Lily", SHE),
-    ("Ben", HE),
-    ("Mia", SHE),
-    ("Max", HE),
-    ("Sue", SHE),
-    ("Sam", HE),
-    ("Anna", SHE),
-    ("Leo", HE),
-    ("Lucy", SHE),
-    ("Jack", HE),
-    ("Emma", SHE),
-    ("Tim", HE),
-    ("Zoe", SHE),
-    ("Finn", HE),
-    ("Ruby", SHE),
-    ("Noah", HE),
-    ("Ella", SHE),
-    ("Jake", HE),
-    ("Amy", SHE),
-    ("Oscar", HE),
-    ("Rose", SHE),
-    ("Hugo", HE),
-    ("Ivy", SHE),
-    ("Dan", HE),
-    ("Kim", SHE),
-    ("Bob", HE),
-    ("Lola", SHE),
-    ("Eli", HE),
-    ("Nora", SHE),
-    ("Otto", HE),
-    ("Pia", SHE),
-    ("Ray", HE),
-    ("Tess", SHE),
-    ("Ned", HE),
-    ("Gwen", SHE),
+_BOYS = "Tom Ben Max Sam Leo Jack Tim Finn Noah Jake Oscar Hugo Dan Bob Eli Otto Ray Ned".split()
+_GIRLS = (
+    "Lily Mia Sue Anna Lucy Emma Zoe Ruby Ella Amy Rose Ivy Kim Lola Nora Pia Tess Gwen".split()
 )
+NAMES = tuple(x for b, g in zip(_BOYS, _GIRLS, strict=True) for x in ((b, HE), (g, SHE)))
 SPECIES = (
     "cat", "dog", "rabbit", "bear", "fox", "mouse", "duck", "frog", "owl", "lion",
     "turtle", "squirrel", "pig", "horse", "cow", "goat", "sheep", "hen", "bird", "fish",

@@ -91,6 +91,10 @@ class MambaMixer(nn.Module):
         self.D.fill_(1.0)
         self.conv1d.reset_parameters()
 
+    def _A(self) -> Tensor:
+        """A = -exp(A_log) in at least float32 (float64 stays float64)."""
+        return -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32)))
+
     # ---- forward ----------------------------------------------------------------------
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         """x (B, T, d_model) -> (B, T, d_model); ``state`` (a dict) is read and updated."""
@@ -101,7 +105,7 @@ class MambaMixer(nn.Module):
         scan_fn, conv_fn = _cuda_kernels() if x.is_cuda and state is None else (None, None)
         xc = self._conv(xi, state, conv_fn)  # (B, T, d_inner), after SiLU
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.state_size, self.state_size], -1)
-        A = -torch.exp(self.A_log.float())  # (d_inner, N)
+        A = self._A()  # (d_inner, N)
         if scan_fn is not None:
             y = self._cuda_scan(scan_fn, xc, dt, A, B, C, z)
         elif state is None:
@@ -144,11 +148,12 @@ class MambaMixer(nn.Module):
         w = self.conv1d.weight.squeeze(1)  # (d_inner, K)
         xc = F.silu((window * w).sum(-1) + self.conv1d.bias)  # (B, d_inner)
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.state_size, self.state_size], -1)
-        delta = F.softplus(self.dt_proj(dt).float())
-        A = -torch.exp(self.A_log.float())
+        dtype = torch.promote_types(xc.dtype, torch.float32)  # the scan's compute dtype
+        delta = F.softplus(self.dt_proj(dt).to(dtype))
+        A = self._A()
         h = state.get("ssm")
         if h is None:
-            h = xc.new_zeros(xc.shape[0], self.d_inner, self.state_size, dtype=torch.float32)
+            h = xc.new_zeros(xc.shape[0], self.d_inner, self.state_size, dtype=dtype)
         y, state["ssm"] = selective_step(h, xc, delta, A, B, C, self.D, z)
         return y
 

@@ -443,8 +443,8 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
         f"{s.eval_steps} batches every {s.eval_interval} steps and at the end.",
         f"Optimizations: amp {s.use_amp}, compile {s.use_compile}, gradient checkpointing "
         f"{s.use_gradient_checkpointing}; rmsnorm {_preset(s.use_rmsnorm)}, rope "
-        f"{_preset(s.use_rope)}; device {s.device}"
-        + (f", {s.num_threads} threads" if s.num_threads else "")
+        f"{_preset(s.use_rope)}; device {s.device}; torch threads per run: "
+        + (str(s.num_threads) if s.num_threads else "torch's default (see Machine)")
         + ".",
     ]
 

@@ -20,7 +20,8 @@ treats positions after t as zero inputs and keeps only its own output row:
 
 At t = L-1 with a full-length sequence this is exactly the seed's output at that position.
 Cost is O(T^2 m d) (one mixing MLP per position), fine at T <= 80, and fully vectorised over
-t.  Decode state: {"x": (B, S, d)}, the block inputs seen so far; a new token recomputes only
+t.  Each position computes only the part of theta_t it uses (W1 rows of existing positions,
+b1, its own column of W2, its own entry of b2): the same values, about half the work.  Decode state: {"x": (B, S, d)}, the block inputs seen so far; a new token recomputes only
 its own row.
 """
 
@@ -60,21 +61,27 @@ class CausalSequenceHyperMixer(nn.Module):
 
         # pooled prefix means of the query positions: (B, T, D)
         pooled = x.cumsum(dim=1)[:, start:] / (q_pos + 1).to(x.dtype)[:, None]
-        theta = self.proj(F.relu(self.fc(pooled)))  # (B, T, P)
+        h = F.relu(self.fc(pooled))  # (B, T, H)
 
+        # Generate only what each query uses (same values as the full 10,384-vector): the rows
+        # of W1 for existing positions, b1, its own column of W2 and its own entry of b2.
         L, m = self.length, self.mixing_dim
-        w1, b1, w2, b2 = theta.split([L * m, m, m * L, L], dim=-1)
-        w1 = w1.view(B, T, L, m)[:, :, :N]  # (B, T, N, m) rows for the positions that exist
-        w2 = w2.view(B, T, m, L)
-        # each query keeps only its own output column of W2 and entry of b2
-        idx = q_pos.view(1, T, 1, 1).expand(B, T, m, 1)
-        w2_own = w2.gather(-1, idx).squeeze(-1)  # (B, T, m)
-        b2_own = b2.gather(-1, q_pos.view(1, T, 1).expand(B, T, 1))  # (B, T, 1)
+        weight, bias = self.proj.weight, self.proj.bias  # (P, H), (P,)
+        o_b1, o_w2, o_b2 = L * m, L * m + m, L * m + m + m * L
+        # W1 rows for positions < N, reordered to (k, n) so the mixing is a plain batched matmul
+        w1_weight = weight[: L * m].view(L, m, -1)[:N].transpose(0, 1).reshape(m * N, -1)
+        w1_bias = bias[: L * m].view(L, m)[:N].t().reshape(m * N)
+        w1 = F.linear(h, w1_weight, w1_bias).view(B, T, m, N)  # (B, T, m, N): W1_t^T
+        b1 = F.linear(h, weight[o_b1:o_w2], bias[o_b1:o_w2])  # (B, T, m)
+        w2_rows = o_w2 + torch.arange(m, device=x.device)[None, :] * L + q_pos[:, None]  # (T, m)
+        w2_own = torch.einsum("bth,tkh->btk", h, weight[w2_rows]) + bias[w2_rows]  # (B, T, m)
+        b2_rows = o_b2 + q_pos  # (T,)
+        b2_own = (h * weight[b2_rows]).sum(-1, keepdim=True) + bias[b2_rows, None]  # (B, T, 1)
 
         # positions after each query are treated as zero inputs
         visible = torch.arange(N, device=x.device)[None, :] <= q_pos[:, None]  # (T, N)
-        w1 = w1 * visible[None, :, :, None].to(w1.dtype)
-        hidden = torch.einsum("btnk,bnd->btkd", w1, x) + b1.unsqueeze(-1)  # (B, T, m, D)
+        w1 = w1 * visible[None, :, None, :].to(w1.dtype)
+        hidden = torch.matmul(w1.view(B, T * m, N), x).view(B, T, m, D) + b1.unsqueeze(-1)
         out = torch.matmul(w2_own.unsqueeze(-2), F.relu(hidden)).squeeze(-2)  # (B, T, D)
         return out + b2_own
 

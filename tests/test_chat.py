@@ -8,7 +8,12 @@ import sys
 
 import pytest
 import torch
-from test_generate import ByteTokenizer, save_test_checkpoint, tiny_model
+from test_generate import (
+    ByteTokenizer,
+    one_thread,  # noqa: F401  (autouse fixture)
+    save_test_checkpoint,
+    tiny_model,
+)
 
 from archlab.cli import main
 from archlab.data.tokenizer import train_word

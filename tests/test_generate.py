@@ -3,7 +3,6 @@ streaming text. In-memory models and tiny tokenizers; no checkpoint needed."""
 
 from __future__ import annotations
 
-import importlib
 import math
 import warnings
 
@@ -23,6 +22,16 @@ from archlab.generate import (
     top_k_filter,
     top_p_filter,
 )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is fastest and does not fight the other tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 # ---- tiny tokenizers implementing the TextTokenizer contract -----------------------------
 
@@ -88,23 +97,9 @@ class WordTokenizer:
 
 # ---- models of every architecture ----------------------------------------------------------
 
-ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid"]
-_BLOCK_MODULE = {a: a for a in ARCHS}
-
-
-def require_arch(arch: str, preset: str | None = None) -> None:
-    module = "hypermixer_rustgpt" if (preset and arch == "hypermixer") else _BLOCK_MODULE[arch]
-    if preset and arch == "dense":
-        module = "rustgpt"
-    try:
-        importlib.import_module(f"archlab.models.{module}")
-    except ModuleNotFoundError:
-        pytest.skip(f"{arch} block (archlab.models.{module}) not built yet")
-
 
 def tiny_model(arch: str, preset: str | None = None, seed: int = 0, vocab: int = 33, **kw):
     """A small model of `arch` in float64 (so argmax ties from rounding cannot flip tokens)."""
-    require_arch(arch, preset)
     torch.manual_seed(seed)
     if preset:
         cfg = preset_config(arch, preset=preset, vocab_size=vocab, **kw)
@@ -373,13 +368,12 @@ def test_long_prompt_streams_for_recurrent_and_rope_models(arch, kw):
         warnings.simplefilter("error")
         got = list(generate_ids(model, prompt, 12, SamplingParams(greedy=True), prefill_chunk=16))
     assert got == reference_greedy(model, prompt, 12)  # full recompute over all 52 tokens
-    # and the whole prompt matters: dropping its first token changes the continuation's logits
+    # and the tokens before the last max_seq_len still reach the last logits: through the
+    # KV cache (RoPE) or through the recurrent state (faint at random init: its decay)
     with torch.no_grad():
-        a = DecodeState(model).prefill(prompt)
-        b = DecodeState(model).prefill(prompt[1:])
-    if arch == "hybrid":
-        return  # its Mamba layers still carry the first token, but only faintly
-    assert not torch.allclose(a, b, atol=1e-9)
+        whole = DecodeState(model).prefill(prompt)
+        window = DecodeState(model).prefill(prompt[-16:])
+    assert (whole - window).abs().max() > (1e-3 if arch == "dense" else 1e-9)
 
 
 # ---- text ------------------------------------------------------------------------------------

@@ -1,0 +1,62 @@
+"""Hybrid (Samba layout, Ren et al. 2024): Mamba layers alternating with sliding-window attention.
+
+Every layer is a pre-norm pair ``x + Mixer(N(x)); x + MLP(N(x))``. Even layers mix tokens with
+the selective SSM (recurrent, unbounded memory), odd layers with causal attention over the last
+``local_window`` positions (RoPE on queries and keys; precise recall of recent tokens). Decoding
+state: the Mamba layers keep {"conv", "ssm"}; the attention layers keep at most ``local_window``
+keys and values, so memory stays constant however long the generation.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ..config import ConfigError, ModelConfig
+from .attention import CausalSelfAttention
+from .layers import MLP, make_norm
+from .mamba import MambaMixer
+
+
+class HybridMambaBlock(nn.Module):
+    """x + Mamba(N(x)); x + MLP(N(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.mixer = MambaMixer(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm2 = make_norm(cfg)
+        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        x = x + self.drop(self.mixer(self.norm1(x), state))
+        x = x + self.ffn(self.norm2(x))
+        return x, {}
+
+
+class HybridAttentionBlock(nn.Module):
+    """x + SlidingWindowAttention(N(x)); x + MLP(N(x)), RoPE on the attention."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 1) -> None:
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.mixer = CausalSelfAttention(cfg, window=cfg.local_window, use_rope=True)
+        self.norm2 = make_norm(cfg)
+        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+
+    def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        x = x + self.mixer(self.norm1(x), state, pos)
+        x = x + self.ffn(self.norm2(x))
+        return x, {}
+
+
+def hybrid_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """Layer ``layer_idx`` of the hybrid stack: Mamba on even layers, attention on odd ones."""
+    if layer_idx % 2 == 0:
+        return HybridMambaBlock(cfg, layer_idx)
+    if (cfg.d_model // cfg.n_heads) % 2:
+        raise ConfigError(
+            f"--n-heads: the hybrid's attention uses RoPE, which needs an even head dimension "
+            f"(d_model {cfg.d_model} / n_heads {cfg.n_heads} = {cfg.d_model // cfg.n_heads})"
+        )
+    return HybridAttentionBlock(cfg, layer_idx)

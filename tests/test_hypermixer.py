@@ -47,6 +47,10 @@ def test_chunked_mixing_equals_naive_reference_values_and_gradients(chunk):
     out, s_end = causal_hypermix(w1, x, w2, s0, start=4, chunk=chunk)
     ref = naive_causal_hypermix(w1, x, w2, s0, start=4)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # the inference path (no saved states) gives the same values
+        out_ng, s_ng = causal_hypermix(w1, x, w2, s0, start=4, chunk=chunk)
+    torch.testing.assert_close(out_ng, out.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(s_ng, s_end, rtol=0, atol=0)
     expected_s = s0 + torch.einsum("bim,bid->bmd", w1, x)
     torch.testing.assert_close(s_end, expected_s.detach(), rtol=1e-12, atol=1e-12)
     g = torch.randn_like(out)

@@ -92,6 +92,25 @@ def _chunk_prefix(s: Tensor, w1: Tensor, x: Tensor, inv_n: Tensor) -> Tensor:
     return outer.cumsum_(1).mul_(inv_n.view(1, C, 1, 1))
 
 
+def _mix_forward(
+    w1: Tensor, x: Tensor, w2: Tensor, s0: Tensor, start: int, chunk: int
+) -> tuple[Tensor, Tensor, list[Tensor], Tensor]:
+    """Chunked forward: (out (B, T, D), final S, S at each chunk start, 1/n_t (T,))."""
+    T = w1.shape[1]
+    out = x.new_empty(x.shape)  # (B, T, D)
+    inv_n = 1.0 / torch.arange(start + 1, start + T + 1, device=x.device, dtype=x.dtype)
+    s = s0
+    boundaries = []
+    for c0 in range(0, T, chunk):
+        c1 = min(T, c0 + chunk)
+        boundaries.append(s)
+        w1c, xc = w1[:, c0:c1], x[:, c0:c1]
+        a = F.gelu(_chunk_prefix(s, w1c, xc, inv_n[c0:c1]))  # (B, C, M, D)
+        out[:, c0:c1] = torch.matmul(w2[:, c0:c1].unsqueeze(-2), a).squeeze(-2)
+        s = s + torch.matmul(w1c.transpose(1, 2), xc)  # (B, M, D)
+    return out, s, boundaries, inv_n
+
+
 class _CausalHyperMix(torch.autograd.Function):
     """out_t = w2_t · GELU(S_t / n_t), S_t = S0 + sum_{i<=t} w1_i x_i^T, n_t = start + t + 1.
 
@@ -105,18 +124,7 @@ class _CausalHyperMix(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, w1: Tensor, x: Tensor, w2: Tensor, s0: Tensor, start: int, chunk: int
     ) -> tuple[Tensor, Tensor]:
-        T = w1.shape[1]
-        out = x.new_empty(x.shape)  # (B, T, D)
-        inv_n = 1.0 / torch.arange(start + 1, start + T + 1, device=x.device, dtype=x.dtype)
-        s = s0
-        boundaries = []
-        for c0 in range(0, T, chunk):
-            c1 = min(T, c0 + chunk)
-            boundaries.append(s)
-            w1c, xc = w1[:, c0:c1], x[:, c0:c1]
-            a = F.gelu(_chunk_prefix(s, w1c, xc, inv_n[c0:c1]))  # (B, C, M, D)
-            out[:, c0:c1] = torch.matmul(w2[:, c0:c1].unsqueeze(-2), a).squeeze(-2)
-            s = s + torch.matmul(w1c.transpose(1, 2), xc)  # (B, M, D)
+        out, s, boundaries, inv_n = _mix_forward(w1, x, w2, s0, start, chunk)
         ctx.save_for_backward(w1, x, w2, torch.stack(boundaries, dim=1), inv_n)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(s)
@@ -180,9 +188,12 @@ def causal_hypermix(
     if s0 is None:
         s0 = x.new_zeros(B, M, D, dtype=dtype)
     chunk = chunk or _auto_chunk(x, M)
-    out, s = _CausalHyperMix.apply(
-        w1.to(dtype), x.to(dtype), w2.to(dtype), s0.to(dtype), start, chunk
-    )
+    args = (w1.to(dtype), x.to(dtype), w2.to(dtype), s0.to(dtype), start, chunk)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w1, x, w2, s0))
+    if needs_grad:
+        out, s = _CausalHyperMix.apply(*args)
+    else:  # inference / decoding: no chunk-boundary states kept
+        out, s = _mix_forward(*args)[:2]
     return out.to(x.dtype), s
 
 

@@ -329,7 +329,16 @@ class Trainer:
         # run's folder is only claimed once its checkpoint has been restored (below).
         self.owns_run_dir = self.resume_ckpt is None
 
-        # 3. Data, tokenized with the checkpoint's tokenizer when continuing from one.
+        # 3. Explicit model settings must fit a checkpoint we continue from (checked before
+        # any data is prepared), then the data, tokenized with that checkpoint's tokenizer.
+        if source_ckpt is not None:
+            ckpt_cfg = ckpt_mod.read_model_config(source_ckpt)
+            where = f"checkpoint {source_ckpt}"
+            if isinstance(model_arg, ModelConfig):
+                if model_arg != ckpt_cfg:
+                    raise ConfigError(f"the model config does not fit {where}")
+            else:
+                spec.check_fits(ckpt_cfg, where)
         tokenizer_arg = str(source_ckpt / "tokenizer.json") if source_ckpt is not None else None
         preset = self._spec_preset(spec, model_arg, source_ckpt)
         self.data_dir = self._resolve_data(resolve_data, cfg, preset, tokenizer_arg)
@@ -350,13 +359,7 @@ class Trainer:
 
         # 4. The model configuration and the sequence length.
         if source_ckpt is not None:
-            self.model_cfg = ckpt_mod.read_model_config(source_ckpt)
-            where = f"checkpoint {source_ckpt}"
-            if isinstance(model_arg, ModelConfig):
-                if model_arg != self.model_cfg:
-                    raise ConfigError(f"the model config does not fit {where}")
-            else:
-                spec.check_fits(self.model_cfg, where)
+            self.model_cfg = ckpt_cfg
         elif isinstance(model_arg, ModelConfig):
             self.model_cfg = model_arg.validate()
         else:

@@ -298,7 +298,7 @@ def test_child_command_spells_out_the_protocol() -> None:
         assert part in text, part
     assert cmd[-1] == "--resume" and "--use-rmsnorm" not in text
     # steps = ceil(10000 / 256) = 40; defaults follow from it
-    assert (s.total_steps, s.eval_interval, s.log_interval) == (40, 4, 1)
+    assert (s.total_steps, s.eval_interval, s.log_interval) == (40, 5, 1)
     # the trainer's own parser accepts the command
     args = build_parser().parse_args(cmd[3:])
     assert args.max_tokens == 10_000 and args.use_amp is True and args.resume is True

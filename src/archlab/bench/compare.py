@@ -32,13 +32,18 @@ from typing import Any, TextIO
 from ..errors import UserError
 from .results import RunResult, aggregate, read_run
 
-# Default protocol of a bare `archlab compare` (see DEFAULT_BUDGET_NOTE for the budget).
-DEFAULT_MAX_TOKENS = 600_000
+# Default protocol of a bare `archlab compare`. The budget: nano training throughput at
+# seq-len 128 x batch 16, measured with `archlab compare` pinned to 2 cores of an otherwise
+# idle Xeon (taskset -c 0,1, 2 threads): dense 12,800 tokens/s, moe 9,900, hypermixer 3,000,
+# mamba 2,070 (hybrid, half Mamba layers, estimated ~5,000). Summed, one token through all
+# five costs ~1.2 ms, so 160k tokens take ~190 s of training, ~30 s of evaluation and ~10 s
+# of process start per architecture: about 5 minutes, plus ~20 s to prepare the stories once.
+DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_LEARNING_RATE = 1e-3
 DEFAULT_BUDGET_NOTE = (
-    "default budget: 600,000 tokens per architecture (293 steps of 16 x 128 tokens), chosen so "
+    "default budget: 160,000 tokens per architecture (79 steps of 16 x 128 tokens), chosen so "
     "that all five nano architectures train in about 5 minutes on 2 CPU cores"
 )
 FLAG_NAMES = {
@@ -84,8 +89,8 @@ class CompareSettings:
     gradient_accumulation_steps: int = 1
     learning_rate: float = DEFAULT_LEARNING_RATE
     warmup_steps: int = 0  # resolved from the step count when not given
-    eval_interval: int = 0  # resolved: about ten evaluations per run
-    eval_steps: int = 8
+    eval_interval: int = 0  # resolved: about eight evaluations per run
+    eval_steps: int = 4
     log_interval: int = 0  # resolved: about a hundred train records per run
     checkpoint_interval: int = 0  # resolved: about four checkpoints per run (for --resume)
     use_amp: bool = False
@@ -178,7 +183,7 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
     if "warmup_steps" not in given:
         s.warmup_steps = max(1, round(0.1 * steps)) if steps > 1 else 0
     if "eval_interval" not in given:
-        s.eval_interval = max(1, steps // 10)
+        s.eval_interval = max(1, steps // 8)
     if "log_interval" not in given:
         s.log_interval = max(1, steps // 100)
     if "checkpoint_interval" not in given:

@@ -104,6 +104,8 @@ def run_decode_bench(settings: DecodeSettings, progress=print) -> list[DecodePoi
             arch, settings.model_size, max_len, settings.vocab_size, settings.overrides
         )
         model = _build(cfg, device, settings.seed).eval()
+        with torch.no_grad():  # lazy initialisation (kernels, allocator) outside the timings
+            model(torch.zeros(1, 8, dtype=torch.long, device=device), cache=model.init_cache())
         for ctx in settings.contexts:
             try:
                 pt = measure_point(model, ctx, settings, device)

@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
         "--max-tokens",
         type=parse_count,
         default=None,
-        help="training tokens per architecture (default: 600k)",
+        help="training tokens per architecture (default: 160k)",
     )
     g.add_argument("--num-epochs", type=int, default=None)
     g.add_argument("--steps-per-epoch", type=int, default=None)
@@ -51,8 +51,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--gradient-accumulation-steps", type=int, default=None, help="(1)")
     g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (1e-3)")
     g.add_argument("--warmup-steps", type=int, default=None, help="(10%% of the steps)")
-    g.add_argument("--eval-interval", type=int, default=None, help="(a tenth of the steps)")
-    g.add_argument("--eval-steps", type=int, default=None, help="validation batches (8)")
+    g.add_argument("--eval-interval", type=int, default=None, help="(an eighth of the steps)")
+    g.add_argument("--eval-steps", type=int, default=None, help="validation batches (4)")
     g.add_argument("--log-interval", type=int, default=None, help="(a hundredth of the steps)")
     g.add_argument(
         "--checkpoint-interval",

@@ -389,7 +389,7 @@ def test_logging_backends_fail_clearly_when_missing(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "arch, preset, kw",
     [("dense", None, {}), ("dense", None, {"tie_weights": False}), ("dense", "rustgpt", {})],
-)
+)  # meta tensors: torch's counter sees SDPA there (not the CPU flash kernel)
 def test_flops_per_token_matches_a_flop_counter(arch, preset, kw):
     """The analytic count (6N + attention) equals torch's FlopCounter within norms/biases."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -405,3 +405,26 @@ def test_flops_per_token_matches_a_flop_counter(arch, preset, kw):
         model(x).sum().backward()
     counted = counter.get_total_flops() / (2 * T)
     assert flops_per_token(model, T) == pytest.approx(counted, rel=0.01)
+
+
+def test_flops_of_the_rustgpt_hypermixer_match_a_flop_counter():
+    """Its generated token mixing: all matmuls, so the counter sees everything (CPU, real run)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    pytest.importorskip("archlab.models.hypermixer_rustgpt")
+    cfg = preset_config("hypermixer", preset="rustgpt", vocab_size=533)
+    model = build_model(cfg)
+    x = torch.zeros(2, 80, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    counted = counter.get_total_flops() / (2 * 80)
+    assert flops_per_token(model, 80) == pytest.approx(counted, rel=0.03)
+
+
+def test_mamba_scan_flops_are_counted():
+    pytest.importorskip("archlab.models.mamba")
+    cfg = preset_config("mamba", "nano", vocab_size=512, n_layers=2)
+    model = build_model(cfg, device="meta")
+    base = 6 * model.num_active_parameters()  # tied head (counted once), no position table
+    scan = 3 * 9 * cfg.d_inner * cfg.state_size * cfg.n_layers
+    assert flops_per_token(model, 64) == pytest.approx(base + scan, rel=1e-9)

@@ -11,9 +11,9 @@ Model FLOPs per token, forward (x3 for forward + backward):
   top_k of E through ``num_active_parameters()``; norms and biases are counted too (<1%).
 - attention: 2 x T_eff x d for QK^T and 2 x T_eff x d for AV per layer, T_eff = the attended
   span (min(T, window)); the full square, as PaLM counts it, though causal kernels skip half.
-- any other sequence mixing a block does without parameters (a selective scan, generated
-  token-mixing weights): a module reports its forward FLOPs per token through an optional
-  method ``flops_per_token(seq_len) -> float``; modules without one add nothing.
+- the other sequence mixers' arithmetic without parameters of their own (Mamba's selective
+  scan, HyperMixer's generated token mixing): see ``_mixing_forward_flops``. A new block can
+  report its own through an optional method ``flops_per_token(seq_len) -> float``.
 
 The peak is measured, not looked up: the best of a few timed square matmuls on this device
 in the training dtype, once per process (cached). On a shared machine it is a noisy number.
@@ -28,8 +28,15 @@ import torch
 from torch import nn
 
 
-def _attention_forward_flops(module: nn.Module, seq_len: int) -> float | None:
-    """Forward FLOPs per token of a known attention module, None if ``module`` is not one."""
+def _mixing_forward_flops(module: nn.Module, seq_len: int) -> float | None:
+    """Forward FLOPs per token a known sequence mixer spends beyond 2 x its parameters.
+
+    None for modules that are not sequence mixers. Counts (T = seq_len, full square):
+    attention 4 T_eff d; Mamba's selective scan 9 d_inner N (the count mamba_ssm's own
+    benchmark uses); HyperMixer's causal running summary S_t += w1_t x_t^T and read-out
+    w2_t GELU(S_t) 4 d' d; the RustGPT HyperMixer's generated mixing 2 d' T d + 2 d' d, minus
+    the rows of its generator that a token never uses.
+    """
     from ..models.attention import CausalSelfAttention
     from ..models.rustgpt import RustGPTAttention
 
@@ -38,6 +45,19 @@ def _attention_forward_flops(module: nn.Module, seq_len: int) -> float | None:
         return 4.0 * span * module.n_heads * module.head_dim
     if isinstance(module, RustGPTAttention):
         return 4.0 * seq_len * module.w_q.out_features
+    name = type(module).__name__
+    if name == "MambaMixer":
+        return 9.0 * module.d_inner * module.state_size
+    if name == "CausalHyperMixing":
+        d_model = module.hyper_w1.fc.in_features
+        return 4.0 * module.mixing_dim * d_model
+    if name == "CausalSequenceHyperMixer":
+        m, length = module.mixing_dim, module.length
+        d_model, hidden = module.fc.in_features, module.fc.out_features
+        n = min(seq_len, length)
+        used_rows = n * m + 2 * m + 1  # W1 rows of visible positions, b1, own W2 column, b2
+        unused_rows = module.num_generated - used_rows
+        return 2.0 * m * n * d_model + 2.0 * m * d_model - 2.0 * unused_rows * hidden
     return None
 
 
@@ -61,9 +81,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
         if module is not model and callable(custom):
             forward += float(custom(seq_len))
             continue
-        attn = _attention_forward_flops(module, seq_len)
-        if attn is not None:
-            forward += attn
+        mixing = _mixing_forward_flops(module, seq_len)
+        if mixing is not None:
+            forward += mixing
     return 3.0 * forward
 
 

@@ -1,0 +1,361 @@
+"""Benchmark: training-step speed and memory of every architecture against reference models.
+
+One training step (forward + cross-entropy + backward) of each model at d_model 128, batch 8,
+for several sequence lengths, beside the Hugging Face ``transformers`` reference models built at
+the same shapes from a config (random init, nothing downloaded):
+
+    ours:       dense, hypermixer, mamba, moe, hybrid   (the ``nano`` preset shape of each
+                architecture: layer counts differ so that parameter counts match)
+    mamba-seq:  our Mamba with the sequential reference scan instead of the chunked one
+    hf-mamba:   MambaForCausalLM, same layers/state/conv/expand as our mamba (on CPU it runs its
+                slow sequential path; the CUDA kernels are not installed)
+    hf-mixtral: MixtralForCausalLM, same layers/heads/experts/top-k/expert width as our moe
+    hf-gpt2:    GPT2LMHeadModel, same layers/heads/MLP width as our dense (learned positions)
+    hf-llama:   LlamaForCausalLM (SwiGLU, RoPE), same layers/heads, MLP width 4 d (opt-in)
+    scan / scan-seq: the selective scan alone (chunked vs sequential) at d_inner = 2 d, N = 16
+
+Method: every (model, length) point runs in a fresh subprocess, so that its memory is its own
+and one model's allocations cannot slow the next. Peak memory is measured over the
+``--warmup`` steps (at least one), which start from a clean state: the growth of the process's
+resident set above the resident set just before the first step (model and inputs built), i.e.
+activations, gradients and workspace of one training step. The kernel's high-water mark is reset
+through ``/proc/self/clear_refs`` and read from ``VmHWM`` (Linux); where that reset is not
+allowed it falls back to ``ru_maxrss``, an upper bound that can include setup. Then it times
+``--repeats`` steps with a wall clock and reports the median. torch's thread count is set
+explicitly (``--threads``) and printed.
+
+    python benchmarks/bench_layers.py                            # default grid, a few minutes
+    python benchmarks/bench_layers.py --seq-lens 128,512 --models mamba,mamba-seq,hf-mamba
+    python benchmarks/bench_layers.py --threads 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+OURS = ("dense", "hypermixer", "mamba", "moe", "hybrid")
+EXTRA = ("mamba-seq", "hf-mamba", "hf-mixtral", "hf-gpt2", "hf-llama", "scan", "scan-seq")
+DEFAULT_MODELS = "dense,hypermixer,mamba,moe,hybrid,mamba-seq,hf-mamba,hf-mixtral,hf-gpt2"
+# (ours, reference, what the ratio means)
+COMPARISONS = (
+    ("mamba", "mamba-seq", "Mamba: chunked scan vs sequential scan (whole model)"),
+    ("scan", "scan-seq", "selective scan alone: chunked vs sequential"),
+    ("mamba", "hf-mamba", "Mamba: ours vs transformers MambaForCausalLM"),
+    ("moe", "hf-mixtral", "MoE: ours vs transformers MixtralForCausalLM"),
+    ("dense", "hf-gpt2", "dense: ours vs transformers GPT2LMHeadModel"),
+    ("dense", "hf-llama", "dense: ours vs transformers LlamaForCausalLM"),
+)
+
+
+# ---- worker: one (model, length) point in its own process --------------------------------
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_kib(reset_ok: bool) -> int:
+    if reset_ok:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _ours_config(arch: str, T: int, args: argparse.Namespace):
+    from archlab import preset_config
+
+    kw = dict(vocab_size=args.vocab_size, max_seq_len=T, d_model=args.d_model)
+    kw["d_ff"] = 4 * args.d_model
+    if args.n_layers:
+        kw["n_layers"] = args.n_layers
+    return preset_config(arch, "nano", **kw)
+
+
+def _hf_model(name: str, T: int, args: argparse.Namespace):
+    """A transformers reference model at the shapes of the matching architecture of ours."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers as tf
+
+    V, d = args.vocab_size, args.d_model
+    if name == "hf-mamba":
+        cfg = _ours_config("mamba", T, args)
+        hf = tf.MambaConfig(
+            vocab_size=V, hidden_size=d, state_size=cfg.state_size,
+            num_hidden_layers=cfg.n_layers, expand=cfg.expand, conv_kernel=cfg.conv_size,
+            time_step_rank=cfg.resolved_dt_rank, use_bias=False, use_conv_bias=True,
+            tie_word_embeddings=True, use_cache=False,
+        )  # fmt: skip
+        return tf.MambaForCausalLM(hf)
+    if name == "hf-mixtral":
+        cfg = _ours_config("moe", T, args)
+        hf = tf.MixtralConfig(
+            vocab_size=V, hidden_size=d, intermediate_size=cfg.resolved_expert_d_ff,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads, num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k, max_position_embeddings=T,
+            tie_word_embeddings=True, use_cache=False,
+        )  # fmt: skip
+        return tf.MixtralForCausalLM(hf)
+    cfg = _ours_config("dense", T, args)
+    if name == "hf-gpt2":
+        hf = tf.GPT2Config(
+            vocab_size=V, n_positions=T, n_embd=d, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+            n_inner=cfg.d_ff, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        )  # fmt: skip
+        return tf.GPT2LMHeadModel(hf)
+    if name == "hf-llama":
+        hf = tf.LlamaConfig(
+            vocab_size=V, hidden_size=d, intermediate_size=cfg.d_ff,
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads, max_position_embeddings=T,
+            tie_word_embeddings=True, use_cache=False,
+        )  # fmt: skip
+        return tf.LlamaForCausalLM(hf)
+    raise ValueError(name)
+
+
+def _make_step(name: str, T: int, args: argparse.Namespace) -> tuple[Callable[[], None], int]:
+    """(one training step, number of parameters) for a model name."""
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    B, V = args.batch, args.vocab_size
+    if name in ("scan", "scan-seq"):
+        from archlab.models.scan import selective_scan, selective_scan_sequential
+
+        D, N = 2 * args.d_model, 16
+        fn = selective_scan if name == "scan" else selective_scan_sequential
+        inputs = [
+            torch.randn(B, T, D, generator=g),  # u
+            torch.randn(B, T, D, generator=g) - 4.0,  # delta before softplus: dt ~ 0.02
+            -torch.arange(1, N + 1, dtype=torch.float32).repeat(D, 1),  # A (S4D-real)
+            torch.randn(B, T, N, generator=g),
+            torch.randn(B, T, N, generator=g),
+        ]
+        for t in inputs:
+            t.requires_grad_(True)
+
+        def scan_step() -> None:
+            for t in inputs:
+                t.grad = None
+            fn(*inputs, delta_softplus=True).square().mean().backward()
+
+        return scan_step, 0
+
+    idx = torch.randint(0, V, (B, T + 1), generator=g)
+    x, y = idx[:, :-1], idx[:, 1:]
+    if name.startswith("hf-"):
+        model = _hf_model(name, T, args)
+
+        def logits_of(inp):
+            return model(input_ids=inp, use_cache=False).logits
+    else:
+        from archlab import build_model
+
+        if name == "mamba-seq":
+            import archlab.models.mamba as mamba_mod
+            from archlab.models.scan import selective_scan_sequential
+
+            def sequential(*a, chunk_size=None, **kw):
+                return selective_scan_sequential(*a, **kw)
+
+            mamba_mod.selective_scan = sequential  # this subprocess only
+        model = build_model(_ours_config(name.removesuffix("-seq"), T, args))
+        logits_of = model
+    model.train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        logits = logits_of(x)
+        F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1)).backward()
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    T = args.seq_len
+    step, params = _make_step(args.worker, T, args)
+    # memory: the first step(s) from a clean state (later steps reuse what the allocator kept)
+    rss0 = _rss_kib()
+    reset_ok = _reset_peak()
+    for _ in range(max(1, args.warmup)):
+        step()
+    peak = _peak_kib(reset_ok)
+    times = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return dict(
+        model=args.worker, seq_len=T, batch=args.batch, params=params,
+        step_s=statistics.median(times), min_s=min(times), times_s=times,
+        us_per_token=statistics.median(times) / (args.batch * T) * 1e6,
+        rss_before_mib=rss0 / 1024, peak_rss_mib=peak / 1024,
+        peak_increase_mib=max(0, peak - rss0) / 1024,
+        memory_method="VmHWM after clear_refs" if reset_ok else "ru_maxrss (upper bound)",
+        threads=torch.get_num_threads(),
+    )  # fmt: skip
+
+
+# ---- parent: run the grid, print the tables ----------------------------------------------
+def run_point(model: str, T: int, args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", model, "--seq-len", str(T),
+        "--batch", str(args.batch), "--d-model", str(args.d_model),
+        "--vocab-size", str(args.vocab_size), "--n-layers", str(args.n_layers),
+        "--threads", str(args.threads), "--warmup", str(args.warmup),
+        "--repeats", str(args.repeats),
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return dict(model=model, seq_len=T, error=f"timeout > {args.timeout:.0f} s")
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return dict(model=model, seq_len=T, error=tail[:160])
+    return json.loads(lines[-1])
+
+
+def _fmt_time(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if "error" in r:
+        return "timeout" if r["error"].startswith("timeout") else "failed"
+    return f"{r['step_s'] * 1e3:.0f} ms ({r['us_per_token']:.1f} µs/tok)"
+
+
+def _fmt_mem(r: dict | None) -> str:
+    if r is None or "error" in r:
+        return "-"
+    return f"{r['peak_increase_mib']:.0f} MiB"
+
+
+def print_report(results: dict, models: list[str], lens: list[int], args) -> None:
+    def get(m, T):
+        return results.get((m, T))
+
+    print(f"\n### Training step (forward + backward), batch {args.batch}, d_model {args.d_model}")
+    print(f"threads {args.threads}, median of {args.repeats} after {args.warmup} warm-up\n")
+    print("| model | params | " + " | ".join(f"T={T}" for T in lens) + " |")
+    print("|---|---:|" + "---:|" * len(lens))
+    for m in models:
+        params = next((r["params"] for T in lens if (r := get(m, T)) and "params" in r), None)
+        p = f"{params:,}" if params else "-"
+        print(f"| {m} | {p} | " + " | ".join(_fmt_time(get(m, T)) for T in lens) + " |")
+    print("\n### Peak memory increase during a step (fresh process per point)\n")
+    print("| model | " + " | ".join(f"T={T}" for T in lens) + " |")
+    print("|---|" + "---:|" * len(lens))
+    for m in models:
+        print(f"| {m} | " + " | ".join(_fmt_mem(get(m, T)) for T in lens) + " |")
+    print("\n### Ratios (reference time / our time; > 1 means ours is faster)\n")
+    for ours, ref, label in COMPARISONS:
+        if ours not in models or ref not in models:
+            continue
+        cells = []
+        for T in lens:
+            a, b = get(ours, T), get(ref, T)
+            if a and b and "error" not in a and "error" not in b:
+                cells.append(f"T={T}: {b['step_s'] / a['step_s']:.1f}x")
+            elif a and b and "error" not in a:
+                cells.append(f"T={T}: reference {_fmt_time(b)}")
+        if cells:
+            print(f"- {label}: " + ", ".join(cells))
+    flat = [m for m in ("mamba", "hypermixer", "hybrid", "dense", "moe") if m in models]
+    pairs = [(lo, hi) for lo in (512,) for hi in (max(lens),) if lo in lens and hi > lo]
+    for lo, hi in pairs:
+        cells = []
+        for m in flat:
+            a, b = get(m, lo), get(m, hi)
+            if a and b and "error" not in a and "error" not in b:
+                cells.append(f"{m} {b['us_per_token'] / a['us_per_token']:.2f}")
+        if cells:
+            print(f"- time per token, T={hi} relative to T={lo}: " + ", ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {OURS + EXTRA}")
+    p.add_argument("--seq-lens", default="128,512,1024,2048,4096")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=256, help="small: the layers dominate")
+    p.add_argument("--n-layers", type=int, default=0, help="0: each architecture's nano preset")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per point")
+    p.add_argument("--json", type=Path, help="also write all results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in OURS + EXTRA]
+    if unknown:
+        p.error(f"--models: unknown {unknown} (allowed: {', '.join(OURS + EXTRA)})")
+    lens = [int(t) for t in args.seq_lens.split(",")]
+    import torch
+
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, torch threads {args.threads}")  # fmt: skip
+    results: dict = {}
+    for m in models:
+        stop = None
+        for T in lens:
+            if stop:  # a model that timed out or failed is not retried at longer lengths
+                results[(m, T)] = dict(model=m, seq_len=T, error=stop)
+                continue
+            r = run_point(m, T, args)
+            results[(m, T)] = r
+            status = (
+                r.get("error") or f"{r['step_s'] * 1e3:.0f} ms, +{r['peak_increase_mib']:.0f} MiB"
+            )
+            print(f"  {m:>11} T={T:<5} {status}", flush=True)
+            if "error" in r:
+                stop = r["error"]
+                if not r["error"].startswith("timeout"):
+                    print(f"  note: {m} skipped: {r['error']}", flush=True)
+    print_report(results, models, lens, args)
+    if args.json:
+        args.json.write_text(json.dumps(list(results.values()), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from archlab.bench import decode_bench
 from archlab.bench.decode_bench import DecodeSettings, run_decode_bench, state_bytes
+from archlab.bench.plots import data_lines
 from archlab.cli import main
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64)
@@ -39,6 +41,10 @@ def test_state_bytes_counts_nested_tensors() -> None:
 
 def test_dense_kv_cache_is_exactly_2_L_C_D_floats() -> None:
     pts = _bench("dense", [8, 40])
+    fig = decode_bench.figure(pts)
+    state = data_lines(fig, "state")
+    assert list(state) == ["dense"] and list(data_lines(fig, "latency")) == ["dense"]
+    assert list(state["dense"].get_ydata()) == [p.state_bytes / 1024 for p in pts]
     for p in pts:
         assert p.error is None and p.token_s > 0 and p.prefill_s > 0
         # K and V per layer: (B=1, H, C, hd) float32 each

@@ -136,6 +136,14 @@ def test_cli_scaling_writes_consistent_outputs(tmp_path: Path, capsys) -> None:
     assert "--seq-lens 16,32" in doc["command"] and "--no-memory" in doc["command"]
     assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert doc["exponents"]["dense/nano"]["fwd"] is not None
+    # the log-log plot: one line per architecture in each panel, the measured times
+    from archlab.bench.plots import data_lines
+
+    points = [scaling.Point(**p) for p in pts]
+    fig = scaling.figure(points)
+    fb = data_lines(fig, "fwd_bwd")
+    assert sorted(fb) == ["dense", "moe"] and len(fig.axes) == 2  # no memory panel
+    assert list(fb["moe"].get_ydata()) == [p["fwd_bwd_s"] for p in pts[2:]]
 
 
 @pytest.mark.parametrize(

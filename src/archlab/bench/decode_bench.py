@@ -150,18 +150,19 @@ def table(points: list[DecodePoint]) -> str:
 def figure(points: list[DecodePoint]):
     from .plots import loglog_figure
 
-    def series(attr: str) -> dict[str, tuple[list[float], list[float]]]:
+    def series(attr: str, scale: float) -> dict[str, tuple[list[float], list[float]]]:
         out: dict[str, tuple[list[float], list[float]]] = {}
         for p in points:
             xs, ys = out.setdefault(p.architecture, ([], []))
             xs.append(p.context)
-            ys.append(getattr(p, attr))
+            value = getattr(p, attr)
+            ys.append(None if value is None else value * scale)
         return out
 
     return loglog_figure(
         [
-            ("latency", "seconds per generated token", series("token_s")),
-            ("state", "decode state (bytes)", series("state_bytes")),
+            ("latency", "ms per generated token", series("token_s", 1e3)),
+            ("state", "decode state (KiB)", series("state_bytes", 1 / 1024)),
         ],
         xlabel="context length",
         title="archlab bench generate",

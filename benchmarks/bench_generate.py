@@ -1,0 +1,287 @@
+"""Generation speed: archlab's cached decoding loop against Hugging Face `generate()`.
+
+Part 1 — tokens/s of greedy generation (prefill of the context + a fixed number of new
+tokens; end-of-text disabled so every run makes exactly that many) per architecture at
+nano and micro size with 64 and 1024 tokens of context, beside transformers' `generate()`
+on the equivalent reference model at equal shapes, random init (no download):
+
+    dense       (learned positions, LayerNorm, GELU MLP)  GPT2LMHeadModel
+    dense-rope  (RoPE; our GELU MLP vs Llama's SwiGLU)     LlamaForCausalLM
+    mamba                                                 MambaForCausalLM (torch path)
+    moe         (our GELU experts vs Mixtral's SwiGLU)     MixtralForCausalLM
+    hypermixer, hybrid                                    no transformers equivalent
+
+SwiGLU references get intermediate width 2/3 of ours (to a multiple of 8) so the parameter
+counts match; the
+table prints both counts. Medians over --repeats timed runs after one warm-up run.
+
+Part 2 — per-token decode latency and cache size against context length: attention's KV
+cache grows with the context (and so does its step time), Mamba's state is constant; the
+hybrid's sliding window caps its KV cache at the window.
+
+    python benchmarks/bench_generate.py                      # a few minutes on 2 cores
+    python benchmarks/bench_generate.py --threads 4 --json out.json
+    python benchmarks/bench_generate.py --archs dense,mamba --sizes nano --no-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from archlab import build_model, preset_config
+from archlab.generate import DecodeState, SamplingParams, generate_ids
+
+ARCHS = ("dense", "dense-rope", "hypermixer", "mamba", "moe", "hybrid")
+VOCAB = 4096
+
+
+def our_config(arch: str, size: str, max_len: int):
+    """Size preset; max_seq_len raised so learned positions cover the longest run."""
+    kw: dict[str, Any] = {}
+    name = arch
+    if arch == "dense-rope":
+        name, kw["use_rope"] = "dense", True
+    cfg = preset_config(name, size, vocab_size=VOCAB, **kw)
+    return cfg.replace(max_seq_len=max(cfg.max_seq_len, max_len)).validate()
+
+
+def swiglu_width(gelu_width: int) -> int:
+    """SwiGLU has 3 matrices to the GELU MLP's 2: 2/3 the width, a multiple of 8 (Mixtral's
+    grouped matmul needs 16-byte strides)."""
+    return max(8, round(2 * gelu_width / 3 / 8) * 8)
+
+
+def hf_model(arch: str, cfg, max_len: int):
+    """The transformers reference at equal shapes, or None when there is none."""
+    import transformers as tf
+
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_weights)
+    if arch == "dense":
+        c = tf.GPT2Config(
+            n_positions=max_len, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+            n_inner=cfg.d_ff, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, **common,
+        )  # fmt: skip
+        return tf.GPT2LMHeadModel(c)
+    if arch == "dense-rope":
+        c = tf.LlamaConfig(
+            hidden_size=cfg.d_model, intermediate_size=swiglu_width(cfg.d_ff),
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads, max_position_embeddings=max_len, **common,
+        )  # fmt: skip
+        return tf.LlamaForCausalLM(c)
+    if arch == "mamba":
+        c = tf.MambaConfig(
+            hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers, state_size=cfg.state_size,
+            expand=cfg.expand, conv_kernel=cfg.conv_size, time_step_rank=cfg.resolved_dt_rank,
+            use_bias=False, use_conv_bias=True, **common,
+        )  # fmt: skip
+        return tf.MambaForCausalLM(c)
+    if arch == "moe":
+        c = tf.MixtralConfig(
+            hidden_size=cfg.d_model, intermediate_size=swiglu_width(cfg.resolved_expert_d_ff),
+            num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+            num_key_value_heads=cfg.n_heads, num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k, max_position_embeddings=max_len,
+            sliding_window=None, **common,
+        )  # fmt: skip
+        return tf.MixtralForCausalLM(c)
+    return None
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_ours(model, prompt: list[int], new: int, repeats: int) -> float:
+    greedy = SamplingParams(greedy=True)
+
+    def run() -> None:
+        out = list(generate_ids(model, prompt, new, greedy))
+        assert len(out) == new
+
+    return timed(run, repeats)
+
+
+def bench_hf(model, prompt: list[int], new: int, repeats: int) -> float:
+    idx = torch.tensor([prompt])
+    mask = torch.ones_like(idx)
+    gen = model.generation_config
+    gen.eos_token_id = None  # exactly `new` tokens
+    gen.pad_token_id = 0
+
+    def run() -> None:
+        with torch.inference_mode():
+            out = model.generate(
+                idx, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, use_cache=True,
+            )  # fmt: skip
+        assert out.shape[1] == len(prompt) + new
+
+    return timed(run, repeats)
+
+
+def part1(args) -> list[dict[str, Any]]:
+    rows = []
+    max_len = max(args.contexts) + args.new_tokens + 8
+    for size in args.sizes:
+        for arch in args.archs:
+            torch.manual_seed(0)
+            cfg = our_config(arch, size, max_len)
+            ours = build_model(cfg).eval()
+            ref = None if args.no_hf else hf_model(arch, cfg, max_len)
+            if ref is not None:
+                ref.eval()
+            for ctx in args.contexts:
+                g = torch.Generator().manual_seed(ctx)
+                prompt = torch.randint(0, cfg.vocab_size, (ctx,), generator=g).tolist()
+                row: dict[str, Any] = dict(
+                    size=size, arch=arch, context=ctx, new_tokens=args.new_tokens,
+                    params=ours.num_parameters(),
+                )  # fmt: skip
+                row["ours_s"] = bench_ours(ours, prompt, args.new_tokens, args.repeats)
+                row["ours_tok_s"] = args.new_tokens / row["ours_s"]
+                if ref is not None:
+                    row["hf_model"] = type(ref).__name__
+                    row["hf_params"] = sum(p.numel() for p in ref.parameters())
+                    row["hf_s"] = bench_hf(ref, prompt, args.new_tokens, args.repeats)
+                    row["hf_tok_s"] = args.new_tokens / row["hf_s"]
+                    row["speedup"] = row["hf_s"] / row["ours_s"]
+                rows.append(row)
+                print(format_row(row), flush=True)
+    return rows
+
+
+def state_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def part2(args) -> list[dict[str, Any]]:
+    """Median single-token step time after a prefill of C tokens; cache bytes at C."""
+    rows = []
+    size = args.sizes[0]
+    max_len = max(args.latency_contexts) + args.latency_steps + 8
+    for arch in args.archs:
+        torch.manual_seed(0)
+        cfg = our_config(arch, size, max_len)
+        model = build_model(cfg).eval()
+        for ctx in args.latency_contexts:
+            prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
+            with torch.inference_mode():
+                state = DecodeState(model)
+                state.prefill(prompt)
+                nbytes = state_bytes(state.cache.layers)
+                steps = []
+                tok = 1
+                for i in range(args.latency_steps + 2):
+                    t0 = time.perf_counter()
+                    tok = int(state.feed(tok).argmax())
+                    if i >= 2:  # two warm-up steps
+                        steps.append(time.perf_counter() - t0)
+            rows.append(
+                dict(size=size, arch=arch, context=ctx, ms_per_token=1e3 * statistics.median(steps),
+                     cache_bytes=nbytes)
+            )  # fmt: skip
+    return rows
+
+
+def format_row(r: dict[str, Any]) -> str:
+    hf = (
+        f"{r['hf_model']:>20} {r['hf_params'] / 1e6:6.2f}M {r['hf_tok_s']:9.1f} {r['speedup']:6.2f}x"
+        if "hf_s" in r
+        else f"{'-':>20} {'':7} {'':9} {'':7}"
+    )
+    return (
+        f"{r['size']:6} {r['arch']:11} {r['context']:6} {r['params'] / 1e6:6.2f}M "
+        f"{r['ours_tok_s']:9.1f}  {hf}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", default=",".join(ARCHS))
+    p.add_argument("--sizes", default="nano,micro")
+    p.add_argument("--contexts", default="64,1024")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers references")
+    p.add_argument("--latency-contexts", default="64,256,1024,2048")
+    p.add_argument("--latency-steps", type=int, default=16)
+    p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    args.archs = [a for a in args.archs.split(",") if a]
+    args.sizes = [s for s in args.sizes.split(",") if s]
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.latency_contexts = [int(c) for c in args.latency_contexts.split(",")]
+    unknown = sorted(set(args.archs) - set(ARCHS))
+    if unknown:
+        p.error(f"unknown --archs {unknown} (allowed: {', '.join(ARCHS)})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")  # transformers' "fast path not available" etc.
+    try:
+        import transformers
+
+        hf_version = transformers.__version__
+        transformers.logging.set_verbosity_error()  # missing-kernel and config notices
+    except ImportError:
+        hf_version = None
+        args.no_hf = True
+    env = dict(
+        torch=torch.__version__, transformers=hf_version, threads=torch.get_num_threads(),
+        cpus=os.cpu_count(), machine=platform.processor() or platform.machine(),
+    )  # fmt: skip
+    print(
+        f"torch {env['torch']}, transformers {env['transformers']}, torch threads "
+        f"{env['threads']} (of {env['cpus']} CPUs); greedy, {args.new_tokens} new tokens, "
+        f"median of {args.repeats} after 1 warm-up; tok/s = new tokens / (prefill + decode)"
+    )
+    print()
+    print(
+        f"{'size':6} {'arch':11} {'ctx':>6} {'params':>7} {'ours tok/s':>9}  "
+        f"{'reference':>20} {'params':>7} {'ref tok/s':>9} {'ours/ref':>7}"
+    )
+    rows = part1(args)
+    lat = [] if args.skip_latency else part2(args)
+    if lat:
+        print()
+        print(f"Per-token decode latency vs context ({args.sizes[0]}, median of "
+              f"{args.latency_steps} steps after the prefill)")  # fmt: skip
+        ctxs = args.latency_contexts
+        print(f"{'arch':11} " + " ".join(f"{'ms@' + str(c):>9}" for c in ctxs) + "   cache KiB at "
+              + "/".join(str(c) for c in ctxs))  # fmt: skip
+        for arch in args.archs:
+            rs = [r for r in lat if r["arch"] == arch]
+            print(f"{arch:11} " + " ".join(f"{r['ms_per_token']:9.3f}" for r in rs) + "   "
+                  + "/".join(f"{r['cache_bytes'] / 1024:.0f}" for r in rs))  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(env=env, args=vars(args), generate=rows, latency=lat), f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -440,3 +440,19 @@ def save_test_checkpoint(run_dir, model, tokenizer) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     tok_path = tokenizer.save(run_dir / "tokenizer.json")
     save_checkpoint(run_dir, 1, model.float(), model.cfg, tok_path, {"step": 1})
+
+
+def test_no_inference_mode_leaks_to_the_caller_between_tokens():
+    model = tiny_model("dense")
+    it = generate_ids(model, [1, 2, 3], 5, SamplingParams(greedy=True))
+    next(it)
+    assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+    x = torch.ones(2, requires_grad=True)
+    (x * 2).sum().backward()  # autograd still works while generation is suspended
+    assert len(list(it)) == 4
+
+
+def test_out_of_vocabulary_prompt_ids_are_a_user_error():
+    model = tiny_model("dense")  # vocab 33
+    with pytest.raises(UserError, match=r"\[0, 33\)"):
+        list(generate_ids(model, [1, 33], 3))

@@ -169,6 +169,7 @@ class DecodeState:
     def pos(self) -> int:
         return self.cache.pos
 
+    @torch.inference_mode()
     def _forward(self, ids: Sequence[int]) -> Tensor:
         idx = torch.tensor([list(ids)], dtype=torch.long, device=self.device)  # (1, T)
         logits = None
@@ -247,23 +248,25 @@ def generate_ids(
         raise UserError("empty prompt: nothing to condition on")
     if generator is None and seed is not None:
         generator = torch.Generator().manual_seed(seed)
+    vocab = int(model.cfg.vocab_size)
+    if min(ids) < 0 or max(ids) >= vocab:
+        raise UserError(f"prompt token ids must be in [0, {vocab}) for this model")
     stops = set(int(s) for s in stop_ids)
     was_training = model.training
     model.eval()
-    try:
-        with torch.inference_mode():
-            state = DecodeState(model, prefill_chunk=prefill_chunk, slide_shift=slide_shift)
-            ids = truncate_prompt(ids, state.window, warn)
-            if max_new_tokens == 0:
+    try:  # inference mode is entered per forward, never held across a yield
+        state = DecodeState(model, prefill_chunk=prefill_chunk, slide_shift=slide_shift)
+        ids = truncate_prompt(ids, state.window, warn)
+        if max_new_tokens == 0:
+            return
+        logits = state.prefill(ids)
+        for i in range(max_new_tokens):
+            token = sample_token(logits, params, generator)
+            if token in stops:
                 return
-            logits = state.prefill(ids)
-            for i in range(max_new_tokens):
-                token = sample_token(logits, params, generator)
-                if token in stops:
-                    return
-                yield token
-                if i + 1 < max_new_tokens:
-                    logits = state.feed(token)
+            yield token
+            if i + 1 < max_new_tokens:
+                logits = state.feed(token)
     finally:
         model.train(was_training)
 

@@ -122,6 +122,15 @@ def test_read_run_and_aggregate_over_seeds(tmp_path: Path) -> None:
     assert "1/2 seeds ok" in rows[1][8] and "SIGKILL" in rows[1][8]
 
 
+def test_resumed_run_is_flagged(tmp_path: Path) -> None:
+    d = fake_run(tmp_path, "dense", arch="dense", final=2.0, tps=1, mem=1)
+    summary = json.loads((d / "summary.json").read_text())
+    summary["resumed_from"] = str(d / "checkpoints" / "step_0000004")
+    (d / "summary.json").write_text(json.dumps(summary))
+    archs = aggregate([read_run(d, "dense", 3)], ["dense"])
+    assert report.table_rows(archs)[0][8] == "resumed (seed 3): time covers the last process only"
+
+
 def test_failure_messages(tmp_path: Path) -> None:
     failed = read_run(
         fake_run(tmp_path, "moe", arch="moe", final=float("nan"), tps=1, mem=1, status="failed"),

@@ -75,13 +75,20 @@ def _params(arch: ArchResult) -> str:
 
 
 def _notes(arch: ArchResult) -> str:
+    resumed = [r for r in arch.ok_runs if r.resumed_from]
+    extra = ""
+    if resumed:
+        seeds = ", ".join(str(r.seed) for r in resumed)
+        extra = f"resumed (seed {seeds}): time covers the last process only"
     if arch.status == "ok":
         n = len(arch.runs)
-        return f"{n} seeds" if n > 1 else ""
+        return "; ".join(t for t in (f"{n} seeds" if n > 1 else "", extra) if t)
     errs = "; ".join(arch.errors)
     if arch.status == "failed":
         return f"failed: {errs}"
-    return f"{len(arch.ok_runs)}/{len(arch.runs)} seeds ok; {errs}"
+    return "; ".join(
+        t for t in (f"{len(arch.ok_runs)}/{len(arch.runs)} seeds ok", errs, extra) if t
+    )
 
 
 def table_rows(archs: list[ArchResult]) -> list[list[str]]:

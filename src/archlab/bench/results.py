@@ -65,6 +65,7 @@ class RunResult:
     nan_count: int | None = None
     roughness: float | None = None
     mfu: float | None = None
+    resumed_from: str | None = None  # the checkpoint a resumed run continued from
     val_curve: Curve = field(default_factory=Curve)
     train_curve: Curve = field(default_factory=Curve)
 
@@ -227,6 +228,7 @@ def read_run(
         ):
             setattr(res, key, _number(summary.get(key)))
         res.entropy_floor = summary.get("entropy_floor", entropy_floor)
+        res.resumed_from = summary.get("resumed_from")
         res.status = summary.get("status", "failed")
         res.error = summary.get("error")
     if res.entropy_floor is None:

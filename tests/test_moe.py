@@ -372,3 +372,17 @@ def test_nano_moe_overfits_one_batch() -> None:
         if loss.item() < 0.5:
             break
     assert loss.item() < 0.5
+
+
+def test_bf16_autocast_and_bf16_weights_run_and_stay_close() -> None:
+    model = seeded_model().train()
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    ref = model(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, aux = model(idx, return_aux=True)
+    (logits.float().square().mean() + aux["aux_loss"]).backward()
+    assert model.blocks[0].ffn.router.weight.grad.abs().sum() > 0
+    assert (logits.float() - ref).abs().max() < 0.05
+    low = model.to(torch.bfloat16)(idx)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05

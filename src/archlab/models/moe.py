@@ -150,7 +150,8 @@ class MoELayer(nn.Module):
         ]
         ys = torch.cat(outs) if outs else xs  # (S, D)
         ys = ys * plan.weight.to(ys.dtype)[:, None]
-        out = torch.zeros_like(flat).index_add_(0, plan.token, ys)  # (N, D)
+        # ys may be bf16 under autocast while flat is float32: accumulate in ys's dtype
+        out = ys.new_zeros(flat.shape).index_add_(0, plan.token, ys)  # (N, D)
 
         # auxiliary losses over all N tokens (routing before any capacity drop)
         f = plan.routed / (B * T)  # (E,) sums to top_k

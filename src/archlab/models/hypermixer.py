@@ -18,6 +18,10 @@ with t (linearly for coherent tokens), so GELU would run in a different regime a
 position and the layer would behave differently at T=80 and T=4096.  It plays the role of
 softmax normalisation in attention, and it is what makes a single decode state
 ``{"S": (B, d', d), "count": n}`` enough to continue: each new token costs O(d' d).
+The price: token i enters S_t with weight 1/(t+1), so the mixer has no recency bias (the
+previous token is as diluted as the first); local context must come through the residual
+stream and the position-aware hypernetworks.  On character-level text this layer learns
+markedly slower than attention (see the issue notes).
 
 Because GELU sits between the prefix sum and the read-out, S_t cannot be folded away as in
 linear attention: every position needs its own d' x d matrix.  Materialising all of them costs

@@ -241,9 +241,9 @@ Hypernetwork Hidden Dim: 32
     assert (
         """Layer Stack:
   0: Embeddings
-  1: RustGPTHyperMixerBlock
-  2: RustGPTHyperMixerBlock
-  3: RustGPTHyperMixerBlock
+  1: HyperMixerBlock
+  2: HyperMixerBlock
+  3: HyperMixerBlock
   4: OutputProjection
 """
         in out

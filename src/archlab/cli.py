@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"archlab {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # output piped into `head` and friends: not an error of ours
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"archlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -148,7 +148,7 @@ class LanguageModel(nn.Module):
 
     def layer_stack(self) -> list[str]:
         stack = ["Embeddings"]
-        stack += [type(b).__name__ for b in self.blocks]
+        stack += [getattr(b, "display_name", type(b).__name__) for b in self.blocks]
         if self.norm_f is not None:
             stack.append("FinalNorm")
         stack.append("OutputProjection")
@@ -171,6 +171,8 @@ class LanguageModel(nn.Module):
             d["num_heads"] = cfg.n_heads
         if arch == "hypermixer":
             d["hypernetwork_hidden_dim"] = cfg.resolved_hyper_hidden
+            if not self.rustgpt:
+                d["mixing_dim"] = cfg.resolved_mixing_dim
         if arch in ("mamba", "hybrid"):
             d.update(
                 state_size=cfg.state_size,
@@ -214,6 +216,7 @@ class LanguageModel(nn.Module):
         labels = {
             "num_heads": "Attention Heads",
             "hypernetwork_hidden_dim": "Hypernetwork Hidden Dim",
+            "mixing_dim": "Token-Mixing Dim",
             "state_size": "State Size",
             "conv_size": "Conv Size",
             "expand": "Expand",

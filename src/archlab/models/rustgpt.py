@@ -55,6 +55,8 @@ class FeedForward(nn.Module):
 
 
 class RustGPTBlock(nn.Module):
+    display_name = "TransformerBlock"  # the seed's name in the layer stack
+
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.mixer = RustGPTAttention(cfg)

@@ -12,6 +12,9 @@ the same shapes from a config (random init, nothing downloaded):
     hf-mixtral: MixtralForCausalLM, same layers/heads/experts/top-k/expert width as our moe
     hf-gpt2:    GPT2LMHeadModel, same layers/heads/MLP width as our dense (learned positions)
     hf-llama:   LlamaForCausalLM (SwiGLU, RoPE), same layers/heads, MLP width 4 d (opt-in)
+    Mixtral's experts and Llama's MLP are SwiGLU (three matrices) where ours are GELU MLPs (two):
+    at equal widths (the default) they hold 1.5x the feed-forward parameters and FLOPs;
+    ``--swiglu-width params`` gives them 2/3 of the width instead, matching parameters.
     scan / scan-seq: the selective scan alone (chunked vs sequential) at d_inner = 2 d, N = 16
 
 Method: every (model, length) point runs in a fresh subprocess, so that its memory is its own
@@ -47,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 OURS = ("dense", "hypermixer", "mamba", "moe", "hybrid")
 EXTRA = ("mamba-seq", "hf-mamba", "hf-mixtral", "hf-gpt2", "hf-llama", "scan", "scan-seq")
-DEFAULT_MODELS = "dense,hypermixer,mamba,moe,hybrid,mamba-seq,hf-mamba,hf-mixtral,hf-gpt2"
+DEFAULT_MODELS = (
+    "dense,hypermixer,mamba,moe,hybrid,mamba-seq,scan,scan-seq,hf-mamba,hf-mixtral,hf-gpt2"
+)
 # (ours, reference, what the ratio means)
 COMPARISONS = (
     ("mamba", "mamba-seq", "Mamba: chunked scan vs sequential scan (whole model)"),
@@ -97,6 +102,11 @@ def _ours_config(arch: str, T: int, args: argparse.Namespace):
     return preset_config(arch, "nano", **kw)
 
 
+def _swiglu(width: int, args: argparse.Namespace) -> int:
+    """Width of a SwiGLU MLP standing in for a GELU MLP of ``width``."""
+    return width if args.swiglu_width == "equal" else round(2 * width / 3)
+
+
 def _hf_model(name: str, T: int, args: argparse.Namespace):
     """A transformers reference model at the shapes of the matching architecture of ours."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -116,7 +126,7 @@ def _hf_model(name: str, T: int, args: argparse.Namespace):
     if name == "hf-mixtral":
         cfg = _ours_config("moe", T, args)
         hf = tf.MixtralConfig(
-            vocab_size=V, hidden_size=d, intermediate_size=cfg.resolved_expert_d_ff,
+            vocab_size=V, hidden_size=d, intermediate_size=_swiglu(cfg.resolved_expert_d_ff, args),
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_heads, num_local_experts=cfg.num_experts,
             num_experts_per_tok=cfg.top_k, max_position_embeddings=T,
@@ -132,7 +142,7 @@ def _hf_model(name: str, T: int, args: argparse.Namespace):
         return tf.GPT2LMHeadModel(hf)
     if name == "hf-llama":
         hf = tf.LlamaConfig(
-            vocab_size=V, hidden_size=d, intermediate_size=cfg.d_ff,
+            vocab_size=V, hidden_size=d, intermediate_size=_swiglu(cfg.d_ff, args),
             num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_heads, max_position_embeddings=T,
             tie_word_embeddings=True, use_cache=False,
@@ -236,7 +246,7 @@ def run_point(model: str, T: int, args: argparse.Namespace) -> dict:
         "--batch", str(args.batch), "--d-model", str(args.d_model),
         "--vocab-size", str(args.vocab_size), "--n-layers", str(args.n_layers),
         "--threads", str(args.threads), "--warmup", str(args.warmup),
-        "--repeats", str(args.repeats),
+        "--repeats", str(args.repeats), "--swiglu-width", args.swiglu_width,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     try:
@@ -309,7 +319,7 @@ def print_report(results: dict, models: list[str], lens: list[int], args) -> Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"comma list of {OURS + EXTRA}")
-    p.add_argument("--seq-lens", default="128,512,1024,2048,4096")
+    p.add_argument("--seq-lens", default="128,512,1024,4096")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=256, help="small: the layers dominate")
@@ -317,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per point")
+    p.add_argument("--timeout", type=float, default=90.0, help="seconds per point")
+    p.add_argument("--swiglu-width", choices=("equal", "params"), default="equal")
     p.add_argument("--json", type=Path, help="also write all results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)

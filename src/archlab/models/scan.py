@@ -167,12 +167,17 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
             last[:, d0:d1] = h[L - 1][:, nc - 1]
             y[..., d0:d1] = _contract_n(h, Cp, out=a)  # <C, h>; a is no longer needed
         ctx.save_for_backward(u, delta, A, B, C, h0, entering)
-        ctx.L = L
+        ctx.L, ctx.device_type = L, u.device.type
         return _time_major(y, T), last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, g_last):  # type: ignore[override]
+        with torch.autocast(ctx.device_type, enabled=False):  # float32 math under autocast too
+            return _ChunkedSelectiveScan._backward(ctx, gy, g_last)
+
+    @staticmethod
+    def _backward(ctx, gy, g_last):
         u, delta, A, B, C, h0, entering = ctx.saved_tensors
         Bsz, T, D = u.shape
         N = A.shape[1]
@@ -266,9 +271,10 @@ def selective_scan(
     uc = u.to(dtype).contiguous()
     h0 = initial_state.to(dtype).contiguous() if initial_state is not None else None
     L = min(T, chunk_size) if chunk_size else default_chunk_size(T)
-    y, last = _ChunkedSelectiveScan.apply(
-        uc, delta, A.to(dtype), B.to(dtype).contiguous(), C.to(dtype).contiguous(), h0, L
-    )
+    with torch.autocast(u.device.type, enabled=False):  # the scan always runs in dtype
+        y, last = _ChunkedSelectiveScan.apply(
+            uc, delta, A.to(dtype), B.to(dtype).contiguous(), C.to(dtype).contiguous(), h0, L
+        )
     out = _finish(y, uc, D, z, dtype_in)
     return (out, last) if return_last_state else out
 

@@ -35,9 +35,10 @@ from .results import RunResult, aggregate, read_run
 # Default protocol of a bare `archlab compare`. The budget: nano training throughput at
 # seq-len 128 x batch 16, measured with `archlab compare` pinned to 2 cores of an otherwise
 # idle Xeon (taskset -c 0,1, 2 threads): dense 12,800 tokens/s, moe 9,900, hypermixer 3,000,
-# mamba 2,070 (hybrid, half Mamba layers, estimated ~5,000). Summed, one token through all
-# five costs ~1.2 ms, so 160k tokens take ~190 s of training, ~30 s of evaluation and ~10 s
-# of process start per architecture: about 5 minutes, plus ~20 s to prepare the stories once.
+# mamba 2,070; hybrid, timed beside dense in one process, ran at 0.52x dense (~6,600).
+# Summed, one token through all five costs ~1.15 ms, so 160k tokens take ~185 s of training,
+# ~30 s of evaluation and ~8 s of process start per architecture: about 4.5 minutes, plus
+# ~20 s to prepare the stories the first time.
 DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
@@ -388,15 +389,15 @@ def run_child(spec: RunSpec, log_path: Path, progress: Progress, prefix: str) ->
         try:
             for raw in proc.stderr:
                 log.write(raw)
-                for line in raw.replace("\r", "\n").splitlines():
-                    line = line.strip()
+                for piece in raw.replace("\r", "\n").splitlines():
+                    line = piece.strip()
                     if not line:
                         continue
                     if _PROGRESS.match(line):
                         progress.status(prefix, line)
                     elif line.startswith("step ") and "val loss" in line:
                         progress.message(f"{prefix} {line}")
-                    elif not _TRACE_NOISE.match(line):
+                    elif not _TRACE_NOISE.match(piece):
                         last_line = line
             rc = proc.wait()
         except BaseException:

@@ -13,6 +13,7 @@ import pytest
 
 from archlab.bench import compare
 from archlab.cli import build_parser, main
+from archlab.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OUTPUTS = (
@@ -365,3 +366,18 @@ def test_resume_refuses_a_different_protocol(tmp_path: Path, capsys) -> None:
     assert main(["compare", "--resume", "--out-dir", str(out), "--seq-len", "64"]) == 2
     assert "--seq-len 64 differs from this comparison's 16" in capsys.readouterr().err
     assert main(["compare", "--resume", "--out-dir", str(out), "--architectures", "dense"]) == 2
+
+
+def test_mqar_data_sets_the_seq_len() -> None:
+    meta = {
+        "task": "mqar",
+        "seq_len": 64,
+        "vocab_size": 256,
+        "train_tokens": 65 * 1000,
+        "val_tokens": 65 * 100,
+    }
+    raw = dict(architectures=["dense"], max_tokens=64 * 16 * 10, batch_size=16)
+    s = compare.settings_for_data(raw, Path("/d"), meta)
+    assert (s.seq_len, s.total_steps, s.data) == (64, 10, "/d")
+    with pytest.raises(UserError, match="has sequences of 64 tokens; pass --seq-len 64"):
+        compare.settings_for_data(dict(raw, seq_len=128), Path("/d"), meta)

@@ -192,11 +192,26 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
     return s
 
 
+def settings_for_data(raw: dict[str, Any], data_dir: Path, meta: dict[str, Any]) -> CompareSettings:
+    """settings_from_flags bound to prepared data: MQAR examples have a fixed length, which
+    becomes the seq-len unless one was given; then check_against_data."""
+    if meta.get("task") == "mqar" and raw.get("seq_len") is None:
+        raw = dict(raw, seq_len=int(meta["seq_len"]))
+    s = settings_from_flags(raw)
+    check_against_data(s, data_dir, meta)
+    return s
+
+
 def check_against_data(s: CompareSettings, data_dir: Path, meta: dict[str, Any]) -> None:
     """Bind the prepared data; every split must hold a window, every model the seq-len."""
     from ..config import preset_config
 
     s.data = str(data_dir)
+    if meta.get("task") == "mqar" and s.seq_len != int(meta["seq_len"]):
+        raise UserError(
+            f"--seq-len {s.seq_len}: the mqar data in {data_dir} has sequences of "
+            f"{meta['seq_len']} tokens; pass --seq-len {meta['seq_len']}"
+        )
     # Every split must hold a window; every model must accept the sequence length.
     for split in ("train", "val"):
         n = int(meta.get(f"{split}_tokens", 0))
@@ -639,6 +654,7 @@ __all__ = [
     "plan_runs",
     "rerun_command",
     "check_against_data",
+    "settings_for_data",
     "settings_from_flags",
     "run_compare",
 ]

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
         data_dir = Path(resolve_data(args.data, "language", None)).resolve()
         meta = json.loads((data_dir / "meta.json").read_text())
-        compare.check_against_data(settings, data_dir, meta)
+        settings = compare.settings_for_data(raw, data_dir, meta)
 
     outcome = compare.run_compare(settings, out_dir, resume=args.resume, meta=meta)
     print()

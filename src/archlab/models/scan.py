@@ -22,8 +22,15 @@ A (D, N); D (D,); states (B, D, N). ``delta_bias``/``delta_softplus`` behave as 
 
 Only products of decays in (0, 1] occur (never exp of a positive number, never a division), so
 it is stable for any delta and A; Python runs about 2L + T/L steps instead of T (L ~ sqrt(T)).
-The backward pass is the same scan run in reverse time on dL/dh. Memory: the forward keeps the
-states h and decays a (two (B, T, D, N) tensors) for the backward; nothing of size T^2 exists.
+The work is done over blocks of channels (channels are independent) into a few reused buffers of
+about 16 MiB, so no (B, T, D, N) tensor is ever allocated whole. The forward pass saves only its
+inputs and the state entering each chunk, (B, T/L, D, N); the backward pass recomputes a block's
+states from those in one pass (no carry needed), then runs the same scan in reverse time on
+dL/dh. Peak memory is O(B T D + B (T/L) D N + block), nothing of size T^2.
+
+Cost model on CPU: about 8 elementwise passes over B T D N numbers forward and 19 backward, each
+a large vectorised op; the sequential loop does fewer passes but T small ops per pass, and keeps
+every per-step state for autograd (5-6x the memory measured in benchmarks/bench_layers.py).
 
 `selective_scan_sequential` is the step-by-step reference (autograd through a loop over time).
 """

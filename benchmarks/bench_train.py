@@ -58,35 +58,47 @@ def model_config(vocab: int):
     return preset_config("dense", "nano", vocab_size=vocab, **MODEL)
 
 
-def plain_loop(data: Path, vocab: int, steps: int, amp: bool, compile_: bool, seed: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plain_loop(
+    data: Path, vocab: int, steps: int, amp: bool, compile_: bool, seed: int, device: torch.device
+) -> float:
     """Tokens/s of the minimal loop over steps 2..steps (step 1 holds warm-up/compilation)."""
     from archlab.data.loader import TokenDataset
 
     torch.manual_seed(seed)
-    model = build_model(model_config(vocab))
+    model = build_model(model_config(vocab)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     fwd = torch.compile(model) if compile_ else model
     ds = TokenDataset(data, "train")
     g = torch.Generator().manual_seed(seed)
-    dtype = amp_dtype(torch.device("cpu"))[0] if amp else None
+    dtype = amp_dtype(device)[0] if amp else None
     t_start = 0.0
     for step in range(steps):
         if step == 1:
+            _sync(device)
             t_start = time.perf_counter()
         x, y = ds.get_batch(BATCH, SEQ, g)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = fwd(x)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    _sync(device)
     elapsed = time.perf_counter() - t_start
     return (steps - 1) * BATCH * SEQ / elapsed
 
 
-def ours(data: Path, steps: int, amp: bool, compile_: bool, seed: int, out: Path) -> dict:
+def ours(
+    data: Path, steps: int, amp: bool, compile_: bool, seed: int, out: Path, device: torch.device
+) -> dict:
     cfg = TrainConfig(
-        data=str(data), out_dir=str(out), seed=seed, device="cpu", batch_size=BATCH,
+        data=str(data), out_dir=str(out), seed=seed, device=device.type, batch_size=BATCH,
         seq_len=SEQ, num_epochs=1, steps_per_epoch=steps, learning_rate=LR, warmup_steps=0,
         use_amp=amp, use_compile=compile_, eval_interval=0, eval_steps=1, log_interval=50,
         checkpoint_interval=0,
@@ -103,12 +115,16 @@ def main() -> int:
     ap.add_argument("--variants", default="fp32,amp,compile",
                     help="comma list of fp32, amp, compile, amp+compile")  # fmt: skip
     ap.add_argument("--num-threads", type=int, default=None)
+    ap.add_argument("--device", choices=("cpu", "cuda", "mps"), default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--val-steps", type=int, default=0,
                     help="also train N steps (nanoGPT's schedule) and report the val loss")  # fmt: skip
     args = ap.parse_args()
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as the trainer does (TF32)
     data = prepare(args.text, args.data_dir)
     import json
 
@@ -118,7 +134,8 @@ def main() -> int:
     print(
         f"bench_train: dense {MODEL['n_layers']}L/{MODEL['n_heads']}H/d{MODEL['d_model']}, "
         f"seq {SEQ}, batch {BATCH}, char vocab {vocab}, {model.num_parameters():,} parameters, "
-        f"{fpt / 1e6:.2f} MFLOP/token; {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{fpt / 1e6:.2f} MFLOP/token; {device.type}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; "
         f"{args.steps} steps x {args.repeats} repeats (medians)"
     )
     rows = []
@@ -128,31 +145,33 @@ def main() -> int:
             amp, comp = "amp" in variant, "compile" in variant
             plain_runs, our_runs = [], []
             for r in range(args.repeats):
-                plain_runs.append(plain_loop(data, vocab, args.steps, amp, comp, args.seed))
-                s = ours(data, args.steps, amp, comp, args.seed, Path(tmp) / f"{variant}-{r}")
+                plain_runs.append(plain_loop(data, vocab, args.steps, amp, comp, args.seed, device))
+                s = ours(
+                    data, args.steps, amp, comp, args.seed, Path(tmp) / f"{variant}-{r}", device
+                )
                 our_runs.append(s["tokens_per_s"])
             p, o = statistics.median(plain_runs), statistics.median(our_runs)
             if variant == "fp32":
                 plain_fp32 = p
-            dtype = amp_dtype(torch.device("cpu"))[0] if amp else torch.float32
-            peak = measured_peak_flops("cpu", dtype)
+            dtype = amp_dtype(device)[0] if amp else torch.float32
+            peak = measured_peak_flops(str(device), dtype)
             rows.append((variant, p, o, o / p, o / plain_fp32 if plain_fp32 else float("nan"),
                          fpt * o / peak, peak))  # fmt: skip
             print(f"  {variant}: plain {[round(v) for v in plain_runs]}, ours {[round(v) for v in our_runs]}",
                   flush=True)  # fmt: skip
     print()
     print(
-        "| variant | plain loop tok/s | archlab tok/s | ratio | vs plain fp32 | MFU | peak GFLOP/s |"
+        "| variant | plain loop tok/s | archlab tok/s | ratio | vs plain fp32 | MFU | peak TFLOP/s |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for v, p, o, ratio, vs, m, peak in rows:
         print(
-            f"| {v} | {p:,.0f} | {o:,.0f} | {ratio:.2f}x | {vs:.2f}x | {100 * m:.1f}% | {peak / 1e9:.1f} |"
+            f"| {v} | {p:,.0f} | {o:,.0f} | {ratio:.2f}x | {vs:.2f}x | {100 * m:.2f}% | {peak / 1e12:.3g} |"
         )
     if args.val_steps:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(
-                data=str(data), out_dir=tmp, seed=args.seed, device="cpu", batch_size=BATCH,
+                data=str(data), out_dir=tmp, seed=args.seed, device=device.type, batch_size=BATCH,
                 seq_len=SEQ, steps_per_epoch=args.val_steps, learning_rate=LR, min_lr_ratio=0.1,
                 warmup_steps=100, beta2=0.99, weight_decay=0.1, eval_interval=0, eval_steps=200,
                 log_interval=100, checkpoint_interval=0,

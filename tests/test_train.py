@@ -500,11 +500,25 @@ def test_out_of_memory_is_one_line_and_the_run_is_marked_failed(
 
 
 def test_logging_backends_are_optional(tmp_path, char_data, capsys):
+    """Used when installed (TensorBoard events written); one clear line when not."""
     import importlib.util
 
     for flag, pkg in (("--tensorboard", "tensorboard"), ("--wandb", "wandb")):
-        if importlib.util.find_spec(pkg) is not None:
-            continue
-        capsys.readouterr()
-        assert train(*SMALL, "--data", char_data, flag, "--out-dir", tmp_path / "r") == 2
-        assert f"{flag}: the {pkg} package is not installed" in capsys.readouterr().err
+        run = tmp_path / pkg
+        if importlib.util.find_spec(pkg) is None:
+            capsys.readouterr()
+            assert train(*SMALL, "--data", char_data, flag, "--out-dir", run) == 2
+            assert f"{flag}: the {pkg} package is not installed" in capsys.readouterr().err
+        elif pkg == "tensorboard":
+            assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--batch-size", "2",
+                         "--steps-per-epoch", "2", flag, "--out-dir", run) == 0  # fmt: skip
+            events = list((run / "tensorboard").glob("events.out.tfevents.*"))
+            assert events and events[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(tmp_path, char_data):
+    eager = _losses_for(tmp_path, "eager", char_data, "--batch-size", "2")
+    compiled = _losses_for(tmp_path, "compiled", char_data, "--batch-size", "2", "--use-compile")
+    for (s1, a), (s2, b) in zip(eager[0], compiled[0], strict=True):
+        assert s1 == s2 and a == pytest.approx(b, abs=1e-4)

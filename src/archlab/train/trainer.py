@@ -46,6 +46,7 @@ from ..errors import UserError
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .distributed import (
+    all_reduce_max,
     all_reduce_sum,
     barrier,
     broadcast_object,
@@ -911,6 +912,9 @@ class Trainer:
         cfg = self.cfg
         train_time = time.perf_counter() - self.t_start
         peak_mem = peak_memory_bytes(self.device)
+        if self.dist.enabled:  # the largest process's peak
+            box = torch.tensor([float(peak_mem)], device=self.device)
+            peak_mem = int(all_reduce_max(box, self.dist).item())
         fpt = flops_per_token(self.model, self.seq_len)
         peak_dtype = self.autocast_dtype or torch.float32
         peak = measured_peak_flops(str(self.device), peak_dtype)

@@ -522,3 +522,20 @@ def test_torch_compile_trains_like_eager(tmp_path, char_data):
     compiled = _losses_for(tmp_path, "compiled", char_data, "--batch-size", "2", "--use-compile")
     for (s1, a), (s2, b) in zip(eager[0], compiled[0], strict=True):
         assert s1 == s2 and a == pytest.approx(b, abs=1e-4)
+
+
+def test_fp16_with_a_gradient_scaler_where_bf16_is_missing(tmp_path, char_data, monkeypatch):
+    """The fallback path of --use-amp (fp16 autocast + GradScaler), forced on this CPU."""
+    from archlab.train import trainer as trainer_mod
+
+    monkeypatch.setattr(trainer_mod, "amp_dtype", lambda device: (torch.float16, True))
+    run = tmp_path / "run"
+    assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--batch-size", "4",
+                 "--steps-per-epoch", "6", "--learning-rate", "1e-2", "--log-interval", "1",
+                 "--use-amp", "--out-dir", run) == 0  # fmt: skip
+    s = summary(run)
+    assert s["status"] == "ok" and s["amp_dtype"] == "float16" and s["nan_count"] == 0
+    losses = [loss for _, loss in train_losses(run)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    state = torch.load(ck.latest_checkpoint(run) / "trainer_state.pt", weights_only=True)
+    assert state["scaler"]["scale"] > 0  # the scaler's state is checkpointed for resume

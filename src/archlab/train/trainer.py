@@ -262,7 +262,7 @@ class Trainer:
         self.summary_written = False
         self.owns_run_dir = False
         self.run_dir: Path | None = None
-        self.cfg = train_cfg.validate()
+        self.cfg = train_cfg.replace().validate()  # a copy: the run fills in out_dir etc.
         check_logging_backends(self.cfg.tensorboard, self.cfg.wandb)
         self.dist = init_distributed(self._device_type(self.cfg.device))
         self.device = pick_device(self.cfg.device, self.dist.local_rank)
@@ -760,7 +760,9 @@ class Trainer:
             ce_sum, gnorm_v = stats.tolist()  # the step's one host sync
             loss_v = ce_sum / max(n_tok, 1)
             finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
-            if finite or (self.scaler is not None and math.isfinite(loss_v)):
+            # fp16 only: finite loss, overflowing gradients -> the scaler skips and rescales
+            overflow = self.scaler is not None and math.isfinite(loss_v) and not finite
+            if finite or overflow:
                 if self.scaler is not None:
                     scale_before = self.scaler.get_scale()
                     self.scaler.step(self.optimizer)
@@ -797,7 +799,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
 
-            if not finite and main:
+            if not (finite or overflow) and main:
                 msg = (
                     f"step {self.step}: non-finite loss or gradient norm (loss {loss_v}, grad norm "
                     f"{gnorm_v}); update skipped ({self.nan_streak} in a row, {self.nan_count} total)"

@@ -89,11 +89,12 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
 
 @functools.lru_cache(maxsize=8)
 def measured_peak_flops(device: str, dtype: torch.dtype = torch.float32) -> float:
-    """Best observed FLOP/s of a square matmul on ``device`` in ``dtype``; measured once per process."""
+    """Best observed FLOP/s of a square matmul on ``device`` in ``dtype``; measured once per process.
+
+    The size grows from 256 until one product takes ~20 ms (at most 1024 on CPU, 8192 on a
+    GPU), so a dtype the hardware emulates slowly (fp16 on most CPUs) costs a bounded time.
+    """
     dev = torch.device(device)
-    n = 4096 if dev.type in ("cuda", "mps") else 1024
-    a = torch.randn(n, n, device=dev).to(dtype)
-    b = torch.randn(n, n, device=dev).to(dtype)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -101,19 +102,29 @@ def measured_peak_flops(device: str, dtype: torch.dtype = torch.float32) -> floa
         elif dev.type == "mps":
             torch.mps.synchronize()
 
-    a @ b  # warm up kernels / thread pools
-    sync()
-    best = float("inf")
-    budget = 0.3 if dev.type == "cpu" else 0.5  # seconds of timing, best single matmul wins
-    start = time.perf_counter()
-    trials = 0
-    reps = 1 if dev.type == "cpu" else 10  # GPU kernels are short: time a few back to back
-    while trials < 3 or (time.perf_counter() - start < budget and trials < 200):
+    def timed(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
         t0 = time.perf_counter()
         for _ in range(reps):
             a @ b
         sync()
-        best = min(best, (time.perf_counter() - t0) / reps)
+        return (time.perf_counter() - t0) / reps
+
+    n_max = 8192 if dev.type in ("cuda", "mps") else 1024
+    reps = 1 if dev.type == "cpu" else 10  # GPU kernels are short: time a few back to back
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=dev).to(dtype)
+        b = torch.randn(n, n, device=dev).to(dtype)
+        timed(a, b, 1)  # warm up kernels / thread pools
+        if n >= n_max or timed(a, b, reps) >= 0.02:
+            break
+        n *= 2
+    best = float("inf")
+    budget = 0.3 if dev.type == "cpu" else 0.5  # seconds of timing, the best product wins
+    start = time.perf_counter()
+    trials = 0
+    while trials < 3 or (time.perf_counter() - start < budget and trials < 200):
+        best = min(best, timed(a, b, reps))
         trials += 1
     return 2.0 * n**3 / best
 

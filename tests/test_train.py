@@ -330,9 +330,11 @@ def _two_process_run(tmp_path, common, run):
 
 
 def test_two_process_gloo_matches_one_process_at_equal_global_batch(tmp_path, char_data):
+    """2 ranks x batch 2 x accumulation 2 against 1 process x batch 4 x accumulation 2."""
     common = [*SMALL, "--data", str(char_data), "--seq-len", "32", "--steps-per-epoch", "5",
               "--log-interval", "1", "--eval-interval", "5", "--eval-steps", "4",
-              "--learning-rate", "1e-2", "--warmup-steps", "1", "--device", "cpu"]  # fmt: skip
+              "--learning-rate", "1e-2", "--warmup-steps", "1", "--device", "cpu",
+              "--gradient-accumulation-steps", "2"]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
     assert train(*common, "--batch-size", "4", "--out-dir", one) == 0
     _two_process_run(tmp_path, [*common, "--batch-size", "2"], two)

@@ -430,16 +430,20 @@ class Trainer:
         if self.state is not None:
             self._restore(self.state)
 
-        # 8. Wrappers: torch.compile, then DDP (eval runs on the compiled model without DDP).
-        self.compiled: nn.Module = self.model
-        if cfg.use_compile:
-            self.compiled = torch.compile(self.model)
-        self.train_model: nn.Module = self.compiled
+        # 8. Wrappers. One process: compile the model, train and evaluate the compiled one.
+        # Data parallel: DDP first, then compile the wrapper (PyTorch's recommended order: the
+        # compiler splits graphs at gradient buckets so communication overlaps the backward);
+        # evaluation then runs the plain model, as DDP is only needed for gradients.
+        self.eval_model: nn.Module = self.model  # what evaluate() calls
+        self.train_model: nn.Module = self.model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DDP(self.compiled, device_ids=ids)
+            self.ddp = DDP(self.model, device_ids=ids)
+            self.train_model = torch.compile(self.ddp) if cfg.use_compile else self.ddp
+        elif cfg.use_compile:
+            self.eval_model = self.train_model = torch.compile(self.model)
 
         self.eval_data = self._eval_batches()
         self.owns_run_dir = True
@@ -572,7 +576,7 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             x, y = self._to_device(x), self._to_device(y)
             sync_ctx = (
-                self.train_model.no_sync()  # type: ignore[operator]
+                self.ddp.no_sync()
                 if self.dist.enabled and i < n_micro - 1
                 else contextlib.nullcontext()
             )
@@ -624,7 +628,7 @@ class Trainer:
         for x, y in self.eval_data:
             x, y = self._to_device(x), self._to_device(y)
             with self._autocast():
-                logits = self.compiled(x, return_aux=True)[0]
+                logits = self.eval_model(x, return_aux=True)[0]
                 ce = F.cross_entropy(
                     logits.reshape(-1, logits.size(-1)).float(),
                     y.reshape(-1),

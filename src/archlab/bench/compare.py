@@ -35,10 +35,10 @@ from .results import RunResult, aggregate, read_run
 # Default protocol of a bare `archlab compare`. The budget: nano training throughput at
 # seq-len 128 x batch 16, measured with `archlab compare` pinned to 2 cores of an otherwise
 # idle Xeon (taskset -c 0,1, 2 threads): dense 12,800 tokens/s, moe 9,900, hypermixer 3,000,
-# mamba 2,070; hybrid, timed beside dense in one process, ran at 0.52x dense (~6,600).
-# Summed, one token through all five costs ~1.15 ms, so 160k tokens take ~185 s of training,
-# ~30 s of evaluation and ~8 s of process start per architecture: about 4.5 minutes, plus
-# ~20 s to prepare the stories the first time.
+# mamba 2,070; hybrid (landed later) ran at 0.28-0.52x dense beside it on a busy 2-core
+# machine, i.e. ~3,600-6,600. Summed, one token through all five costs ~1.15-1.27 ms, so 160k
+# tokens take ~185-205 s of training, ~30 s of evaluation and ~8 s of process start per
+# architecture: about 5 minutes, plus ~20 s to prepare the stories the first time.
 DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16

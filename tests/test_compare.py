@@ -366,6 +366,9 @@ def test_resume_refuses_a_different_protocol(tmp_path: Path, capsys) -> None:
     assert main(["compare", "--resume", "--out-dir", str(out), "--seq-len", "64"]) == 2
     assert "--seq-len 64 differs from this comparison's 16" in capsys.readouterr().err
     assert main(["compare", "--resume", "--out-dir", str(out), "--architectures", "dense"]) == 2
+    capsys.readouterr()
+    assert main(["compare", "--resume", "--out-dir", str(out), "--data", "stories"]) == 2
+    assert "drop --data" in capsys.readouterr().err
 
 
 def test_mqar_data_sets_the_seq_len() -> None:

@@ -134,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume: {out_dir} does not exist")
         settings = compare.load_saved_settings(out_dir)
         compare.check_resume_flags(settings, raw)
+        if args.data is not None and Path(args.data).resolve() != Path(settings.data).resolve():
+            raise UserError(
+                f"--resume: this comparison trains on {settings.data} (compare.json); drop --data"
+            )
         if compare.comparison_finished(settings, out_dir):
             print(
                 f"archlab compare: {out_dir} is already finished "

@@ -13,7 +13,8 @@ on the equivalent reference model at equal shapes, random init (no download):
 
 SwiGLU references get intermediate width 2/3 of ours (to a multiple of 8) so the parameter
 counts match; the
-table prints both counts. Medians over --repeats timed runs after one warm-up run.
+table prints both counts. Medians over --repeats timed runs after one warm-up run, ours and
+the reference taking turns so load changes on a shared machine hit both alike.
 
 Part 2 — per-token decode latency and cache size against context length: attention's KV
 cache grows with the context (and so does its step time), Mamba's state is constant; the
@@ -98,28 +99,31 @@ def hf_model(arch: str, cfg, max_len: int):
     return None
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function: one warm-up call each, then the functions
+    take turns (A B A B ...) so a change in machine load hits both sides alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def bench_ours(model, prompt: list[int], new: int, repeats: int) -> float:
+def ours_fn(model, prompt: list[int], new: int):
     greedy = SamplingParams(greedy=True)
 
     def run() -> None:
         out = list(generate_ids(model, prompt, new, greedy))
         assert len(out) == new
 
-    return timed(run, repeats)
+    return run
 
 
-def bench_hf(model, prompt: list[int], new: int, repeats: int) -> float:
+def hf_fn(model, prompt: list[int], new: int):
     idx = torch.tensor([prompt])
     mask = torch.ones_like(idx)
     gen = model.generation_config
@@ -134,7 +138,7 @@ def bench_hf(model, prompt: list[int], new: int, repeats: int) -> float:
             )  # fmt: skip
         assert out.shape[1] == len(prompt) + new
 
-    return timed(run, repeats)
+    return run
 
 
 def part1(args) -> list[dict[str, Any]]:
@@ -155,12 +159,16 @@ def part1(args) -> list[dict[str, Any]]:
                     size=size, arch=arch, context=ctx, new_tokens=args.new_tokens,
                     params=ours.num_parameters(),
                 )  # fmt: skip
-                row["ours_s"] = bench_ours(ours, prompt, args.new_tokens, args.repeats)
+                fns = {"ours": ours_fn(ours, prompt, args.new_tokens)}
+                if ref is not None:
+                    fns["hf"] = hf_fn(ref, prompt, args.new_tokens)
+                med = timed(fns, args.repeats)
+                row["ours_s"] = med["ours"]
                 row["ours_tok_s"] = args.new_tokens / row["ours_s"]
                 if ref is not None:
                     row["hf_model"] = type(ref).__name__
                     row["hf_params"] = sum(p.numel() for p in ref.parameters())
-                    row["hf_s"] = bench_hf(ref, prompt, args.new_tokens, args.repeats)
+                    row["hf_s"] = med["hf"]
                     row["hf_tok_s"] = args.new_tokens / row["hf_s"]
                     row["speedup"] = row["hf_s"] / row["ours_s"]
                 rows.append(row)
@@ -258,7 +266,7 @@ def main() -> None:
     print(
         f"torch {env['torch']}, transformers {env['transformers']}, torch threads "
         f"{env['threads']} (of {env['cpus']} CPUs); greedy, {args.new_tokens} new tokens, "
-        f"median of {args.repeats} after 1 warm-up; tok/s = new tokens / (prefill + decode)"
+        f"median of {args.repeats} interleaved after 1 warm-up; tok/s = new tokens / (prefill + decode)"
     )
     print()
     print(

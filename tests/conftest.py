@@ -5,7 +5,14 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-SHARED_DATASETS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets")
+# The shared real data sets live beside the checkout (../shared/datasets); a clean clone elsewhere
+# (CI) finds them through ARCHLAB_SHARED_DATASETS or the workplace's /work/shared/datasets.
+_CANDIDATES = [
+    os.environ.get("ARCHLAB_SHARED_DATASETS", ""),
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "datasets"),
+    "/work/shared/datasets",
+]
+SHARED_DATASETS = next((c for c in _CANDIDATES if c and os.path.isdir(c)), _CANDIDATES[1])
 
 
 @pytest.fixture

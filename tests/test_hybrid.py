@@ -112,7 +112,7 @@ def test_hybrid_exact_parameter_count():
     d, L, ff, N, K = 32, 4, 64, 16, 4
     cfg = _cfg(d_model=d, n_layers=L, d_ff=ff)
     di, R = 2 * d, math.ceil(d / 16)
-    norm = 2 * d  # LayerNorm weight + bias (use_rmsnorm off)
+    norm = d  # RMSNorm weight (the hybrid always uses RMSNorm, as Samba)
     mlp = d * ff + ff * d  # no biases
     mamba = d * 2 * di + di * K + di + di * (R + 2 * N) + R * di + di + di * N + di + di * d
     attn = d * 3 * d + d * d

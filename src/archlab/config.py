@@ -155,8 +155,11 @@ class ModelConfig:
                 raise ConfigError(
                     f"--n-heads: d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
                 )
-            if self.use_rope and self.head_dim % 2:
-                raise ConfigError(f"--use-rope: head dimension {self.head_dim} must be even")
+            if (self.use_rope or self.architecture == "hybrid") and self.head_dim % 2:
+                flag = "--n-heads" if self.architecture == "hybrid" else "--use-rope"
+                raise ConfigError(
+                    f"{flag}: head dimension {self.head_dim} must be even for rotary embeddings"
+                )
         if self.architecture in ("mamba", "hybrid"):
             positive("--state-size", self.state_size)
             positive("--conv-size", self.conv_size)

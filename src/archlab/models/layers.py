@@ -21,9 +21,14 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
 
 
+def uses_rmsnorm(cfg: ModelConfig) -> bool:
+    """RMSNorm when asked, and always for Mamba and the hybrid (as in Mamba and Samba)."""
+    return cfg.use_rmsnorm or cfg.architecture in ("mamba", "hybrid")
+
+
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.d_model
-    if cfg.use_rmsnorm or cfg.architecture == "mamba":
+    if uses_rmsnorm(cfg):
         return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 

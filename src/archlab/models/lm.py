@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import DISPLAY_NAMES, ConfigError, ModelConfig
-from .layers import make_norm
+from .layers import make_norm, uses_rmsnorm
 
 BlockFactory = Callable[[ModelConfig, int], nn.Module]
 
@@ -161,7 +161,8 @@ class LanguageModel(nn.Module):
             "architecture_type": DISPLAY_NAMES[cfg.architecture],
             "preset": cfg.preset,
             "embedding_dim": cfg.d_model,
-            "hidden_dim": cfg.d_ff,
+            # Mamba has no MLP: its hidden width is the expanded inner dimension
+            "hidden_dim": cfg.d_inner if cfg.architecture == "mamba" else cfg.d_ff,
             "num_layers": cfg.n_layers,
             "max_seq_len": cfg.max_seq_len,
             "vocab_size": cfg.vocab_size,
@@ -195,7 +196,7 @@ class LanguageModel(nn.Module):
                 if cfg.uses_learned_positions
                 else ("rope" if cfg.use_rope and arch != "mamba" else "none (recurrent)")
             )
-            d["norm"] = "RMSNorm" if (cfg.use_rmsnorm or arch == "mamba") else "LayerNorm"
+            d["norm"] = "RMSNorm" if uses_rmsnorm(cfg) else "LayerNorm"
             d["tied_embeddings"] = cfg.tie_weights
         d["layer_stack"] = self.layer_stack()
         d["parameter_breakdown"] = self.parameter_breakdown()

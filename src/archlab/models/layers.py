@@ -40,12 +40,21 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._table: tuple[Tensor, Tensor] | None = None  # cos, sin for positions [0, n)
 
     def cos_sin(self, start: int, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        t = torch.arange(start, start + length, device=device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq.to(device))  # (T, hd/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
-        return emb.cos(), emb.sin()
+        """cos/sin (length, hd) for positions [start, start + length), from a cached table
+        (decoding asks for one position per token: recomputing it each time costs more than
+        the attention at small sizes)."""
+        end = start + length
+        table = self._table
+        if table is None or table[0].shape[0] < end or table[0].device != torch.device(device):
+            n = max(end, 2 * table[0].shape[0] if table is not None else 256)
+            t = torch.arange(n, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))  # (n, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, hd)
+            table = self._table = (emb.cos(), emb.sin())
+        return table[0][start:end], table[1][start:end]
 
     @staticmethod
     def apply(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -186,6 +186,8 @@ class StopRequest:
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers live on the main thread; an embedding caller keeps its own
         for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # e.g. SIGINT in a shell's background job: the launcher wants it ignored
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def restore(self) -> None:
@@ -203,8 +205,8 @@ class StopRequest:
                 # os.write, not print: the handler may interrupt a print to stderr
                 os.write(
                     2,
-                    f"archlab train: {name}: stopping after step {t.step + 1} and saving a "
-                    f"checkpoint (send it again to abort without saving)\n".encode(),
+                    f"archlab train: {name}: finishing the current step, then saving a "
+                    f"checkpoint (send {name} again to abort without saving)\n".encode(),
                 )
             return
         if now - self.at < REPEAT_WINDOW_S:

@@ -49,8 +49,12 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
     _bool_flag(g, "--use-rope", "rotary position embedding instead of learned positions")
     _bool_flag(g, "--use-rmsnorm", "RMSNorm instead of LayerNorm")
     _bool_flag(g, "--tie-weights", "tie input embedding and output head")
-    g.add_argument("--state-size", type=int, default=None, help="SSM state size (mamba, hybrid; 16)")
-    g.add_argument("--conv-size", type=int, default=None, help="causal conv kernel (mamba, hybrid; 4)")
+    g.add_argument(
+        "--state-size", type=int, default=None, help="SSM state size (mamba, hybrid; 16)"
+    )
+    g.add_argument(
+        "--conv-size", type=int, default=None, help="causal conv kernel (mamba, hybrid; 4)"
+    )
     g.add_argument("--expand", type=int, default=None, help="inner expansion (mamba, hybrid; 2)")
     g.add_argument("--num-experts", type=int, default=None, help="experts (moe only; 8)")
     g.add_argument(
@@ -62,7 +66,10 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
         help="experts per token, top-k (moe only; 2)",
     )
     g.add_argument(
-        "--capacity-factor", type=float, default=None, help="capacity factor (moe only); 0 drops no token"
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="capacity factor (moe only); 0 drops no token",
     )
     g.add_argument(
         "--hybrid-local-window",
@@ -71,9 +78,7 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
         default=None,
         help="sliding attention window (hybrid only; 256)",
     )
-    g.add_argument(
-        "--hypernetwork-hidden-dim", type=int, default=None, help="(hypermixer only)"
-    )
+    g.add_argument("--hypernetwork-hidden-dim", type=int, default=None, help="(hypermixer only)")
 
 
 MODEL_KEYS = (

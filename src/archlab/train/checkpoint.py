@@ -173,9 +173,7 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        save_model(
-            model, str(tmp / "model.safetensors"), metadata={"archlab_version": __version__}
-        )
+        save_model(model, str(tmp / "model.safetensors"), metadata={"archlab_version": __version__})
         config = dict(model_cfg.to_dict(), archlab_version=__version__)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")

@@ -131,8 +131,12 @@ class ModelSpec:
     def check_fits(self, cfg: ModelConfig, source: str) -> None:
         """Explicit model flags must agree with a checkpoint's config (--init-from/--resume)."""
         given = [k for k, v in self.overrides.items() if v is not None]
-        check_fields_apply(cfg.architecture, self.preset or cfg.preset, given, self.model_size
-                           if self.preset else None)
+        check_fields_apply(
+            cfg.architecture,
+            self.preset or cfg.preset,
+            given,
+            self.model_size if self.preset else None,
+        )
         if (
             self.architecture is not None
             and canonical_architecture(self.architecture) != cfg.architecture
@@ -374,7 +378,9 @@ class Trainer:
             run_path = Path(target)
             if not run_path.exists():
                 raise UserError(f"--resume: {run_path} does not exist")
-            is_ckpt = (run_path / "model.safetensors").exists() or (run_path / "config.json").exists()
+            is_ckpt = (run_path / "model.safetensors").exists() or (
+                run_path / "config.json"
+            ).exists()
             # Lock before reading: a live run could be writing (or pruning) its checkpoints.
             self._claim(ckpt_mod.run_dir_of(run_path) if is_ckpt else run_path, "--resume")
             self.resume_ckpt = ckpt_mod.resolve_checkpoint(run_path)
@@ -868,6 +874,7 @@ class Trainer:
             if counts_acc is not None:
                 d["counts"] = counts_acc.detach().float().cpu()
             return d
+
         step_time = 0.0  # pure training-step time (no eval/checkpoint), this process
         interval_time, interval_tokens = 0.0, 0
         first_step_s: float | None = None

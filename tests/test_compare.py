@@ -148,7 +148,11 @@ def test_compare_end_to_end(tiny_data: Path, tmp_path: Path, capsys) -> None:
 
     # --resume on the finished folder does nothing and says so
     def stamps() -> dict:  # the lock file records who holds the folder; it is not output
-        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".archlab.lock"}
+        return {
+            p: p.stat().st_mtime_ns
+            for p in out.rglob("*")
+            if p.is_file() and p.name != ".archlab.lock"
+        }
 
     before = stamps()
     assert main(["compare", "--resume", "--out-dir", str(out)]) == 0

@@ -98,8 +98,10 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
         raise UserError(f"{flag} {p} is an existing file, not a folder; choose another {flag}")
     try:
         p.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a parent is a file
-        raise UserError(f"{flag} {p}: a part of the path is a file, not a folder") from None
+    except (FileExistsError, NotADirectoryError):  # a parent is a file
+        raise UserError(
+            f"{flag} {p}: {_file_in_path(p)} is a file, not a folder; choose another {flag}"
+        ) from None
     except OSError as exc:
         raise FileSystemError(
             f"{flag} {p}: cannot create the folder ({os_error_reason(exc)})"
@@ -115,6 +117,13 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
             probe.unlink()
         except OSError:
             pass
+    return p
+
+
+def _file_in_path(p: Path) -> Path:
+    for parent in [p, *p.parents]:
+        if parent.exists() and not parent.is_dir():
+            return parent
     return p
 
 

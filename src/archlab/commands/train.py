@@ -342,6 +342,12 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "config", None):
         apply_config_file(args, train_parser())
     cfg, spec, explicit = build_configs(args)
+    if not args.resume and not cfg.init_from:  # refuse flags that would change nothing, early
+        from ..config import check_fields_apply
+
+        check_fields_apply(
+            spec.architecture or "dense", spec.preset, list(spec.overrides), spec.model_size
+        )
     hooks = DebugHooks(
         nan_at_steps=frozenset(args.debug_nan_at_step or ()),
         sigkill_at_step=args.debug_sigkill_at_step,

@@ -141,7 +141,7 @@ def _locked(out: Path, wait: bool = True, verbose: bool = True) -> Iterator[None
     """
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
+    except (FileExistsError, NotADirectoryError):
         raise UserError(f"--out {out}: a part of the path is a file, not a folder") from None
     except OSError as exc:
         raise FileSystemError(

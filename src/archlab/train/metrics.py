@@ -144,8 +144,10 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # name the file the user knows, not our temporary
+            exc.filename, exc.filename2 = str(path), None
         raise
 
 

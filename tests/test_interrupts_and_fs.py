@@ -507,3 +507,26 @@ def test_last_resort_oserror_is_one_line_and_debug_shows_the_traceback(monkeypat
     monkeypatch.setenv("ARCHLAB_DEBUG", "1")
     assert main(["summary"]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_rank_stops_after_the_same_step(data, tmp_path):
+    """Ctrl-C at a terminal: SIGINT to the whole process group (torchrun passes it on too)."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29700 + os.getpid() % 200), "-m", "archlab", "train",
+           *COMMON, "--data", str(data), "--out-dir", str(run), "--device", "cpu",
+           "--batch-size", "2", "--debug-step-delay", "0.05", *THREADS]  # fmt: skip
+    env = dict(_env(), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)  # fmt: skip
+    wait_for(lambda: logged_step(run) >= 4, proc, timeout=300)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    s = summary(run)
+    assert s["status"] == "interrupted" and s["world_size"] == 2 and 4 <= s["steps"] < 30, err
+    ckpt = ck.latest_checkpoint(run)
+    assert ckpt.name == ck.checkpoint_name(s["steps"])
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == s["steps"] and len(state["rng_per_rank"]) == 2  # both ranks joined
+    assert f"stopped at step {s['steps']}; checkpoint {ckpt} saved" in err

@@ -288,7 +288,7 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
     actions = {
         a.dest: a
         for a in parser._actions
-        if a.dest not in ("help", "config") and a.help != argparse.SUPPRESS
+        if a.dest not in ("help", "config", "debug") and a.help != argparse.SUPPRESS
     }
     set_keys: set[str] = set()
     unknown = []

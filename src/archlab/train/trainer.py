@@ -184,6 +184,7 @@ class StopRequest:
         self.trainer = trainer
         self.signum: int | None = None
         self.at = 0.0
+        self.aborting = False
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -213,8 +214,9 @@ class StopRequest:
                     f"checkpoint (send {name} again to abort without saving)\n".encode(),
                 )
             return
-        if now - self.at < REPEAT_WINDOW_S:
-            return
+        if now - self.at < REPEAT_WINDOW_S or self.aborting:
+            return  # a duplicate, or the abort is already unwinding (let its cleanup finish)
+        self.aborting = True
         last = ckpt_mod.latest_checkpoint(t.run_dir) if t.run_dir is not None else None
         raise Interrupted(
             f"aborted by a second {name}; "

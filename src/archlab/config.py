@@ -240,7 +240,8 @@ def check_fields_apply(
             names = ", ".join(flag_name(k) for k in fixed)
             raise ConfigError(
                 f"{names}: fixed by --preset rustgpt (single-head attention, learned positions, "
-                "post-norm LayerNorm, untied head); drop them or leave out --preset"
+                f"post-norm LayerNorm, untied head); drop {'it' if len(fixed) == 1 else 'them'} "
+                "or leave out --preset"
             )
     unused = [k for k in given if k in ARCHITECTURE_FIELDS and arch not in ARCHITECTURE_FIELDS[k]]
     if unused:

@@ -384,7 +384,8 @@ class Trainer:
                 run_path / "config.json"
             ).exists()
             # Lock before reading: a live run could be writing (or pruning) its checkpoints.
-            self._claim(ckpt_mod.run_dir_of(run_path) if is_ckpt else run_path, "--resume")
+            source = ckpt_mod.run_dir_of(run_path) if is_ckpt else run_path
+            self._claim(source, "--resume", writable=False)
             self.resume_ckpt = ckpt_mod.resolve_checkpoint(run_path)
             ckpt_mod.verify_checkpoint(self.resume_ckpt)
             self.state = ckpt_mod.load_trainer_state(self.resume_ckpt)
@@ -536,11 +537,13 @@ class Trainer:
         self.eval_data = self._eval_batches()
         self.owns_run_dir = True
 
-    def _claim(self, folder: Path, flag: str) -> None:
+    def _claim(self, folder: Path, flag: str, writable: bool = True) -> None:
         """Lock a run folder for this run's life (rank 0), then drop a killed run's temporaries.
 
         All ranks call this: rank 0's outcome is broadcast so that every rank fails together
-        instead of the others waiting forever in the next collective.
+        instead of the others waiting forever in the next collective. ``writable=False`` (the
+        run a --resume reads from): a folder nobody can write, such as one on a read-only
+        file system, is read without a lock, since no process can be changing it.
         """
         folder = Path(folder)
         if any(lk.path.parent.resolve() == folder.resolve() for lk in self._locks):
@@ -548,9 +551,14 @@ class Trainer:
         failure: tuple[int, str] | None = None
         if self.dist.is_main:
             try:
-                ensure_writable_dir(folder, flag)
-                self._locks.append(lock_folder(folder, "run folder"))
-                ckpt_mod.clean_temporary(folder)
+                if writable:
+                    ensure_writable_dir(folder, flag)
+                    self._locks.append(lock_folder(folder, "run folder"))
+                    ckpt_mod.clean_temporary(folder)
+                elif os.access(folder, os.W_OK):
+                    self._locks.append(lock_folder(folder, "run folder"))
+                    with contextlib.suppress(OSError):
+                        ckpt_mod.clean_temporary(folder)
             except UserError as exc:
                 failure = (exc.exit_code, str(exc))
                 if not self.dist.enabled:

@@ -127,11 +127,27 @@ def one_line(err: str) -> str:
 # ---- stop signals ------------------------------------------------------------------------------
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_stop_signal_saves_a_checkpoint_and_resume_equals_the_uninterrupted_run(
-    data, uninterrupted, tmp_path, sig, code
+    data, uninterrupted, tmp_path, sig, code, capsys
 ):
     run = tmp_path / "run"
     proc = spawn(*COMMON, "--data", data, "--out-dir", run, "--debug-step-delay", "0.03")
     wait_for(lambda: logged_step(run) >= 4, proc)
+    # While it trains, a second training into the same folder is refused and changes nothing.
+    os.kill(proc.pid, signal.SIGSTOP)  # hold it still while the second process tries
+    try:
+        before = snapshot(run)
+        rc = main(["train", *COMMON, "--data", str(data), "--out-dir", str(run), *THREADS])
+        line = one_line(capsys.readouterr().err)
+        assert rc == 2
+        assert line == (
+            f"archlab train: error: run folder {run} is in use by another archlab process "
+            f"(pid {proc.pid}); wait for it to finish or choose another folder"
+        )
+        assert main(["train", "--resume", str(run), *THREADS]) == 2  # nor resumed
+        assert f"(pid {proc.pid})" in one_line(capsys.readouterr().err)
+        assert snapshot(run) == before  # the first run's files are untouched
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
     time.sleep(0.04)  # usually lands between two log steps: the interval must carry over
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -211,34 +227,40 @@ def test_compare_passes_the_signal_to_its_child_which_saves(data, tmp_path):
 
 
 # ---- locks -------------------------------------------------------------------------------------
-def test_a_busy_run_folder_is_refused_and_kill_9_frees_it(data, tmp_path, capsys):
+HOLDER = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.ftruncate(fd, 0); os.write(fd, b"%d\\n" % os.getpid())
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_kill_9_of_the_holder_frees_the_folder(data, tmp_path, capsys):
+    """The lock is the kernel's: a holder killed by SIGKILL never leaves the folder stuck."""
     run = tmp_path / "run"
-    proc = spawn(*COMMON, "--data", data, "--out-dir", run, "--checkpoint-interval", "2",
-                 "--debug-step-delay", "0.05")  # fmt: skip
-    wait_for(lambda: logged_step(run) >= 4, proc)
-    os.kill(proc.pid, signal.SIGSTOP)  # hold it still while the second process tries
+    run.mkdir()
+    # the same protocol as a training's lock, from a process that starts in milliseconds
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(run / LOCK_NAME)],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
-        before = snapshot(run)
-        rc = main(["train", *COMMON, "--data", str(data), "--out-dir", str(run), *THREADS])
-        line = one_line(capsys.readouterr().err)
-        assert rc == 2
-        assert line == (
-            f"archlab train: error: run folder {run} is in use by another archlab process "
-            f"(pid {proc.pid}); wait for it to finish or choose another folder"
-        )
-        assert main(["train", "--resume", str(run), *THREADS]) == 2
-        assert f"(pid {proc.pid})" in one_line(capsys.readouterr().err)
-        assert snapshot(run) == before  # the first run's files are untouched
+        assert holder.stdout.readline().strip() == "locked"
+        short = [*COMMON, "--steps-per-epoch", "4", "--data", str(data), "--out-dir", str(run)]
+        assert main(["train", *short, *THREADS]) == 2
+        assert f"(pid {holder.pid})" in one_line(capsys.readouterr().err)
     finally:
-        proc.kill()  # SIGKILL: the kernel drops its lock
-        proc.communicate()
-    assert proc.returncode == -signal.SIGKILL
+        holder.kill()
+        holder.wait()
+    assert holder.returncode == -signal.SIGKILL
     # what a process killed while saving leaves behind is removed at the next start
+    (run / "checkpoints").mkdir()
     (run / "checkpoints" / ".tmp-step_0000099-4242").mkdir()
     (run / ".summary.json.tmp-4242").write_text("")
-    assert main(["train", "--resume", str(run), *THREADS]) == 0
-    assert summary(run)["status"] == "ok" and summary(run)["steps"] == 30
+    assert main(["train", *short, *THREADS]) == 0
+    assert summary(run)["status"] == "ok" and summary(run)["steps"] == 4
     assert not temporaries(run)
+    assert (run / LOCK_NAME).read_text().strip() == str(os.getpid())  # it was ours
 
 
 def test_compare_and_prepare_folders_are_locked(data, tmp_path, capsys):
@@ -427,14 +449,19 @@ def test_every_file_system_failure_is_one_line(data, tmp_path, capsys, mounts):
     assert not (tmp_path / "r").exists()  # refused before any folder was made
 
 
-def test_chat_with_standard_input_closed_is_one_line(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "archlab", "chat", "--checkpoint", str(tmp_path)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=_env(),
-        preexec_fn=lambda: os.close(0),
+def test_chat_with_standard_input_closed_is_one_line(tmp_path, capsys, monkeypatch):
+    # `archlab chat <&-`: with file descriptor 0 closed, Python sets sys.stdin to None
+    monkeypatch.setattr(sys, "stdin", None)
+    assert main(["chat", "--checkpoint", str(tmp_path)]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "archlab chat: error: standard input is closed; run chat in a terminal or pipe "
+        "questions into it (echo 'hello' | archlab chat ...)"
+    )
+    closed = subprocess.run(
+        [sys.executable, "-c", "import sys; print(sys.stdin is None)"],
+        capture_output=True, text=True, preexec_fn=lambda: os.close(0),
     )  # fmt: skip
-    line = one_line(proc.stderr)
-    assert proc.returncode == 2 and "standard input is closed" in line
+    assert closed.stdout.strip() == "True"  # what `<&-` gives a Python process
 
 
 AS_NOBODY = """

@@ -65,6 +65,17 @@ def available_bytes(path: Path) -> int | None:
     return st.f_bavail * st.f_frsize
 
 
+def is_read_error(exc: BaseException, written: Path) -> bool:
+    """An OSError about a file outside ``written`` (the folder being written): a read failed."""
+    if not isinstance(exc, OSError) or exc.filename is None:
+        return False
+    try:
+        Path(os.fsdecode(exc.filename)).resolve().relative_to(Path(written).resolve())
+    except ValueError:
+        return True
+    return False
+
+
 def write_errno(exc: BaseException, where: Path) -> int | None:
     """The errno of a failed write into ``where``, or None when it was not a file-system error.
 

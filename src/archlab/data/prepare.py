@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FileSystemError, FolderBusy, UserError
-from ..fsutil import errno_reason, lock_folder, os_error_reason, write_errno
+from ..fsutil import errno_reason, is_read_error, lock_folder, os_error_reason, write_errno
 from .sources import BUILTIN_SOURCES, Doc, Source, SourceOptions, build_source
 from .tokenizer import TextTokenizer, load_tokenizer, train_bpe, train_char, train_word
 
@@ -211,7 +211,7 @@ def _atomic_build(out: Path, build: Any) -> None:
         tmp.mkdir(parents=True)
         build(tmp)
     except BaseException as exc:
-        code = write_errno(exc, out.parent)
+        code = None if is_read_error(exc, tmp) else write_errno(exc, out.parent)
         shutil.rmtree(tmp, ignore_errors=True)
         if code is None:
             raise

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..errors import FileSystemError, UserError
-from ..fsutil import errno_reason, write_errno
+from ..fsutil import errno_reason, is_read_error, write_errno
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -188,7 +188,7 @@ def save_checkpoint(
         final = _swap_into_place(root, name, tmp)
         atomic_write_text(root / "latest", name + "\n")
     except BaseException as exc:
-        code = write_errno(exc, root)
+        code = None if is_read_error(exc, root) else write_errno(exc, root)
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
         if code is None:
             raise

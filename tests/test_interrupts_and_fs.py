@@ -394,6 +394,14 @@ def test_a_real_full_disk_while_training_and_preparing(data, tmp_path, capsys, m
     assert (out / "meta.json").read_text() == meta and not temporaries(full)
     assert main(["prepare", str(out)]) == 0  # the old data still checks out
 
+    from archlab.train.metrics import write_json_atomic
+
+    tiny = mounts("tiny", "size=4k")
+    with pytest.raises(OSError) as info:  # summary.json on a full disk: no 0-byte temporary
+        write_json_atomic(tiny / "summary.json", {"log": "x" * 20000})
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tiny / "summary.json")
+    assert list(tiny.iterdir()) == []
+
 
 # ---- one line for every file-system case ------------------------------------------------------------
 def test_every_file_system_failure_is_one_line(data, tmp_path, capsys, mounts):
@@ -468,6 +476,7 @@ AS_NOBODY = """
 import contextlib, io, json, os, sys
 import archlab.cli, archlab.commands.prepare, archlab.commands.train, archlab.data.prepare
 import archlab.train.trainer, archlab.bench.compare, archlab.data.sources
+import archlab.commands.bench, archlab.bench.decode_bench, archlab.bench.options
 archlab.cli.build_parser()  # every command module, imported while still root
 uid = int(sys.argv[1])
 os.setgroups([]); os.setgid(uid); os.setuid(uid)
@@ -501,7 +510,9 @@ def test_no_write_permission_as_an_unprivileged_user(data, tmp_path):
             ["train", "--data", str(data), *SMALL, "--out-dir", str(locked / "run")],
             ["compare", "--data", str(data), "--out-dir", str(locked / "c")],
             ["prepare", "stories", "--out", str(locked / "d")],
-        ]
+            ["bench", "generate", "--architectures", "dense", "--contexts", "8",
+             "--new-tokens", "2", "--out-dir", str(locked / "b")],
+        ]  # fmt: skip
         proc = subprocess.run(
             [sys.executable, "-c", AS_NOBODY, str(nobody), json.dumps(cases)],
             capture_output=True, text=True, env=_env(),

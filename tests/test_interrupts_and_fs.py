@@ -454,6 +454,7 @@ def test_every_file_system_failure_is_one_line(data, tmp_path, capsys, mounts):
         assert rc == code, (name, err)
         assert line.startswith(f"archlab {argv[0]}: error: ") and mentions in line, (name, line)
     assert not any(busy.iterdir())  # the mount point was left as it was
+    assert not list(tmp_path.glob(".mnt.tmp-*"))  # and the data built beside it removed
     assert not (tmp_path / "r").exists()  # refused before any folder was made
 
 

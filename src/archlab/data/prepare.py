@@ -139,15 +139,16 @@ def _locked(out: Path, wait: bool = True, verbose: bool = True) -> Iterator[None
     default data wait for the first); otherwise a second process is refused (exit 2, naming
     the holder's pid). Under the lock, a killed prepare's temporaries are cleaned up.
     """
+    lock_path = out.parent / f".{out.name}.lock"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))  # can we write here?
     except (FileExistsError, NotADirectoryError):
-        raise UserError(f"--out {out}: a part of the path is a file, not a folder") from None
+        raise UserError(f"data folder {out}: a part of the path is a file, not a folder") from None
     except OSError as exc:
         raise FileSystemError(
-            f"--out {out}: cannot create {out.parent} ({os_error_reason(exc)})"
+            f"data folder {out}: cannot write in {out.parent} ({os_error_reason(exc)})"
         ) from None
-    lock_path = out.parent / f".{out.name}.lock"
     try:
         lock = lock_folder(out, "data folder", lock_path=lock_path)
     except FolderBusy as busy:

@@ -12,7 +12,17 @@ import sys
 
 from .errors import UserError
 
-COMMANDS = ("train", "prepare", "summary", "compare", "bench", "generate", "chat", "eval")
+COMMANDS = (
+    "train",
+    "prepare",
+    "summary",
+    "compare",
+    "bench",
+    "generate",
+    "chat",
+    "eval",
+    "export",
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):

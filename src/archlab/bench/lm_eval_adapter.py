@@ -26,6 +26,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,6 +315,40 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (DNS + connect, no request)."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host or "huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_unless_reachable() -> bool:
+    """Without network, switch datasets/huggingface_hub to offline mode (True if switched).
+
+    Cached hub datasets and local files still load; an uncached hub dataset then fails at once
+    instead of after huggingface_hub's five retries (about 25 s of warnings).
+    """
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or _hub_reachable():
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    for module, names in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):  # already imported: their flags were read at import time
+        mod = sys.modules.get(module)
+        for name in names:
+            if mod is not None and hasattr(mod, name):
+                setattr(mod, name, True)
+    return True
+
+
 def load_tasks(tasks: Sequence[str], include_path: str | None) -> tuple[Any, list[Any]]:
     """(TaskManager, the tasks to pass to ``simple_evaluate``) or a UserError saying why not.
 
@@ -343,10 +379,15 @@ def load_tasks(tasks: Sequence[str], include_path: str | None) -> tuple[Any, lis
         raise
     except Exception as exc:
         if _is_network_error(exc):
+            where = (
+                "the Hugging Face hub is unreachable from here and the dataset is not cached"
+                if os.environ.get("HF_HUB_OFFLINE") == "1"
+                else "cannot fetch the dataset from the Hugging Face hub"
+            )
             raise UserError(
-                f"--tasks {','.join(tasks)}: cannot fetch the dataset from the Hugging Face hub "
-                f"({_first_line(exc)}); hub tasks need network access, offline use a local "
-                "task YAML (dataset_path: json with local data_files) and --include-path"
+                f"--tasks {','.join(tasks)}: {where} ({_first_line(exc)}); hub tasks need "
+                "network access, offline use a local task YAML (dataset_path: json with local "
+                "data_files) and --include-path"
             ) from None
         raise UserError(
             f"--tasks {','.join(tasks)}: cannot load the task ({_first_line(exc)})"
@@ -370,6 +411,7 @@ def run_harness(
     log_samples: bool = False,
 ) -> HarnessResult:
     """Evaluate a checkpoint on lm-eval tasks; see ``archlab eval --help``."""
+    offline_unless_reachable()  # before lm_eval imports datasets
     try:
         import lm_eval
     except ImportError:

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import ALIASES, ARCHITECTURES, MODEL_SIZES, PRESETS, ModelConfig, preset_config
+from ..config import (
+    ALIASES,
+    ARCHITECTURES,
+    MLP_TYPES,
+    MODEL_SIZES,
+    PRESETS,
+    ModelConfig,
+    preset_config,
+)
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -33,6 +41,13 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
     _bool_flag(g, "--use-rope", "rotary position embedding instead of learned positions")
     _bool_flag(g, "--use-rmsnorm", "RMSNorm instead of LayerNorm")
     _bool_flag(g, "--tie-weights", "tie input embedding and output head")
+    g.add_argument(
+        "--mlp",
+        choices=MLP_TYPES,
+        default=None,
+        help="feed-forward: gelu, or swiglu at 2/3 of the width (matched parameters) (gelu)",
+    )
+    _bool_flag(g, "--bias", "biases in attention and MLP linears (default: none; rustgpt: yes)")
     g.add_argument("--state-size", type=int, default=None, help="Mamba SSM state size (16)")
     g.add_argument("--conv-size", type=int, default=None, help="Mamba conv kernel (4)")
     g.add_argument("--expand", type=int, default=None, help="Mamba expansion (2)")
@@ -68,6 +83,8 @@ MODEL_KEYS = (
     "use_rope",
     "use_rmsnorm",
     "tie_weights",
+    "mlp",
+    "bias",
     "state_size",
     "conv_size",
     "expand",

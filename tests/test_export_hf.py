@@ -102,8 +102,11 @@ def check_round_trip(run: Path, out: Path, hf_class: str, learned_positions: boo
     [
         ("dense", (), "GPT2LMHeadModel"),
         ("mamba", ("--state-size", "8"), "MambaForCausalLM"),
+        ("dense", ("--use-rope", "--use-rmsnorm", "--mlp", "swiglu"), "LlamaForCausalLM"),
+        ("moe", ("--use-rope", "--use-rmsnorm", "--mlp", "swiglu", "--num-experts", "4"),
+         "MixtralForCausalLM"),
     ],
-)
+)  # fmt: skip
 def test_round_trip_of_trained_model(tmp_path, bpe_data, capsys, arch, extra, hf_class):
     run = trained_run(tmp_path, bpe_data, arch, *extra)
     out = tmp_path / "hf"
@@ -111,7 +114,9 @@ def test_round_trip_of_trained_model(tmp_path, bpe_data, capsys, arch, extra, hf
     assert hf_class in printed and "verified" in printed
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
-    check_round_trip(run, out, hf_class, learned_positions=arch == "dense")
+    check_round_trip(
+        run, out, hf_class, learned_positions="--use-rope" not in extra and arch != "mamba"
+    )
 
 
 def test_gpt2_with_biases_and_untied_head(tmp_path, bpe_data, capsys):
@@ -135,6 +140,27 @@ def test_gpt2_with_biases_and_untied_head(tmp_path, bpe_data, capsys):
     check_round_trip(run, out, "GPT2LMHeadModel", learned_positions=True)
 
 
+def test_llama_with_biases_and_untied_head(tmp_path, bpe_data, capsys):
+    """--bias maps to Llama's attention_bias and mlp_bias; an untied head to its lm_head."""
+    cfg = preset_config(
+        "dense", vocab_size=load_tokenizer(bpe_data).vocab_size, use_rope=True, use_rmsnorm=True,
+        mlp="swiglu", bias=True, tie_weights=False, **SMALL_CFG,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    run = tmp_path / "run"
+    save_checkpoint(run, 1, model, cfg, bpe_data / "tokenizer.json", {"step": 1})
+    out = tmp_path / "hf"
+    export(run, out, capsys)
+    config = json.loads((out / "config.json").read_text())
+    assert config["attention_bias"] is True and config["mlp_bias"] is True
+    assert config["intermediate_size"] == cfg.ffn_hidden and config["tie_word_embeddings"] is False
+    check_round_trip(run, out, "LlamaForCausalLM", learned_positions=False)
+
+
 # ---- refusals ---------------------------------------------------------------------------------
 REFUSED = [
     ("hypermixer", {}, "HyperMixer"),
@@ -143,6 +169,10 @@ REFUSED = [
     ("dense", {"use_rope": True}, "RoPE + LayerNorm"),
     ("dense", {"use_rmsnorm": True}, "learned positions + RMSNorm"),
     ("moe", {}, "moe needs --use-rope --use-rmsnorm --mlp swiglu"),
+    ("moe", {"use_rope": True, "use_rmsnorm": True, "mlp": "swiglu", "top_k": 1}, "Switch gate"),
+    ("moe", {"use_rope": True, "use_rmsnorm": True, "mlp": "swiglu", "bias": True}, "biases"),
+    ("dense", {"use_rope": True, "use_rmsnorm": True}, "RoPE + RMSNorm + GELU"),
+    ("dense", {"mlp": "swiglu"}, "learned positions + LayerNorm + SWIGLU"),
 ]
 
 
@@ -168,6 +198,11 @@ def test_hf_form_of_each_exportable_form():
     assert hf_form(preset_config("dense", **SMALL_CFG)) == "gpt2"
     assert hf_form(preset_config("dense", bias=True, tie_weights=False, **SMALL_CFG)) == "gpt2"
     assert hf_form(preset_config("mamba", **SMALL_CFG)) == "mamba"
+    llama = dict(use_rope=True, use_rmsnorm=True, mlp="swiglu", **SMALL_CFG)
+    assert hf_form(preset_config("dense", **llama)) == "llama"
+    assert hf_form(preset_config("dense", bias=True, **llama)) == "llama"
+    assert hf_form(preset_config("moe", **llama)) == "mixtral"
+    assert hf_form(preset_config("moe", top_k=3, num_experts=4, **llama)) == "mixtral"
     with pytest.raises(NotExportable, match="no transformers class"):
         hf_form(preset_config("hybrid", **SMALL_CFG))
 

@@ -162,7 +162,9 @@ def test_generate_until_equals_cached_greedy_decoding(tok, arch):
     reqs = [Instance("generate_until", {}, (p, dict(kwargs)), i) for i, p in enumerate(prompts)]
     got = lm.generate_until(reqs, disable_tqdm=True)
     for p, text in zip(prompts, got, strict=True):
-        ref = tok.decode(list(generate_ids(model, tok.encode(p), 12, GREEDY, stop_ids=[tok.eot_id])))
+        ref = tok.decode(
+            list(generate_ids(model, tok.encode(p), 12, GREEDY, stop_ids=[tok.eot_id]))
+        )
         assert text == ref.split(".")[0]
 
 
@@ -249,7 +251,14 @@ def test_local_multiple_choice_task_offline_end_to_end(tmp_path, tok, run, capsy
     rc = main(["eval", "--checkpoint", str(run), "--tasks", name, "--include-path", str(tasks),
                "--limit", "5", "--json"])  # fmt: skip
     assert rc == 0
-    assert json.loads(capsys.readouterr().out)["results"][name]["acc,none"] in (0, 0.2, 0.4, 0.6, 0.8, 1)
+    assert json.loads(capsys.readouterr().out)["results"][name]["acc,none"] in (
+        0,
+        0.2,
+        0.4,
+        0.6,
+        0.8,
+        1,
+    )
 
 
 def _isolate_offline_switch(monkeypatch) -> None:

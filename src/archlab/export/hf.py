@@ -135,7 +135,7 @@ def hf_config(cfg: ModelConfig, form: str, eos_id: int) -> Any:
     if form in ("llama", "mixtral"):
         attn = dict(
             hidden_size=cfg.d_model,
-            intermediate_size=_swiglu_width(cfg, form),
+            intermediate_size=cfg.expert_ffn_hidden if form == "mixtral" else cfg.ffn_hidden,
             num_hidden_layers=cfg.n_layers,
             num_attention_heads=cfg.n_heads,
             num_key_value_heads=cfg.n_heads,
@@ -173,19 +173,6 @@ def hf_config(cfg: ModelConfig, form: str, eos_id: int) -> Any:
             **common,
         )
     raise AssertionError(form)
-
-
-def _swiglu_width(cfg: ModelConfig, form: str) -> int:
-    """The SwiGLU hidden width archlab built (read from the model, which owns the rule)."""
-    from ..models import build_model
-
-    model = build_model(cfg, device="meta")
-    sd = model.state_dict()
-    key = "blocks.0.ffn.experts.0." if form == "mixtral" else "blocks.0.ffn."
-    widths = [v.shape[0] for k, v in sd.items() if k.startswith(key) and k.endswith("weight")]
-    up = min(widths)  # gate/up (width, d) and down (d, width) weights: width is the other one
-    down = [v for k, v in sd.items() if k.startswith(key) and v.dim() == 2 and v.shape[0] == up]
-    return int(down[0].shape[1]) if up == cfg.d_model and down else int(up)
 
 
 # ---- weights ------------------------------------------------------------------------------
@@ -265,7 +252,7 @@ def hf_state_dict(cfg: ModelConfig, sd: dict[str, Tensor], form: str) -> dict[st
         else:
             out[h + "mlp.gate.weight"] = sd[a + "ffn.router.weight"]
             experts = [_swiglu_weights(sd, a + f"ffn.experts.{e}.") for e in range(cfg.num_experts)]
-            # transformers >= 5 fuses the experts: gate_up (E, 2F, D) = [gate; up], down (E, D, F)
+            # transformers 5 fuses the experts: gate_up (E, 2F, D) = [gate; up], down (E, D, F)
             out[h + "mlp.experts.gate_up_proj"] = torch.stack(
                 [torch.cat([g[0], u[0]], dim=0) for g, u, _ in experts]
             )
@@ -279,35 +266,16 @@ SwiGLUWeight = tuple[Tensor, Tensor | None]
 
 
 def _swiglu_weights(sd: dict[str, Tensor], prefix: str) -> tuple[SwiGLUWeight, ...]:
-    """(gate, up, down) (weight, bias) of archlab's SwiGLU MLP at ``prefix``."""
-    from ..models.layers import swiglu_parameter_names
-
-    names = swiglu_parameter_names()
-    return tuple(
-        (sd[prefix + names[role] + ".weight"], sd.get(prefix + names[role] + ".bias"))
-        for role in ("gate", "up", "down")
+    """(gate, up, down) (weight, bias) of archlab's SwiGLU at ``prefix``: ``fc`` stacks gate
+    rows over up rows (d -> 2h), ``proj`` is down (h -> d)."""
+    fc_w, fc_b = sd[prefix + "fc.weight"], sd.get(prefix + "fc.bias")
+    gate_w, up_w = fc_w.chunk(2, dim=0)  # (h, d) each
+    gate_b, up_b = fc_b.chunk(2, dim=0) if fc_b is not None else (None, None)
+    return (
+        (gate_w, gate_b),
+        (up_w, up_b),
+        (sd[prefix + "proj.weight"], sd.get(prefix + "proj.bias")),
     )
-
-
-def _legacy_mixtral(sd: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """transformers 4.x names: block_sparse_moe.experts.{e}.w1 (gate) / w3 (up) / w2 (down)."""
-    out: dict[str, Tensor] = {}
-    for k, v in sd.items():
-        if ".mlp.gate." in k:
-            out[k.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = v
-        elif k.endswith(".mlp.experts.gate_up_proj"):
-            base = k[: -len("mlp.experts.gate_up_proj")] + "block_sparse_moe.experts."
-            F = v.shape[1] // 2
-            for e in range(v.shape[0]):
-                out[f"{base}{e}.w1.weight"] = v[e, :F]
-                out[f"{base}{e}.w3.weight"] = v[e, F:]
-        elif k.endswith(".mlp.experts.down_proj"):
-            base = k[: -len("mlp.experts.down_proj")] + "block_sparse_moe.experts."
-            for e in range(v.shape[0]):
-                out[f"{base}{e}.w2.weight"] = v[e]
-        else:
-            out[k] = v
-    return out
 
 
 # ---- tokenizer ----------------------------------------------------------------------------
@@ -462,8 +430,6 @@ def build_hf_model(model: torch.nn.Module, form: str, eos_id: int) -> Any:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     mapped = hf_state_dict(cfg, sd, form)
     expected = set(hf.state_dict())
-    if form == "mixtral" and not set(mapped) <= expected:
-        mapped = _legacy_mixtral(mapped, cfg)
     if cfg.tie_weights:
         expected.discard("lm_head.weight")  # tied: the embedding is the head
         mapped.pop("lm_head.weight", None)

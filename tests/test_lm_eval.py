@@ -295,10 +295,16 @@ def test_hub_task_without_network_fails_in_one_line(tmp_path, run, capsys, monke
     assert "hub" in lines[0] and "network" in lines[0] and "--include-path" in lines[0]
 
 
-def test_eval_tasks_user_errors(tmp_path, run, capsys):
+def test_eval_tasks_refuses_the_split_flags(run, capsys):
+    rc = main(["eval", "--checkpoint", str(run), "--tasks", "x", "--max-tokens", "5"])
+    assert rc == 2 and "do not apply with --tasks" in capsys.readouterr().err
+    rc = main(["eval", "--checkpoint", str(run), "--tasks", "x", "--include-path", "/no/such"])
+    assert rc == 2 and "--include-path: /no/such does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # indexes lm-eval's thousands of built-in task YAMLs (~10-30 s)
+def test_unknown_task_is_one_line(tmp_path, run, capsys):
     rc = main(["eval", "--checkpoint", str(run), "--tasks", "no_such_task_xyz",
                "--include-path", str(tmp_path)])  # fmt: skip
     err = capsys.readouterr().err
-    assert rc == 2 and "unknown task(s) no_such_task_xyz" in err
-    rc = main(["eval", "--checkpoint", str(run), "--tasks", "x", "--max-tokens", "5"])
-    assert rc == 2 and "do not apply with --tasks" in capsys.readouterr().err
+    assert rc == 2 and "unknown task(s) no_such_task_xyz" in err and "Traceback" not in err

@@ -17,6 +17,9 @@ is refused with the reason (:class:`NotExportable`). The mapping per form:
 The tokenizer is written as a ``tokenizers`` file wrapped by ``PreTrainedTokenizerFast``
 (byte-level BPE as is; char and word vocabularies become WordLevel models with pre-tokenizers
 that split as archlab does), so ``AutoTokenizer.from_pretrained`` gives archlab's token ids.
+One known difference: the word tokenizer keeps ``</s>`` whole only as a whitespace-separated
+word, while the exported special token also matches it glued to punctuation (``"hi </s>."``);
+archlab's own corpora never glue it.
 """
 
 from __future__ import annotations

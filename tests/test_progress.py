@@ -105,15 +105,19 @@ def test_train_progress_bar_shows_loss_lr_tokens_per_second():
 def test_train_progress_plain_lines_and_quiet():
     out = io.StringIO()
     sink = TrainProgress(total_steps=100, initial_step=40, tokens_per_step=64, desc="t",
-                         mode="plain", stream=out)  # fmt: skip
+                         log_interval=10, mode="plain", stream=out)  # fmt: skip
     sink.start("SUMMARY", "r")
-    sink.step(41, 2.0, 1e-3, 0.1)  # no line per step in plain mode
+    for step in range(41, 51):  # a line after the first step, then only at the log interval
+        sink.step(step, 2.5, 1e-3, 0.1)
     sink.log(50, {"loss": 2.0, "tokens_per_s": 1234.4}, 1e-3)
     lines = out.getvalue().splitlines()
     assert lines[:2] == ["SUMMARY", "Run folder: r"]
     assert lines[2] == "Training: 60 steps of 64 tokens (3,840 tokens), resuming at step 40 of 100"
-    assert STEP_LINE.match(lines[3]) and lines[3].startswith("step 50/100 loss 2.0000")
-    assert len(lines) == 4
+    assert STEP_LINE.match(lines[3]) and lines[3].startswith(
+        "step 41/100 loss 2.5000 lr 1.00e-03 640 tok/s"
+    )
+    assert STEP_LINE.match(lines[4]) and lines[4].startswith("step 50/100 loss 2.0000")
+    assert len(lines) == 5
     quiet = io.StringIO()
     sink = TrainProgress(total_steps=10, initial_step=0, tokens_per_step=1, desc="t",
                          mode="off", stream=quiet)  # fmt: skip
@@ -155,6 +159,7 @@ def test_train_to_a_file_prints_summary_then_plain_lines(tmp_path, chars, capsys
     lines = err.splitlines()
     step_lines = [ln for ln in lines if STEP_LINE.match(ln)]
     assert [STEP_LINE.match(ln).group(1, 2) for ln in step_lines] == [
+        ("1", "12"),  # the first step at once, then every --log-interval
         ("4", "12"),
         ("8", "12"),
         ("12", "12"),

@@ -7,7 +7,8 @@ every evaluation, warnings, end), so the loop itself stays about training. What 
   and the step budget;
 - on a terminal: a tqdm bar updated every optimizer step with steps, elapsed, ETA, loss,
   learning rate and tokens/s (``TrainProgress.step``);
-- elsewhere: one line per log interval, ``step 40/100 loss 5.1234 lr 1.00e-03 7,193 tok/s
+- elsewhere: one line after the first step (a slow run shows it is alive and its ETA at
+  once) and one per log interval, ``step 40/100 loss 5.1234 lr 1.00e-03 7,193 tok/s
   elapsed 00:12 eta 00:18`` (``archlab compare`` parses the ``step N/M `` prefix), and
   ``step 40: val loss 5.0000`` after each evaluation;
 - with ``--quiet``: nothing but warnings (non-finite steps), which always print.
@@ -32,6 +33,7 @@ class TrainProgress:
         initial_step: int,
         tokens_per_step: int,
         desc: str,
+        log_interval: int = 1,
         mode: str | None = None,
         stream: TextIO | None = None,
     ) -> None:
@@ -41,6 +43,7 @@ class TrainProgress:
         self.initial = initial_step
         self.tokens_per_step = tokens_per_step
         self.desc = desc
+        self.log_interval = max(1, log_interval)
         self.t0 = time.monotonic()
         self.tok_s: float | None = None  # smoothed per-step tokens/s for the bar
         self.bar: Progress | None = None
@@ -72,7 +75,11 @@ class TrainProgress:
             )
 
     def step(self, step: int, loss: float, lr: float, seconds: float) -> None:
-        """After every optimizer step: redraw the bar (terminal); plain mode waits for log()."""
+        """After every optimizer step: redraw the bar (terminal). Plain mode prints the first
+        step (unless log() will) and then waits for log()."""
+        if self.mode == "plain" and step == self.initial + 1 and step % self.log_interval:
+            if step != self.total:
+                self._line(step, loss, lr, self.tokens_per_step / seconds if seconds > 0 else 0.0)
         if self.bar is None:
             return
         if seconds > 0:
@@ -84,13 +91,15 @@ class TrainProgress:
 
     def log(self, step: int, rec: dict[str, Any], lr: float) -> None:
         """At each log interval: one plain line (not on a terminal, where the bar shows it)."""
-        if self.mode != "plain":
-            return
+        if self.mode == "plain":
+            self._line(step, rec["loss"], lr, rec["tokens_per_s"])
+
+    def _line(self, step: int, loss: float, lr: float, tokens_per_s: float) -> None:
         elapsed = time.monotonic() - self.t0
         eta = eta_seconds(step - self.initial, self.total - step, elapsed)
         self._print(
-            f"step {step}/{self.total} loss {rec['loss']:.4f} lr {lr:.2e} "
-            f"{rec['tokens_per_s']:,.0f} tok/s elapsed {format_duration(elapsed)} "
+            f"step {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
+            f"{tokens_per_s:,.0f} tok/s elapsed {format_duration(elapsed)} "
             f"eta {format_duration(eta)}"
         )
 

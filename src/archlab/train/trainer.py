@@ -732,6 +732,7 @@ class Trainer:
             initial_step=self.step,
             tokens_per_step=self.tokens_per_step,
             desc=f"train {self.model_cfg.architecture}",
+            log_interval=cfg.log_interval,
             mode=("off" if not (main and self.progress) else mode),
         )
         sink.start(self.model.summary(), self.run_dir, f"device {self.device}")

@@ -65,6 +65,7 @@ def register(subparsers: Any) -> None:
     h.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default 0)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output over the batches")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
         device=args.device,
+        quiet=args.quiet,
     )
     print(to_json(result) if args.json else "\n".join(result.lines()))
     return 0

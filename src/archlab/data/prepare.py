@@ -339,10 +339,20 @@ def _write_meta(d: Path, meta: dict[str, Any]) -> None:
     (d / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def _progress(total: int | None, desc: str, unit: str, verbose: bool) -> Any:
-    from tqdm.auto import tqdm
+def _progress(
+    total: int | None, desc: str, unit: str, verbose: bool, unit_scale: bool = False
+) -> Any:
+    """A bar on a terminal; elsewhere a plain line every 10 s (large inputs only); quiet: none."""
+    from ..progress import Progress
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if verbose else True, leave=False)
+    return Progress(
+        total,
+        f"archlab prepare: {desc}",
+        unit,
+        mode=None if verbose else "off",
+        unit_scale=unit_scale,
+        leave=False,
+    )
 
 
 def _collect(
@@ -429,7 +439,9 @@ def _build_lm(
     total = 0
     done = False
     try:
-        with _progress(len(docs), "tokenizing", "doc", verbose) as bar:
+        # progress in characters: one document can be the whole corpus (a single .txt file)
+        n_chars = sum(len(d.text) for d in docs)
+        with _progress(n_chars, "tokenizing", "char", verbose, unit_scale=True) as bar:
             for b in range(0, len(docs), _BATCH_DOCS):
                 batch = docs[b : b + _BATCH_DOCS]
                 ids_list, mask_list = _encode_docs(tok, batch, eot)
@@ -455,7 +467,7 @@ def _build_lm(
                     if doc.logp is not None:
                         st["logp"].append(doc.logp)
                     total += len(ids)
-                bar.update(len(batch))
+                bar.update(sum(len(d.text) for d in batch))
                 if done:
                     break
     finally:

@@ -247,18 +247,18 @@ def test_local_multiple_choice_task_offline_end_to_end(tmp_path, tok, run, capsy
         ]
         correct += int(max(range(4), key=scores.__getitem__) == doc["answer"])
     assert acc == pytest.approx(correct / 20)
-    # --limit: only the first documents
+    # --limit: only the first documents; stderr is not a terminal here: no bar redraws
     rc = main(["eval", "--checkpoint", str(run), "--tasks", name, "--include-path", str(tasks),
                "--limit", "5", "--json"])  # fmt: skip
-    assert rc == 0
-    assert json.loads(capsys.readouterr().out)["results"][name]["acc,none"] in (
-        0,
-        0.2,
-        0.4,
-        0.6,
-        0.8,
-        1,
-    )
+    captured = capsys.readouterr()
+    assert rc == 0 and "\r" not in captured.err
+    acc5 = json.loads(captured.out)["results"][name]["acc,none"]
+    assert acc5 in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    # --quiet: the table only
+    rc = main(["eval", "--checkpoint", str(run), "--tasks", name, "--include-path", str(tasks),
+               "--limit", "5", "--quiet"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.err == "" and name in captured.out and "acc" in captured.out
 
 
 def _isolate_offline_switch(monkeypatch) -> None:

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..progress import Progress
+from ..progress import progress_mode as resolve_progress_mode
 
 try:  # optional extra: archlab[eval]
     from lm_eval.api.model import TemplateLM
@@ -83,6 +85,7 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
         max_length: int | None = None,
         device: str | torch.device | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        progress_mode: str | None = "off",
     ) -> None:
         if TemplateLM is object:
             raise UserError("lm-evaluation-harness is not installed: pip install 'archlab[eval]'")
@@ -101,6 +104,8 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
                 f"({self.cfg.max_seq_len})"
             )
         self.max_gen_toks = max_gen_toks
+        # archlab.progress modes; None: a bar on a terminal, plain lines elsewhere
+        self.progress_mode = progress_mode or resolve_progress_mode()
 
     # ---- TemplateLM plumbing ------------------------------------------------------------
     @property
@@ -136,20 +141,33 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
         logprob = [0.0] * n_requests
         greedy = [True] * n_requests
         order = sorted(range(len(windows)), key=lambda i: -len(windows[i].inputs))
-        for start in range(0, len(order), self.batch_size):
-            batch = [windows[i] for i in order[start : start + self.batch_size]]
-            T = len(batch[0].inputs)
-            idx = torch.full((len(batch), T), self.eot_token_id, dtype=torch.long)
-            for row, w in enumerate(batch):
-                idx[row, : len(w.inputs)] = torch.tensor(w.inputs, dtype=torch.long)
-            logits = self.model(idx.to(self.device))  # (B, T, V)
-            for row, w in enumerate(batch):
-                n_in, n_tgt = len(w.inputs), len(w.targets)
-                lp = F.log_softmax(logits[row, n_in - n_tgt : n_in].float(), dim=-1)  # (n, V)
-                tgt = torch.tensor(w.targets, device=lp.device)
-                logprob[w.request] += float(lp.gather(1, tgt[:, None]).double().sum())
-                greedy[w.request] &= bool((lp.argmax(dim=-1) == tgt).all())
+        with Progress(
+            sum(len(w.targets) for w in windows), "lm-eval score", "tok", mode=self.progress_mode,
+            unit_scale=True, leave=False,
+        ) as bar:  # fmt: skip
+            for start in range(0, len(order), self.batch_size):
+                batch = [windows[i] for i in order[start : start + self.batch_size]]
+                self._score_batch(batch, logprob, greedy)
+                bar.update(sum(len(w.targets) for w in batch))
         return list(zip(logprob, greedy, strict=True))
+
+    def _score_batch(self, batch: list[_Window], logprob: list[float], greedy: list[bool]) -> None:
+        """One right-padded forward over ``batch``; adds into ``logprob`` / ``greedy``."""
+        T = max(len(w.inputs) for w in batch)
+        idx = torch.full((len(batch), T), self.eot_token_id, dtype=torch.long)
+        for row, w in enumerate(batch):
+            idx[row, : len(w.inputs)] = torch.tensor(w.inputs, dtype=torch.long)
+        logits = self.model(idx.to(self.device))  # (B, T, V)
+        for row, w in enumerate(batch):
+            n_in, n_tgt = len(w.inputs), len(w.targets)
+            lp = F.log_softmax(logits[row, n_in - n_tgt : n_in].float(), dim=-1)  # (n, V)
+            tgt = torch.tensor(w.targets, device=lp.device)
+            logprob[w.request] += float(lp.gather(1, tgt[:, None]).double().sum())
+            greedy[w.request] &= bool((lp.argmax(dim=-1) == tgt).all())
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False):
+        quiet = disable_tqdm or self.progress_mode != "bar"  # lm-eval's "Tokenizing" bar
+        return super().loglikelihood(requests, disable_tqdm=quiet)
 
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kwargs: Any
@@ -204,6 +222,9 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
             key = (len(ids), json.dumps(settings, sort_keys=True, default=str), tuple(until))
             jobs.setdefault(key, []).append(i)
         out: list[str] = [""] * len(requests)
+        bar = Progress(
+            len(requests), "lm-eval generate", "req", mode=self.progress_mode, leave=False
+        )
         for key in sorted(jobs, key=lambda k: -k[0]):
             members = jobs[key]
             for start in range(0, len(members), self.batch_size):
@@ -214,6 +235,8 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
                     text = postprocess_generated_text(self.tok_decode(toks), until, None)
                     out[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
+                bar.update(len(chunk))
+        bar.close()
         return out
 
     @torch.inference_mode()
@@ -315,6 +338,26 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+def silence_harness_bars() -> None:
+    """Turn off lm-eval's and datasets' own tqdm bars (``--quiet``, and logs, where their
+    carriage-return redraws do not belong; archlab's progress prints plain lines there)."""
+    import functools
+
+    for name in ("lm_eval.api.model", "lm_eval.api.task", "lm_eval.api.metrics"):
+        mod = sys.modules.get(name)
+        bar = getattr(mod, "tqdm", None)
+        if bar is not None and not getattr(bar, "_archlab_silenced", False):
+            quiet_bar = functools.partial(bar, disable=True)
+            quiet_bar._archlab_silenced = True  # type: ignore[attr-defined]
+            mod.tqdm = quiet_bar  # type: ignore[union-attr]
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+    except ImportError:  # pragma: no cover - lm-eval depends on datasets
+        pass
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection (DNS + connect, no request)."""
     import socket
@@ -409,6 +452,7 @@ def run_harness(
     max_length: int | None = None,
     seed: int = 0,
     log_samples: bool = False,
+    quiet: bool = False,
 ) -> HarnessResult:
     """Evaluate a checkpoint on lm-eval tasks; see ``archlab eval --help``."""
     offline_unless_reachable()  # before lm_eval imports datasets
@@ -426,9 +470,17 @@ def run_harness(
     if limit is not None and limit <= 0:
         raise UserError(f"--limit: must be > 0 (got {limit:g})")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task info lines are noise here
+    mode = "off" if quiet else resolve_progress_mode()
+    if mode != "bar":
+        import lm_eval.api.task  # noqa: F401  (so that its bar can be silenced)
+
+        silence_harness_bars()
     manager, specs = load_tasks(tasks, include_path)
     loaded = load(checkpoint, device=device)
-    lm = ArchlabLM(loaded.model, loaded.tokenizer, batch_size=batch_size, max_length=max_length)
+    lm = ArchlabLM(
+        loaded.model, loaded.tokenizer, batch_size=batch_size, max_length=max_length,
+        progress_mode=mode,
+    )  # fmt: skip
     limit_arg: float | None = limit
     if limit is not None and limit >= 1:
         limit_arg = int(limit)

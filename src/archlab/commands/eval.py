@@ -104,6 +104,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         device=args.device,
         max_length=args.seq_len,
         seed=args.seed,
+        quiet=args.quiet,
     )
     print(result.to_json() if args.json else result.table())
     return 0

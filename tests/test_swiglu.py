@@ -118,7 +118,16 @@ def test_cli_mlp_and_bias_flags(capsys):
         raise SystemExit(main(["summary", "--architecture", "mamba", "--mlp", "swiglu"]))
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "--mlp swiglu" in err and "\n" not in err and "Traceback" not in err
+    assert "--mlp" in err and "mamba" in err and "\n" not in err and "Traceback" not in err
+    for argv, needle in (
+        (["--architecture", "dense", "--preset", "rustgpt", "--mlp", "swiglu"], "rustgpt"),
+        (["--architecture", "mamba", "--bias"], "--bias"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            raise SystemExit(main(["summary", *argv]))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, err
 
 
 # ---- exact equivalence with transformers ----------------------------------------------------

@@ -30,6 +30,8 @@ CASES += [
         "dense", "nano", None, {"use_rope": True, "use_rmsnorm": True}, id="dense-rope-rms"
     ),
     pytest.param("hypermixer", "nano", None, {"use_rmsnorm": True}, id="hm-rmsnorm"),
+    pytest.param("dense", "micro", None, {"mlp": "swiglu"}, id="dense-swiglu-micro"),
+    pytest.param("moe", "nano", None, {"mlp": "swiglu"}, id="moe-swiglu"),
 ]
 
 

@@ -52,7 +52,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .hypermixer_rustgpt import RustGPTHyperMixerBlock
 from .layers import make_mlp, make_norm
+from .spec import MLP_FLAGS, ArchitectureSpec, SummaryField
 
 # Two ways to get S_t for every position of a chunk of length C, both exact:
 #  - "matmul" (small C): S = (tril * w1)^T X as one batched matmul; C flops per element of S
@@ -266,3 +268,25 @@ class HyperMixerBlock(nn.Module):
         x = x + self.mixer(self.norm1(x), state, pos)
         x = x + self.ffn(self.norm2(x))
         return x, {}
+
+
+SPEC = ArchitectureSpec(
+    name="hypermixer",
+    display_name="HyperMixer",
+    block=HyperMixerBlock,
+    fields=(*MLP_FLAGS, "hypernetwork_hidden_dim"),
+    # token mixing (~0.5 d^2) + MLP (8 d^2) per block: add layers to match dense's 12 d^2
+    size_override=lambda base: dict(n_layers=max(1, round(base["n_layers"] * 12 / 8.6))),
+    summary_fields=(
+        SummaryField(
+            "hypernetwork_hidden_dim", "Hypernetwork Hidden Dim", lambda c: c.resolved_hyper_hidden
+        ),
+        SummaryField(
+            "mixing_dim",
+            "Token-Mixing Dim",
+            lambda c: c.resolved_mixing_dim,
+            when=lambda c: c.preset != "rustgpt",  # the seed's mixer mixes over positions
+        ),
+    ),
+    rustgpt_block=RustGPTHyperMixerBlock,
+)

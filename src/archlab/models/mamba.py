@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .layers import make_norm
 from .scan import selective_scan, selective_step
+from .spec import ArchitectureSpec, SummaryField
 
 # dt initialisation of the reference: dt ~ log-uniform in [DT_MIN, DT_MAX], floored.
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -185,3 +186,57 @@ class MambaBlock(nn.Module):
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
         return x + self.drop(self.mixer(self.norm1(x), state)), {}
+
+
+SSM_FLAGS = ("state_size", "conv_size", "expand")
+SSM_FIELDS = (
+    SummaryField("state_size", "State Size", lambda c: c.state_size),
+    SummaryField("conv_size", "Conv Size", lambda c: c.conv_size),
+    SummaryField("expand", "Expand", lambda c: c.expand),
+    SummaryField("dt_rank", "dt Rank", lambda c: c.resolved_dt_rank),
+)
+
+
+def check_ssm(cfg: ModelConfig) -> None:
+    """The selective-SSM shape flags (shared with the hybrid)."""
+    for flag, value in (
+        ("--state-size", cfg.state_size),
+        ("--conv-size", cfg.conv_size),
+        ("--expand", cfg.expand),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{flag}: must be a positive number (got {value})")
+    if cfg.dt_rank < 0:
+        raise ConfigError(f"--dt-rank: must be >= 0 (got {cfg.dt_rank})")
+
+
+def _validate(cfg: ModelConfig) -> None:
+    if cfg.mlp != "gelu":
+        raise ConfigError(
+            f"--mlp {cfg.mlp}: mamba blocks have no MLP (the mixer is the whole block); "
+            "SwiGLU applies to dense, moe, hybrid and hypermixer"
+        )
+    if cfg.bias:
+        raise ConfigError(
+            "--bias: mamba blocks have no attention or MLP linears (projections are "
+            "bias-free as in Mamba); --bias applies to dense, moe, hybrid and hypermixer"
+        )
+    check_ssm(cfg)
+
+
+SPEC = ArchitectureSpec(
+    name="mamba",
+    aliases=("ssm",),
+    display_name="Mamba",
+    block=MambaBlock,
+    fields=SSM_FLAGS,
+    norm="rmsnorm",
+    learned_positions=False,
+    rope=False,
+    # a Mamba block has ~6 d^2 parameters, half a dense block: twice the layers (as in its paper)
+    size_override=lambda base: dict(n_layers=2 * base["n_layers"]),
+    # Mamba has no MLP: its hidden width is the expanded inner dimension
+    hidden_dim=lambda c: c.d_inner,
+    summary_fields=SSM_FIELDS,
+    validate=_validate,
+)

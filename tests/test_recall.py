@@ -187,7 +187,7 @@ def test_dense_attention_solves_small_mqar():
     """d_model 64, 4 pairs, length 32: dense attention >= 90% test accuracy in its budget."""
     spec = RunSpec(
         task="mqar", architecture="dense", d_model=64, pairs=4, learning_rate=3e-3, seed=0,
-        data_seed=0, seq_len=32, vocab_size=32, n_heads=4, steps=1500, batch_size=64,
+        data_seed=0, seq_len=32, vocab_size=32, n_heads=4, steps=2000, batch_size=64,
         num_train=20_000, num_val=500, num_test=1000, use_rope=True, threads=2,
     )  # fmt: skip
     res = train_and_evaluate(spec)

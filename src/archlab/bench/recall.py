@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import UserError
 from .recall_tasks import DEFAULT_VOCAB, TaskData, check_task
-from .recall_worker import RunSpec
+from .recall_worker import RunSpec, resolve_device
 
 # The default grid, sized to finish in about 10 minutes on 2 CPU cores (measured; see README).
 DEFAULT_ARCHITECTURES = ("dense", "hypermixer", "mamba", "moe", "hybrid")
@@ -46,9 +46,9 @@ DEFAULT_D_MODELS = (32, 64)
 DEFAULT_KV_PAIRS = (2, 4)
 DEFAULT_SEQ_LEN = 32
 DEFAULT_LEARNING_RATES = (3e-3,)
-DEFAULT_STEPS = 300
+DEFAULT_STEPS = 800
 DEFAULT_BATCH_SIZE = 64
-DEFAULT_N_HEADS = 2
+DEFAULT_N_HEADS = 4
 # Zoology's own grid (Arora et al. 2023, Figure 2), for `--zoology`-sized runs by flags.
 ZOOLOGY_FLAGS = (
     "--d-models 64,128,256,512 --kv-pairs 4,8,16,32,64 --seq-len 256 --vocab-size 8192 "
@@ -76,6 +76,7 @@ FLAG_NAMES = {
     "weight_decay": "--weight-decay",
     "use_rope": "--use-rope",
     "threads": "--threads",
+    "device": "--device",
 }
 
 
@@ -93,7 +94,7 @@ class RecallSettings:
     seed: int = 0
     steps: int = DEFAULT_STEPS
     batch_size: int = DEFAULT_BATCH_SIZE
-    vocab_size: int = 0  # 0 -> the task's default (mqar 256, selective-copy 16)
+    vocab_size: int = 0  # 0 -> the task's default (mqar 32, selective-copy 16)
     n_heads: int = DEFAULT_N_HEADS
     num_train: int = 20_000
     num_val: int = 500
@@ -103,6 +104,7 @@ class RecallSettings:
     weight_decay: float = 0.1
     use_rope: bool | None = None  # None: each architecture's default (learned positions)
     threads: int | None = None
+    device: str = "cpu"
 
     @property
     def seed_list(self) -> list[int]:
@@ -145,6 +147,7 @@ def settings_from_flags(raw: dict[str, Any]) -> RecallSettings:
     if "weight_decay" in given and not (given["weight_decay"] >= 0):
         raise UserError(f"--weight-decay: must be >= 0 (got {given['weight_decay']})")
     s = RecallSettings(**given)
+    resolve_device(s.device)
     if not s.vocab_size:
         s.vocab_size = DEFAULT_VOCAB[s.task]
     for d in s.d_models:
@@ -191,6 +194,7 @@ def run_spec(
         weight_decay=s.weight_decay,
         use_rope=s.use_rope,
         threads=s.threads,
+        device=s.device,
     )
 
 
@@ -438,6 +442,7 @@ def rerun_command(s: RecallSettings, out_dir: Path) -> str:
         parts.append("--use-rope" if s.use_rope else "--no-use-rope")
     if s.threads is not None:
         parts += ["--threads", str(s.threads)]
+    parts += ["--device", s.device]
     parts += ["--out-dir", str(out_dir)]
     return shlex.join(parts)
 

@@ -40,6 +40,7 @@ RUN_COLUMNS = (
     "seq_len",
     "vocab_size",
     "train_seconds",
+    "train_cpu_seconds",
     "wall_seconds",
     "cpu_seconds",
     "error",

@@ -58,6 +58,7 @@ class RunSpec:
     warmup_fraction: float = 0.1
     use_rope: bool | None = None
     threads: int | None = None
+    device: str = "cpu"  # auto, cpu, cuda, mps
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunSpec:
@@ -68,6 +69,28 @@ class RunSpec:
         return TaskData(
             self.task, self.vocab_size, self.pairs, seq_len or self.seq_len, self.power_a
         )
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda, else mps, else cpu; an unavailable device is a user error."""
+    from ..errors import UserError
+
+    if name not in DEVICES:
+        raise UserError(f"--device: unknown device {name!r} (allowed: {', '.join(DEVICES)})")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available (try --device cpu)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps: MPS is not available on this machine (try --device cpu)")
+    return torch.device(name)
 
 
 def model_config(spec: RunSpec, max_seq_len: int | None = None):
@@ -130,7 +153,8 @@ def _numel(obj: Any) -> int:
 def measured_cache_elements(model, seq_len: int, vocab_size: int) -> int:
     """Elements the model's own decode cache holds after a prefix of seq_len tokens (B = 1)."""
     cache = model.init_cache()
-    model(torch.randint(1, vocab_size, (1, seq_len)), cache=cache)
+    device = next(model.parameters()).device
+    model(torch.randint(1, vocab_size, (1, seq_len), device=device), cache=cache)
     return _numel(cache.layers)
 
 
@@ -141,9 +165,10 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> dict[
     right = counted = 0
     loss_sum = 0.0
     all_right = 0
+    device = next(model.parameters()).device
     for s in range(0, len(x), batch):
-        logits = model(x[s : s + batch])
-        yb = y[s : s + batch]
+        logits = model(x[s : s + batch].to(device))
+        yb = y[s : s + batch].to(device)
         r, c = answer_accuracy(logits, yb)
         right, counted = right + r, counted + c
         loss_sum += float(
@@ -171,6 +196,7 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
     from ..models import build_model
     from ..train.optim import WarmupCosineSchedule, build_optimizer
 
+    device = resolve_device(spec.device)
     if spec.threads:
         torch.set_num_threads(spec.threads)
     t_start = time.perf_counter()
@@ -181,8 +207,8 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
 
     torch.manual_seed(spec.seed)
     cfg = model_config(spec)
-    model = build_model(cfg)
-    opt = build_optimizer(model, spec.learning_rate, spec.weight_decay)
+    model = build_model(cfg).to(device)
+    opt = build_optimizer(model, spec.learning_rate, spec.weight_decay, device_type=device.type)
     warmup = max(1, round(spec.warmup_fraction * spec.steps)) if spec.steps > 1 else 0
     schedule = WarmupCosineSchedule(spec.learning_rate, warmup, spec.steps)
     g = torch.Generator().manual_seed(spec.seed)
@@ -190,15 +216,16 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
     metrics = open(run_dir / "metrics.jsonl", "w") if run_dir is not None else None
     diverged_at: int | None = None
     loss_value = float("nan")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         for step in range(spec.steps):
             lr = schedule.apply(opt, step)
             idx = torch.randint(0, len(x_train), (spec.batch_size,), generator=g)
-            logits, aux = model(x_train[idx], return_aux=True)  # (B, T, V)
+            xb, yb = x_train[idx].to(device), y_train[idx].to(device)
+            logits, aux = model(xb, return_aux=True)  # (B, T, V)
             loss = F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)),
-                y_train[idx].reshape(-1),
+                yb.reshape(-1),
                 ignore_index=IGNORE_INDEX,
             )
             loss_value = float(loss.detach())
@@ -224,6 +251,7 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
         if metrics is not None:
             metrics.close()
     train_s = time.perf_counter() - t0
+    train_cpu = time.process_time() - c0  # all threads of this process
     state = state_elements(cfg, spec.seq_len)
     result: dict[str, Any] = {
         **asdict(spec),
@@ -238,6 +266,9 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
         **state,
         "cache_elements": measured_cache_elements(model, spec.seq_len, spec.vocab_size),
         "train_seconds": round(train_s, 3),
+        "train_cpu_seconds": round(train_cpu, 3),
+        "steps_run": spec.steps if diverged_at is None else diverged_at,
+        "device": str(device),
     }
     if diverged_at is not None:
         result.update(val_accuracy=None, test_accuracy=None, long_accuracy=None)

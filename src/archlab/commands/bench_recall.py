@@ -32,12 +32,12 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--seeds", type=int, default=None, help="seeds per run (default 1)")
     r.add_argument("--seed", type=int, default=None, help="first seed; also the data's (0)")
-    r.add_argument("--steps", type=int, default=None, help="optimizer steps per run (300)")
+    r.add_argument("--steps", type=int, default=None, help="optimizer steps per run (800)")
     r.add_argument("--batch-size", type=int, default=None, help="examples per step (64)")
     r.add_argument(
-        "--vocab-size", type=int, default=None, help="vocabulary (mqar 256, selective-copy 16)"
+        "--vocab-size", type=int, default=None, help="vocabulary (mqar 32, selective-copy 16)"
     )
-    r.add_argument("--n-heads", type=int, default=None, help="attention heads (default 2)")
+    r.add_argument("--n-heads", type=int, default=None, help="attention heads (default 4)")
     r.add_argument("--num-train", type=int, default=None, help="training examples (20000)")
     r.add_argument(
         "--num-val", type=int, default=None, help="validation examples, pick the rate (500)"
@@ -59,6 +59,11 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
         "(default: each architecture's own; learned positions cannot extrapolate)",
     )
     r.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    r.add_argument(
+        "--device",
+        default=None,
+        help="cpu (default), cuda, mps or auto (the full grid wants a GPU)",
+    )
     r.add_argument(
         "--out-dir", default=None, help="output folder (default runs/bench-recall-<time>)"
     )
@@ -104,6 +109,7 @@ def raw_settings(args: argparse.Namespace) -> dict[str, Any]:
             "weight_decay",
             "use_rope",
             "threads",
+            "device",
         )
     }
     if args.task is not None:

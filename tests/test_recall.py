@@ -84,7 +84,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
         (["--task", "copying"], "unknown task"),
         (["--d-models", "30", "--n-heads", "4"], "not divisible"),
         (["--kv-pairs", "200", "--vocab-size", "64", "--seq-len", "1024"], "too small"),
-        (["--kv-pairs", "16", "--seq-len", "32"], "too short"),
+        (["--kv-pairs", "8", "--seq-len", "16"], "too short"),
         (["--task", "selective-copy", "--kv-pairs", "20", "--seq-len", "32"], "too short"),
         (["--learning-rates", "0,1e-3"], "positive"),
     ]
@@ -204,3 +204,16 @@ def test_prepare_selective_copy_cli(tmp_path, capsys):
     assert rc == 0
     assert "selective copying: 3 tokens to copy" in capsys.readouterr().out
     assert Path(out / "meta.json").exists()
+
+
+def test_selective_copy_grid(tmp_path):
+    out = tmp_path / "sc"
+    flags = ["--task", "selective-copy", "--architectures", "hybrid", "--d-models", "16",
+             "--kv-pairs", "3", "--seq-len", "10", "--steps", "2", "--batch-size", "4",
+             "--num-train", "16", "--num-val", "8", "--num-test", "8", "--threads", "1"]  # fmt: skip
+    assert main(["bench", "recall", *flags, "--out-dir", str(out)]) == 0
+    md = (out / "recall.md").read_text()
+    assert "selective copying (MAD)" in md and "## 3 tokens to copy, length 10" in md
+    assert "chance (1/13)" in md  # vocabulary 16: 13 data tokens
+    (cell,) = json.loads((out / "results.json").read_text())["cells"]
+    assert cell["long_accuracy"] is not None  # hybrid has no learned positions: tested at 20

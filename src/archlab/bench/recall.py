@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import UserError
 from .recall_tasks import DEFAULT_VOCAB, TaskData, check_task
-from .recall_worker import RunSpec, resolve_device
+from .recall_worker import RunSpec, resolve_device, write_json_atomic
 
 # The default grid, sized to finish in about 10 minutes on 2 CPU cores (measured; see README).
 DEFAULT_ARCHITECTURES = ("dense", "hypermixer", "mamba", "moe", "hybrid")
@@ -47,7 +47,7 @@ DEFAULT_KV_PAIRS = (2, 4)
 DEFAULT_SEQ_LEN = 32
 DEFAULT_LEARNING_RATES = (3e-3,)
 DEFAULT_STEPS = 800
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 32
 DEFAULT_N_HEADS = 4
 # Zoology's own grid (Arora et al. 2023, Figure 2), for `--zoology`-sized runs by flags.
 ZOOLOGY_FLAGS = (
@@ -229,7 +229,7 @@ def read_result(run_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def run_one(run: PlannedRun, log_path: Path) -> dict[str, Any]:
+def run_one(run: PlannedRun, log_path: Path, t0: float) -> dict[str, Any]:
     """One child process; a crash becomes a failed record with the log's last line."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     (run.run_dir / "result.json").unlink(missing_ok=True)
@@ -250,6 +250,9 @@ def run_one(run: PlannedRun, log_path: Path) -> dict[str, Any]:
     # depends on what else the machine runs, so it estimates an idle machine's wall time
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     res["cpu_seconds"] = round(cpu, 3)
+    res["wall_seconds"] = round(time.monotonic() - t0, 3)
+    if (run.run_dir / "result.json").exists():  # keep it with the run, for --resume
+        write_json_atomic(run.run_dir / "result.json", res)
     return res
 
 
@@ -298,7 +301,8 @@ def run_grid(
     todo = []
     for run in runs:
         done = read_result(run.run_dir) if resume else None
-        if done is not None and done.get("ok") is not None:
+        # finished, or diverged (a result of the protocol); a crash is run again
+        if done is not None and (done.get("ok") or "final_train_loss" in done):
             results.append(done)
         else:
             todo.append(run)
@@ -307,8 +311,7 @@ def run_grid(
     t_grid = time.monotonic()
     for i, run in enumerate(todo, start=1):
         t0 = time.monotonic()
-        res = run_one(run, out_dir / "logs" / f"{run.name}.log")
-        res["wall_seconds"] = round(time.monotonic() - t0, 3)
+        res = run_one(run, out_dir / "logs" / f"{run.name}.log", t0)
         results.append(res)
         elapsed = time.monotonic() - t_grid
         eta = elapsed / i * (len(todo) - i)

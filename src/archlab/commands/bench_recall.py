@@ -33,7 +33,7 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("--seeds", type=int, default=None, help="seeds per run (default 1)")
     r.add_argument("--seed", type=int, default=None, help="first seed; also the data's (0)")
     r.add_argument("--steps", type=int, default=None, help="optimizer steps per run (800)")
-    r.add_argument("--batch-size", type=int, default=None, help="examples per step (64)")
+    r.add_argument("--batch-size", type=int, default=None, help="examples per step (32)")
     r.add_argument(
         "--vocab-size", type=int, default=None, help="vocabulary (mqar 32, selective-copy 16)"
     )

@@ -184,15 +184,22 @@ def test_best_rate_is_chosen_on_validation_not_test():
 
 @pytest.mark.slow
 def test_dense_attention_solves_small_mqar():
-    """d_model 64, 4 pairs, length 32: dense attention >= 90% test accuracy in its budget."""
+    """d_model 64, 4 pairs, length 32: dense attention >= 90% test accuracy in its budget.
+
+    Budget: 3,000 steps of 64 examples, one thread (~80 s of CPU). With RoPE and a vocabulary of
+    32, this run sits on the "one of the four values in context" plateau (accuracy ~0.25-0.48)
+    until about step 1,400 and is at 0.99+ by step 1,600 (the induction circuit forms abruptly);
+    the rest of the budget is margin for other CPUs' arithmetic. With learned positions or a
+    larger vocabulary the plateau lasts longer than the suite can afford.
+    """
     spec = RunSpec(
         task="mqar", architecture="dense", d_model=64, pairs=4, learning_rate=3e-3, seed=0,
-        data_seed=0, seq_len=32, vocab_size=32, n_heads=4, steps=2000, batch_size=64,
-        num_train=20_000, num_val=500, num_test=1000, use_rope=True, threads=2,
+        data_seed=0, seq_len=32, vocab_size=32, n_heads=4, steps=3000, batch_size=64,
+        num_train=20_000, num_val=500, num_test=1000, use_rope=True, threads=1,
     )  # fmt: skip
     res = train_and_evaluate(spec)
     assert res["ok"]
-    assert res["test_accuracy"] >= 0.9, res["test_accuracy"]
+    assert res["test_accuracy"] >= 0.9, (res["test_accuracy"], res["final_train_loss"])
     assert res["chance"] == pytest.approx(1 / 16)
 
 

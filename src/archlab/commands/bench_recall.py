@@ -147,7 +147,11 @@ def run(args: argparse.Namespace) -> int:
                 f"--out-dir {out_dir} already holds a recall grid; pass --resume to continue it "
                 "or choose another folder"
             )
-    outcome = recall.run_grid(settings, out_dir, resume=args.resume)
+    from ..fsutil import ensure_writable_dir, lock_folder
+
+    ensure_writable_dir(out_dir, "--out-dir")  # fail now, not after the first run
+    with lock_folder(out_dir, "recall grid"):  # a second process on this grid is refused
+        outcome = recall.run_grid(settings, out_dir, resume=args.resume)
     print()
     from ..bench.recall_report import tables
 

@@ -9,7 +9,7 @@ The mixer follows the reference ``Mamba`` module of state-spaces/mamba with its 
     y      = selective_scan(x, delta, A = -exp(A_log), B, C, D) * SiLU(z)
     out    = out_proj(y)                      d_inner -> d, no bias
 
-Training runs the chunked scan of ``scan.py`` (or the ``mamba_ssm`` CUDA kernels when they are
+Training runs ``scan.selective_scan`` (on CPU the fused numba kernel, else the chunked scan; or the ``mamba_ssm`` CUDA kernels when they are
 installed and the tensors are on CUDA); decoding keeps, per layer,
 {"conv": (B, d_inner, conv_size - 1) last conv inputs, "ssm": (B, d_inner, N) state}: chunks of
 T > 1 tokens run the scan from the carried state, single tokens take one recurrent step.
@@ -108,13 +108,16 @@ class MambaMixer(nn.Module):
         A = self._A()  # (d_inner, N)
         if scan_fn is not None:
             y = self._cuda_scan(scan_fn, xc, dt, A, B, C, z)
-        elif state is None:
-            y = selective_scan(xc, self.dt_proj(dt), A, B, C, self.D, z, delta_softplus=True)
-        else:
-            y, state["ssm"] = selective_scan(
-                xc, self.dt_proj(dt), A, B, C, self.D, z, delta_softplus=True,
-                initial_state=state.get("ssm"), return_last_state=True,
-            )  # fmt: skip
+        else:  # dt_proj's bias is added inside the scan (the fused kernel does it in place)
+            delta = F.linear(dt, self.dt_proj.weight)  # (B, T, d_inner)
+            bias = self.dt_proj.bias
+            if state is None:
+                y = selective_scan(xc, delta, A, B, C, self.D, z, bias, delta_softplus=True)
+            else:
+                y, state["ssm"] = selective_scan(
+                    xc, delta, A, B, C, self.D, z, bias, delta_softplus=True,
+                    initial_state=state.get("ssm"), return_last_state=True,
+                )  # fmt: skip
         return self.out_proj(y)
 
     def _conv(self, xi: Tensor, state: dict | None, conv_fn: Callable | None) -> Tensor:

@@ -46,6 +46,7 @@ branch a fixed one).  ``cfg.extra["hypermixer_tied"]`` ties h1 and h2 and
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -173,6 +174,38 @@ class _CausalHyperMix(torch.autograd.Function):
         return dw1, dx, dw2, carry, None, None
 
 
+HYPERMIX_IMPLS = ("fused", "chunked")
+
+
+def resolve_hypermix_impl(device: torch.device, impl: str | None = None) -> str:
+    """``impl``, else $ARCHLAB_HYPERMIX, else fused on CPU when its kernel loads, else chunked."""
+    from .kernels import fused_available, kernel_notice
+
+    choice = impl or os.environ.get("ARCHLAB_HYPERMIX", "").strip().lower() or None
+    if choice is not None and choice not in HYPERMIX_IMPLS:
+        raise ValueError(
+            f"ARCHLAB_HYPERMIX={choice!r}: expected one of {', '.join(HYPERMIX_IMPLS)}"
+        )
+    if choice == "chunked" or device.type != "cpu":
+        return "chunked"
+    if fused_available("hypermix"):
+        return "fused"
+    kernel_notice("hypermix", "HyperMixing: fused CPU kernel unavailable, using the chunked mixer")
+    return "chunked"
+
+
+def _fused_ready(dtype: torch.dtype) -> bool:
+    from .kernels import disable_fused, hypermix_cpu, kernel_notice
+
+    try:
+        hypermix_cpu.warm_up(dtype)
+    except Exception as exc:  # a numba that cannot compile here: never fail training
+        disable_fused("hypermix", exc)
+        kernel_notice("hypermix", "HyperMixing: fused CPU kernel failed, using the chunked mixer")
+        return False
+    return True
+
+
 def causal_hypermix(
     w1: Tensor,
     x: Tensor,
@@ -180,20 +213,32 @@ def causal_hypermix(
     s0: Tensor | None = None,
     start: int = 0,
     chunk: int | None = None,
+    impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal HyperMixing read-out.  w1, w2: (B, T, M); x: (B, T, D); s0: (B, M, D).
 
     Returns out (B, T, D) with out_t = w2_t · GELU(S_t / (start + t + 1)) and the final
     running sum S (B, M, D) (no gradient) to continue from.  Computed in at least float32.
+    On CPU the fused numba kernel runs (``kernels/hypermix_cpu.py``); ``impl="chunked"`` (or
+    ``ARCHLAB_HYPERMIX=chunked``) forces the chunked torch version, whose chunk length is
+    ``chunk``.
     """
     B, T, M = w1.shape
     D = x.shape[-1]
     dtype = torch.promote_types(x.dtype, torch.float32)
     if s0 is None:
         s0 = x.new_zeros(B, M, D, dtype=dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w1, x, w2, s0))
+    if resolve_hypermix_impl(x.device, impl) == "fused" and _fused_ready(dtype):
+        from .kernels import hypermix_cpu
+
+        with torch.autocast("cpu", enabled=False):
+            out, s = hypermix_cpu.fused_hypermix(
+                w1.to(dtype), x.to(dtype), w2.to(dtype), s0.to(dtype), start, needs_grad
+            )
+        return out.to(x.dtype), s
     chunk = chunk or _auto_chunk(x, M)
     args = (w1.to(dtype), x.to(dtype), w2.to(dtype), s0.to(dtype), start, chunk)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w1, x, w2, s0))
     if needs_grad:
         out, s = _CausalHyperMix.apply(*args)
     else:  # inference / decoding: no chunk-boundary states kept

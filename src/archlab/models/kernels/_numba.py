@@ -75,10 +75,17 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
-def parallel_for(fn: Callable, n_items: int, *args: Any) -> None:
-    """Run ``fn(lo, hi, *args)`` over ``[0, n_items)`` split into torch.get_num_threads() ranges."""
+_MIN_WORK_PER_THREAD = 1 << 16  # inner-loop elements below which a thread is not worth it
+
+
+def parallel_for(fn: Callable, n_items: int, work: int, *args: Any) -> None:
+    """Run ``fn(lo, hi, *args)`` over ``[0, n_items)`` split into torch.get_num_threads() ranges.
+
+    ``work`` (inner-loop elements in all) keeps small calls such as decode steps on the calling
+    thread: handing ~1e4 elements to another thread costs more than it saves.
+    """
     global _pool, _pool_size
-    threads = max(1, min(torch.get_num_threads(), n_items))
+    threads = max(1, min(torch.get_num_threads(), n_items, work // _MIN_WORK_PER_THREAD))
     if threads == 1:
         fn(0, n_items, *args)
         return

@@ -226,7 +226,7 @@ class _FusedScan(torch.autograd.Function):
         last = torch.empty(Bsz, Dm, N, dtype=dtype)
         ckpt = torch.empty(Bsz, -(-T // K), Dm, N, dtype=dtype)
         parallel_for(
-            _scan_fwd, Bsz * -(-Dm // _LANES),
+            _scan_fwd, Bsz * -(-Dm // _LANES), Bsz * T * Dm * N,
             _np(u), _np(delta), _np(At), _np(B), _np(C), _np(Dv),
             _np(z if z is not None else dummy), _np(bias),
             _np(h0 if h0 is not None else u.new_zeros(1, 1, 1)), flags, K,
@@ -254,7 +254,7 @@ class _FusedScan(torch.autograd.Function):
         dD_b, dbias_b = u.new_empty(Bsz, Dm), u.new_empty(Bsz, Dm)
         dh0 = u.new_empty(Bsz, Dm, N)
         parallel_for(
-            _scan_bwd, Bsz * nblk,
+            _scan_bwd, Bsz * nblk, Bsz * T * Dm * N,
             _np(u), _np(delta), _np(At), _np(B), _np(C), _np(Dv),
             _np(z if z is not None else dummy), _np(bias), flags, ctx.K, _np(ckpt), _np(pre),
             _np(gout), _np(glast.contiguous() if glast is not None else dummy),

@@ -60,7 +60,9 @@ def test_chunked_mixing_equals_naive_reference_values_and_gradients(chunk):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("T,chunk,impl", [(6, 4, "chunked"), (36, 34, "chunked"), (37, None, "fused")])
+@pytest.mark.parametrize(
+    "T,chunk,impl", [(6, 4, "chunked"), (36, 34, "chunked"), (37, None, "fused")]
+)
 def test_mixing_gradcheck(T, chunk, impl):
     torch.manual_seed(1)
     args = [torch.randn(1, T, k, dtype=torch.float64, requires_grad=True) for k in (3, 4, 3)]

@@ -279,11 +279,18 @@ class CausalHyperMixing(nn.Module):
         self.out_norm = make_norm(cfg) if use_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.chunk_size: int | None = None  # None: automatic (see _auto_chunk)
+        self._pe_table: Tensor | None = None  # cached sinusoidal positions (not a parameter)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> Tensor:
         B, T, D = x.shape
+        pe = self._positions(pos, T, D, x.device).to(x.dtype)  # (T, D)
+        if state is not None and T == 1 and "S" in state:
+            out = self._fused_step(x[:, 0], pe[0], state, pos)
+            if out is not None:
+                out = out.unsqueeze(1)
+                return self.drop(self.out_norm(out) if self.out_norm is not None else out)
         # hypernetwork input: token + absolute position; the mixed values stay x
-        hyp_in = x + sinusoidal_positions(pos, T, D, x.device).to(x.dtype)  # (B, T, D)
+        hyp_in = x + pe  # (B, T, D)
         w1 = self.hyper_w1(hyp_in)  # (B, T, M)
         w2 = w1 if self.hyper_w2 is None else self.hyper_w2(hyp_in)  # (B, T, M)
         s0, start = None, 0
@@ -297,6 +304,53 @@ class CausalHyperMixing(nn.Module):
         if self.out_norm is not None:
             out = self.out_norm(out)
         return self.drop(out)
+
+    def _positions(self, pos: int, T: int, D: int, device: torch.device) -> Tensor:
+        """Rows pos .. pos+T-1 of a cached sinusoidal table (bit-identical to computing them:
+        the same float32 positions times the same frequencies), grown by doubling."""
+        table = self._pe_table
+        if table is None or table.device != device or table.shape[0] < pos + T:
+            n = max(pos + T, 2 * (table.shape[0] if table is not None else 0), 256)
+            table = self._pe_table = sinusoidal_positions(0, n, D, device)
+        return table[pos : pos + T]
+
+    def _fused_step(self, x: Tensor, pe: Tensor, state: dict, pos: int) -> Tensor | None:
+        """One decode token through the fused CPU kernel (both hypernetworks, the running-sum
+        update and the read-out in one call); None when it does not apply."""
+        from .kernels import disable_fused, fused_available, hypermix_cpu, kernel_notice
+
+        dtype = x.dtype
+        S = state["S"]
+        nets = [self.hyper_w1] + ([] if self.hyper_w2 is None else [self.hyper_w2])
+        if (
+            x.device.type != "cpu"
+            or dtype not in (torch.float32, torch.float64)
+            or S.dtype != dtype
+            or any(p.dtype != dtype for p in self.parameters())
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            or not fused_available("hypermix_step")
+        ):
+            return None
+        if state["count"] != pos:
+            raise ValueError(f"hypermixer decode state holds {state['count']} tokens, not {pos}")
+
+        def weights(net: HyperNetwork) -> tuple[Tensor, ...]:
+            fb = net.fc.bias if net.fc.bias is not None else x.new_zeros(net.fc.out_features)
+            pb = net.proj.bias if net.proj.bias is not None else x.new_zeros(net.proj.out_features)
+            return tuple(t.detach().contiguous() for t in (net.fc.weight, fb, net.proj.weight, pb))
+
+        S = S.contiguous()  # updated in place
+        try:
+            out = hypermix_cpu.hyper_step(
+                x.contiguous(), pe.contiguous(), weights(nets[0]),
+                weights(nets[1]) if len(nets) > 1 else None, S, pos,
+            )  # fmt: skip
+        except Exception as exc:  # compile failure: the torch path from now on
+            disable_fused("hypermix_step", exc)
+            kernel_notice("hypermix_step", "HyperMixer decode: fused step unavailable")
+            return None
+        state["S"], state["count"] = S, pos + 1
+        return out
 
 
 class HyperMixerBlock(nn.Module):

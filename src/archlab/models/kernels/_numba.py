@@ -57,12 +57,14 @@ def notice_once(key: str, message: str) -> None:
 def kernel(fn: Callable) -> Any:
     """``njit(nogil=True)`` with an on-disk cache when one can be written, else without.
 
+    ``error_model="numpy"``: a float division is a plain IEEE division; numba's default checks
+    for zero and raises, and that branch stops LLVM from vectorising any loop that divides.
     Kernels are serial over a range of work items ``[lo, hi)``; :func:`parallel_for` runs the
     ranges on Python threads (the kernels release the GIL). Serial kernels compile in a few
     seconds where ``parallel=True`` (numba's parfors) took ~10x longer, need no numba threading
     layer (none of its fork-safety caveats) and follow torch's thread count exactly.
     """
-    opts: dict[str, Any] = dict(fastmath=FASTMATH, nogil=True)
+    opts: dict[str, Any] = dict(fastmath=FASTMATH, nogil=True, error_model="numpy")
     if os.environ.get("ARCHLAB_NUMBA_NO_CACHE") != "1":
         try:
             return numba.njit(cache=True, **opts)(fn)
@@ -118,7 +120,7 @@ if NUMBA:
         _F(1 / 2), _F(1 / 6), _F(1 / 24), _F(1 / 120), _F(1 / 720), _F(1 / 5040),
     )  # fmt: skip
 
-    @numba.njit(inline="always")
+    @numba.njit(inline="always", error_model="numpy")
     def exp32(x):
         """Vectorisable float32 exp; see the module docstring."""
         x = min(max(x, _LO), _HI)
@@ -151,7 +153,7 @@ if NUMBA:
             return lambda x: exp32(x)
         return lambda x: math.exp(x)
 
-    @numba.njit(inline="always")
+    @numba.njit(inline="always", error_model="numpy")
     def _gelu32(x):
         """(gelu(x), gelu'(x)) in float32 with one exp: Phi from A&S erf, phi shares its exp."""
         z = abs(x) * _SQRT1_2

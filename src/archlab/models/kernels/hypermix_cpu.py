@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ._numba import NUMBA, kernel, parallel_for
 
-__all__ = ["fused_hypermix", "warm_up"]
+__all__ = ["fused_hypermix", "hyper_step", "warm_up"]
 
 _LANES = 16  # channels per work item
 _CHUNK = 32  # time steps between checkpoints of S
@@ -218,3 +218,69 @@ def fused_hypermix(
     with torch.no_grad():
         out, s_last, _ = _forward(*args, int(start), False)
     return out, s_last
+
+
+# ---- single-token decode: both hypernetworks and the mixing step in one call ---------------
+if NUMBA:
+
+    @kernel
+    def _hypernet(hin, fw, fb, pw, pb, hid, w):
+        """w = pw @ GELU(fw @ hin + fb) + pb."""
+        zero = np.zeros(1, dtype=hin.dtype)[0]
+        for r in range(fw.shape[0]):
+            acc = zero
+            for d in range(fw.shape[1]):
+                acc += fw[r, d] * hin[d]
+            hid[r] = gelu_and_grad(acc + fb[r])[0]
+        for m in range(pw.shape[0]):
+            acc = zero
+            for r in range(pw.shape[1]):
+                acc += pw[m, r] * hid[r]
+            w[m] = acc + pb[m]
+
+    @kernel
+    def _hyper_step(lo, hi, x, pe, f1w, f1b, p1w, p1b, f2w, f2b, p2w, p2b, tied, S, inv, out):
+        """One token for batch rows [lo, hi): w_k = proj_k(GELU(fc_k(x + pe))) (k = 1, 2; the
+        biases are zero vectors when the layers have none), S += w1 x^T (in place) and
+        out = w2 . GELU(S * inv)."""
+        Bsz, D = x.shape
+        H = f1w.shape[0]
+        M = p1w.shape[0]
+        hin = np.empty(D, dtype=x.dtype)
+        hid = np.empty(H, dtype=x.dtype)
+        w1 = np.empty(M, dtype=x.dtype)
+        w2 = np.empty(M, dtype=x.dtype)
+        o = np.empty(D, dtype=x.dtype)
+        for b in range(lo, hi):
+            for d in range(D):
+                hin[d] = x[b, d] + pe[d]
+            _hypernet(hin, f1w, f1b, p1w, p1b, hid, w1)
+            if not tied:
+                _hypernet(hin, f2w, f2b, p2w, p2b, hid, w2)
+            if tied:
+                w2[:] = w1
+            o[:] = 0.0
+            for m in range(M):
+                a = w1[m]
+                c = w2[m]
+                for d in range(D):
+                    s = S[b, m, d] + a * x[b, d]
+                    S[b, m, d] = s
+                    o[d] += c * gelu_and_grad(s * inv[0])[0]
+            for d in range(D):
+                out[b, d] = o[d]
+
+
+def hyper_step(
+    x: Tensor, pe: Tensor, h1: tuple[Tensor, ...], h2: tuple[Tensor, ...] | None,
+    S: Tensor, count: int,
+) -> Tensor:  # fmt: skip
+    """Decode step of CausalHyperMixing: x (B, D), pe (D,), h1/h2 = (fc.weight, fc.bias,
+    proj.weight, proj.bias) with zero biases where absent (h2 None: tied). S (B, M, D) is
+    updated in place; returns out (B, D). One dtype, contiguous, CPU."""
+    out = torch.empty_like(x)
+    inv = _inverse_counts(count, 1, x.dtype)
+    tied = h2 is None
+    args = (x, pe, *h1, *(h1 if tied else h2))
+    _hyper_step(0, x.shape[0], *(_np(t) for t in args), tied, _np(S), _np(inv), _np(out))
+    return out

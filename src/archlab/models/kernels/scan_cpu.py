@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._numba import NUMBA, kernel, parallel_for
 
-__all__ = ["available", "fused_selective_scan"]
+__all__ = ["available", "fused_selective_scan", "mamba_step", "warm_up"]
 
 _LANES = 16  # channels per work item: one AVX-512 float32 vector
 _CHUNK = 64  # time steps between state checkpoints
@@ -316,3 +316,66 @@ def fused_selective_scan(
             prep(u), prep(delta), prep(A), prep(B), prep(C), prep(D), prep(z),
             prep(delta_bias), prep(initial_state), bool(delta_softplus),
         )  # fmt: skip
+
+
+# ---- single-token decode: the whole mixer between in_proj and out_proj in one call ----------
+if NUMBA:
+
+    @kernel
+    def _mamba_step(lo, hi, xz, conv, cw, cb, xw, dtw, dtb, A_log, Dv, h, y):
+        """One token for batch rows [lo, hi): causal conv + SiLU, x_proj, dt_proj + softplus,
+        the recurrent update of h (B, di, N) and the gated read-out into y (B, di).
+
+        xz (B, 2 di) is in_proj's output; conv (B, di, K - 1) holds the last conv inputs and is
+        shifted in place, h updated in place."""
+        di = Dv.shape[0]
+        K = cw.shape[1]
+        R = dtw.shape[1]
+        N = A_log.shape[1]
+        P = xw.shape[0]  # R + 2 N
+        one = np.ones(1, dtype=xz.dtype)[0]
+        zero = np.zeros(1, dtype=xz.dtype)[0]
+        xc = np.empty(di, dtype=xz.dtype)
+        proj = np.empty(P, dtype=xz.dtype)
+        for b in range(lo, hi):
+            for d in range(di):
+                acc = cb[d] + cw[d, K - 1] * xz[b, d]
+                for k in range(K - 1):
+                    acc += cw[d, k] * conv[b, d, k]
+                for k in range(K - 2):
+                    conv[b, d, k] = conv[b, d, k + 1]
+                if K > 1:
+                    conv[b, d, K - 2] = xz[b, d]
+                xc[d] = acc / (one + vexp(-acc))
+            for p in range(P):
+                acc = zero
+                for d in range(di):
+                    acc += xw[p, d] * xc[d]
+                proj[p] = acc
+            for d in range(di):
+                v = dtb[d]
+                for r in range(R):
+                    v += dtw[d, r] * proj[r]
+                delta = v if v > 20.0 else np.log1p(vexp(v))
+                du = delta * xc[d]
+                acc = Dv[d] * xc[d]
+                for n in range(N):
+                    a = vexp(-vexp(A_log[d, n]) * delta)
+                    hn = a * h[b, d, n] + du * proj[R + n]
+                    h[b, d, n] = hn
+                    acc += proj[R + N + n] * hn
+                zz = xz[b, di + d]
+                y[b, d] = acc * zz / (one + vexp(-zz))
+
+
+def mamba_step(
+    xz: Tensor, conv: Tensor, conv_w: Tensor, conv_b: Tensor, x_proj_w: Tensor,
+    dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor, ssm: Tensor,
+) -> Tensor:  # fmt: skip
+    """Decode step of MambaMixer after in_proj: returns y (B, di); conv and ssm updated in place.
+
+    All tensors contiguous, on CPU, of one dtype (float32 or float64)."""
+    y = xz.new_empty(xz.shape[0], D.shape[0])
+    args = (xz, conv, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D, ssm, y)
+    _mamba_step(0, xz.shape[0], *(_np(t) for t in args))
+    return y

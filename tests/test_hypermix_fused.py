@@ -133,3 +133,30 @@ def test_fallback_with_kernels_off_trains_and_notices_once():
     assert last < first - 0.3
     notices = [ln for ln in proc.stderr.splitlines() if "fused CPU kernel unavailable" in ln]
     assert len(notices) == 1 and "HyperMixing" in notices[0] and "ARCHLAB_KERNELS=off" in notices[0]
+
+
+@pytest.mark.parametrize("tied,bias", [(False, False), (True, True)])
+def test_fused_hypermixer_decode_step_equals_torch_path(monkeypatch, tied, bias):
+    from archlab import preset_config
+    from archlab.models.hypermixer import CausalHyperMixing
+
+    torch.manual_seed(6)
+    cfg = preset_config("hypermixer", "nano", vocab_size=40, d_model=24, n_layers=1)
+    cfg.extra["hypermixer_tied"] = tied
+    cfg.bias = bias
+    mixer = CausalHyperMixing(cfg).double().eval()
+    x = torch.randn(2, 12, 24, dtype=torch.float64)
+    with torch.no_grad():
+        full = mixer(x)
+        fused_state, torch_state = {}, {}
+        mixer(x[:, :3], fused_state, 0)
+        mixer(x[:, :3], torch_state, 0)
+        for t in range(3, 12):
+            a = mixer(x[:, t : t + 1], fused_state, t)
+            with monkeypatch.context() as m:
+                m.setattr(mixer, "_fused_step", lambda *_: None)
+                b = mixer(x[:, t : t + 1], torch_state, t)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(a[:, 0], full[:, t], rtol=1e-10, atol=1e-12)
+    assert fused_state["count"] == torch_state["count"] == 12
+    torch.testing.assert_close(fused_state["S"], torch_state["S"], rtol=1e-10, atol=1e-12)

@@ -182,3 +182,29 @@ def test_fallback_without_numba_trains_and_notices_once(tmp_path):
     notices = [ln for ln in proc.stderr.splitlines() if "fused CPU kernel unavailable" in ln]
     assert len(notices) == 1, proc.stderr
     assert "selective scan" in notices[0] and "import of numba" in notices[0]
+
+
+def test_fused_mamba_decode_step_equals_torch_step(monkeypatch):
+    """The one-call decode step (conv, projections, scan step, gate) equals the torch ops."""
+    from archlab import preset_config
+    from archlab.models.mamba import MambaMixer
+
+    torch.manual_seed(5)
+    cfg = preset_config("mamba", "nano", vocab_size=40, d_model=24, n_layers=1, state_size=5)
+    mixer = MambaMixer(cfg).double().eval()
+    with torch.no_grad():
+        mixer.D.normal_()
+        mixer.A_log.add_(torch.rand_like(mixer.A_log))
+    x = torch.randn(3, 9, 24, dtype=torch.float64)
+    fused_state, torch_state = {}, {}
+    with torch.no_grad():
+        for t in range(9):
+            a = mixer(x[:, t : t + 1], fused_state)
+            with monkeypatch.context() as m:
+                m.setattr(mixer, "_fused_step", lambda *_: None)
+                b = mixer(x[:, t : t + 1], torch_state)
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        full = mixer(x)
+    torch.testing.assert_close(a[:, 0], full[:, -1], rtol=1e-10, atol=1e-12)
+    for key in ("conv", "ssm"):
+        torch.testing.assert_close(fused_state[key], torch_state[key], rtol=1e-10, atol=1e-12)

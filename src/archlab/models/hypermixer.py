@@ -27,7 +27,10 @@ Because GELU sits between the prefix sum and the read-out, S_t cannot be folded 
 linear attention: every position needs its own d' x d matrix.  Materialising all of them costs
 B*T*d'*d floats (1 GiB at B=8, T=4096, d=128, d'=64), so :func:`causal_hypermix` processes
 positions in chunks carrying S, and its custom backward recomputes each chunk instead of
-storing it.  Peak memory is O(B*C*d'*d + B*(T/C)*d'*d) for chunk length C.
+storing it.  Peak memory is O(B*C*d'*d + B*(T/C)*d'*d) for chunk length C.  On CPU a fused
+numba kernel (``kernels/hypermix_cpu.py``) does the same in one pass over time with each
+column block of S_t in registers, no (B, C, d', d) tensor at all; the chunked torch version
+remains for GPUs and as the fallback.
 
 Position information.  Without it the hypernetworks see only content and the summary S_t is
 a bag of the prefix tokens.  As in the official code (idiap/hypermixing), fixed sinusoidal

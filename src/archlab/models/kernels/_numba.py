@@ -75,6 +75,7 @@ def kernel(fn: Callable) -> Any:
 
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0  # a forked child inherits the pool object but not its threads: make a new one
 
 
 _MIN_WORK_PER_THREAD = 1 << 16  # inner-loop elements below which a thread is not worth it
@@ -86,14 +87,14 @@ def parallel_for(fn: Callable, n_items: int, work: int, *args: Any) -> None:
     ``work`` (inner-loop elements in all) keeps small calls such as decode steps on the calling
     thread: handing ~1e4 elements to another thread costs more than it saves.
     """
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     threads = max(1, min(torch.get_num_threads(), n_items, work // _MIN_WORK_PER_THREAD))
     if threads == 1:
         fn(0, n_items, *args)
         return
-    if _pool is None or _pool_size < threads:
+    if _pool is None or _pool_size < threads or _pool_pid != os.getpid():
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="archlab-kernel")
-        _pool_size = threads
+        _pool_size, _pool_pid = threads, os.getpid()
     bounds = [n_items * i // threads for i in range(threads + 1)]
     futures = [_pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
     fn(bounds[0], bounds[1], *args)  # the calling thread takes the first range

@@ -43,20 +43,25 @@ if NUMBA:
 
     @kernel
     def _mix_fwd(lo, hi, w1, x, w2, s0, invs, K, save, out, s_last, ckpt):
-        """Forward over items [lo, hi); ckpt (B, nck, M, D) written when ``save``."""
+        """Forward over items [lo, hi); ckpt (B, nck, M, D) written when ``save``.
+
+        Hot loops run over all ``_LANES`` lanes of local arrays (a constant trip count LLVM
+        turns into whole vectors); lanes past D hold zeros and are never written back."""
         Bsz, T, D = x.shape
         M = w1.shape[2]
         nblk = (D + _LANES - 1) // _LANES
+        S = np.zeros((M, _LANES), dtype=x.dtype)
+        o = np.zeros(_LANES, dtype=x.dtype)
+        xv = np.zeros(_LANES, dtype=x.dtype)
         for item in range(lo, hi):
             b = item // nblk
             d0 = (item % nblk) * _LANES
             w = min(_LANES, D - d0)
-            S = np.zeros((M, _LANES), dtype=x.dtype)
+            S[:, :] = 0.0
+            xv[:] = 0.0
             for m in range(M):
                 for j in range(w):
                     S[m, j] = s0[b, m, d0 + j]
-            o = np.zeros(_LANES, dtype=x.dtype)
-            xv = np.zeros(_LANES, dtype=x.dtype)
             for t in range(T):
                 if save and t % K == 0:
                     c = t // K
@@ -65,12 +70,13 @@ if NUMBA:
                             ckpt[b, c, m, d0 + j] = S[m, j]
                 inv = invs[t]
                 for j in range(w):
-                    o[j] = 0.0
                     xv[j] = x[b, t, d0 + j]
+                for j in range(_LANES):
+                    o[j] = 0.0
                 for m in range(M):
                     a = w1[b, t, m]
                     r = w2[b, t, m]
-                    for j in range(w):
+                    for j in range(_LANES):
                         s = S[m, j] + a * xv[j]
                         S[m, j] = s
                         o[j] += r * gelu_and_grad(s * inv)[0]
@@ -88,10 +94,10 @@ if NUMBA:
         nblk = (D + _LANES - 1) // _LANES
         nck = (T + K - 1) // K
         zero = np.zeros(1, dtype=x.dtype)[0]
-        Ss = np.zeros((K, M, _LANES), dtype=x.dtype)  # S_t of one chunk
+        Ss = np.zeros((K + 1, M, _LANES), dtype=x.dtype)  # checkpoint, then S_t of one chunk
+        Xs = np.zeros((K, _LANES), dtype=x.dtype)
         R = np.zeros((M, _LANES), dtype=x.dtype)
         gv = np.zeros(_LANES, dtype=x.dtype)
-        xv = np.zeros(_LANES, dtype=x.dtype)
         dxv = np.zeros(_LANES, dtype=x.dtype)
         for item in range(lo, hi):
             b = item // G
@@ -100,34 +106,41 @@ if NUMBA:
                 d0 = blk * _LANES
                 w = min(_LANES, D - d0)
                 R[:, :] = 0.0
+                Ss[:, :, :] = 0.0
+                Xs[:, :] = 0.0
+                gv[:] = 0.0
                 for c in range(nck - 1, -1, -1):
                     t0 = c * K
                     L = min(T, t0 + K) - t0
+                    for m in range(M):
+                        for j in range(w):
+                            Ss[0, m, j] = ckpt[b, c, m, d0 + j]
                     for i in range(L):  # recompute S_t of the chunk from its checkpoint
                         t = t0 + i
+                        for j in range(w):
+                            Xs[i, j] = x[b, t, d0 + j]
                         for m in range(M):
                             a = w1[b, t, m]
-                            for j in range(w):
-                                prev = ckpt[b, c, m, d0 + j] if i == 0 else Ss[i - 1, m, j]
-                                Ss[i, m, j] = prev + a * x[b, t, d0 + j]
+                            for j in range(_LANES):
+                                Ss[i + 1, m, j] = Ss[i, m, j] + a * Xs[i, j]
                     for i in range(L - 1, -1, -1):
                         t = t0 + i
                         inv = invs[t]
                         for j in range(w):
                             gv[j] = gout[b, t, d0 + j]
-                            xv[j] = x[b, t, d0 + j]
+                        for j in range(_LANES):
                             dxv[j] = 0.0
                         for m in range(M):
                             a = w1[b, t, m]
                             r = w2[b, t, m] * inv
                             acc1 = zero
                             acc2 = zero
-                            for j in range(w):
-                                act, slope = gelu_and_grad(Ss[i, m, j] * inv)
+                            for j in range(_LANES):
+                                act, slope = gelu_and_grad(Ss[i + 1, m, j] * inv)
                                 acc2 += act * gv[j]
                                 rr = R[m, j] + slope * r * gv[j]  # R_t = R_{t+1} + dL/dS_t
                                 R[m, j] = rr
-                                acc1 += rr * xv[j]
+                                acc1 += rr * Xs[i, j]
                                 dxv[j] += rr * a
                             dw1_g[grp, b, t, m] += acc1
                             dw2_g[grp, b, t, m] += acc2

@@ -39,28 +39,48 @@ def available() -> bool:
 
 
 if NUMBA:
-    from ._numba import vexp
+    from ._numba import vexp, vsoftplus
 
     @kernel
     def _scan_fwd(lo, hi, u, dlt, At, Bm, Cm, Dv, z, bias, h0, flags, K, out, pre, last, ckpt):
-        """Forward. flags = (has_D, has_z, softplus, has_h0). At is A transposed, (N, D)."""
+        """Forward. flags = (has_D, has_z, softplus, has_h0). At is A transposed, (N, D).
+
+        Every loop with transcendental math or the N-loop runs over all ``_LANES`` lanes of
+        local arrays (constant trip count: whole vectors); lanes past D hold zeros (A = 0,
+        delta u = 0, so their state stays 0) and are never written back."""
         Bsz, T, D = u.shape
         N = At.shape[0]
         nblk = (D + _LANES - 1) // _LANES
         has_D, has_z, softplus, has_h0 = flags[0], flags[1], flags[2], flags[3]
         one = np.ones(1, dtype=u.dtype)[0]
+        h = np.zeros((N, _LANES), dtype=u.dtype)
+        Ab = np.zeros((N, _LANES), dtype=u.dtype)  # A of the block
+        bl = np.zeros(_LANES, dtype=u.dtype)
+        Dl = np.zeros(_LANES, dtype=u.dtype)
+        dv = np.zeros(_LANES, dtype=u.dtype)
+        uv = np.zeros(_LANES, dtype=u.dtype)
+        zv = np.zeros(_LANES, dtype=u.dtype)
+        du = np.zeros(_LANES, dtype=u.dtype)
+        y = np.zeros(_LANES, dtype=u.dtype)
+        ov = np.zeros(_LANES, dtype=u.dtype)
+        pv = np.zeros(_LANES, dtype=u.dtype)
         for item in range(lo, hi):
             b = item // nblk
             d0 = (item % nblk) * _LANES
             w = min(_LANES, D - d0)
-            h = np.zeros((N, _LANES), dtype=u.dtype)
-            if has_h0:
-                for n in range(N):
-                    for j in range(w):
+            h[:, :] = 0.0
+            Ab[:, :] = 0.0
+            for arr in (bl, Dl, dv, uv, zv):
+                arr[:] = 0.0
+            for n in range(N):
+                for j in range(w):
+                    Ab[n, j] = At[n, d0 + j]
+                    if has_h0:
                         h[n, j] = h0[b, d0 + j, n]
-            dt = np.zeros(_LANES, dtype=u.dtype)
-            du = np.zeros(_LANES, dtype=u.dtype)
-            y = np.zeros(_LANES, dtype=u.dtype)
+            for j in range(w):
+                bl[j] = bias[d0 + j]
+                if has_D:
+                    Dl[j] = Dv[d0 + j]
             for t in range(T):
                 if t % K == 0:
                     c = t // K
@@ -68,28 +88,33 @@ if NUMBA:
                         for j in range(w):
                             ckpt[b, c, d0 + j, n] = h[n, j]
                 for j in range(w):
-                    v = dlt[b, t, d0 + j] + bias[d0 + j]
+                    dv[j] = dlt[b, t, d0 + j]
+                    uv[j] = u[b, t, d0 + j]
+                    if has_z:
+                        zv[j] = z[b, t, d0 + j]
+                for j in range(_LANES):
+                    v = dv[j] + bl[j]
                     if softplus:
-                        v = v if v > 20.0 else np.log1p(vexp(v))
-                    dt[j] = v
-                    du[j] = v * u[b, t, d0 + j]
+                        v = vsoftplus(v)
+                    du[j] = v * uv[j]
+                    dv[j] = v
                     y[j] = 0.0
-                for n in range(N):
+                for n in range(N):  # hot loop
                     bn = Bm[b, t, n]
                     cn = Cm[b, t, n]
-                    for j in range(w):
-                        hv = vexp(dt[j] * At[n, d0 + j]) * h[n, j] + du[j] * bn
+                    for j in range(_LANES):
+                        hv = vexp(dv[j] * Ab[n, j]) * h[n, j] + du[j] * bn
                         h[n, j] = hv
                         y[j] += cn * hv
-                for j in range(w):
-                    o = y[j]
-                    if has_D:
-                        o += Dv[d0 + j] * u[b, t, d0 + j]
-                    pre[b, t, d0 + j] = o
+                for j in range(_LANES):
+                    o = y[j] + Dl[j] * uv[j]
+                    pv[j] = o
                     if has_z:
-                        zz = z[b, t, d0 + j]
-                        o = o * zz / (one + vexp(-zz))
-                    out[b, t, d0 + j] = o
+                        o = o * zv[j] / (one + vexp(-zv[j]))
+                    ov[j] = o
+                for j in range(w):
+                    pre[b, t, d0 + j] = pv[j]
+                    out[b, t, d0 + j] = ov[j]
             for n in range(N):
                 for j in range(w):
                     last[b, d0 + j, n] = h[n, j]
@@ -102,7 +127,7 @@ if NUMBA:
         """Backward. flags = (has_D, has_z, softplus, has_h0, has_glast); writes every grad.
 
         dA_b (B, N, D), dD_b and dbias_b (B, D) are per-batch partial sums; dB_blk, dC_blk
-        (nblk, B, T, N) per channel block.
+        (nblk, B, T, N) per channel block. Lanes as in the forward kernel.
         """
         Bsz, T, D = u.shape
         N = At.shape[0]
@@ -111,26 +136,49 @@ if NUMBA:
         has_D, has_z, softplus, has_glast = flags[0], flags[1], flags[2], flags[4]
         one = np.ones(1, dtype=u.dtype)[0]
         zero = np.zeros(1, dtype=u.dtype)[0]
+        g = np.zeros((N, _LANES), dtype=u.dtype)  # dL/dh_t, carried backwards
+        Ab = np.zeros((N, _LANES), dtype=u.dtype)
+        hs = np.zeros((K + 1, N, _LANES), dtype=u.dtype)  # h_{t0-1} .. h_{t1-1}
+        As = np.zeros((K, N, _LANES), dtype=u.dtype)  # exp(delta A) of the chunk
+        dts = np.zeros((K, _LANES), dtype=u.dtype)
+        DU = np.zeros((K, _LANES), dtype=u.dtype)  # delta u of the chunk
+        US = np.zeros((K, _LANES), dtype=u.dtype)  # u of the chunk
+        sig = np.zeros((K, _LANES), dtype=u.dtype)  # d softplus / d input
+        dA = np.zeros((N, _LANES), dtype=u.dtype)
+        bl = np.zeros(_LANES, dtype=u.dtype)
+        Dl = np.zeros(_LANES, dtype=u.dtype)
+        dv = np.zeros(_LANES, dtype=u.dtype)
+        gov = np.zeros(_LANES, dtype=u.dtype)
+        zv = np.zeros(_LANES, dtype=u.dtype)
+        pv = np.zeros(_LANES, dtype=u.dtype)
+        dzv = np.zeros(_LANES, dtype=u.dtype)
+        dDl = np.zeros(_LANES, dtype=u.dtype)
+        dbl = np.zeros(_LANES, dtype=u.dtype)
+        dy = np.zeros(_LANES, dtype=u.dtype)
+        ddu = np.zeros(_LANES, dtype=u.dtype)  # dL/d(delta u)
+        ddt = np.zeros(_LANES, dtype=u.dtype)  # dL/d delta through the decays
+        guv = np.zeros(_LANES, dtype=u.dtype)
+        gdv = np.zeros(_LANES, dtype=u.dtype)
         for item in range(lo, hi):
             b = item // nblk
             blk = item % nblk
             d0 = blk * _LANES
             w = min(_LANES, D - d0)
-            g = np.zeros((N, _LANES), dtype=u.dtype)  # dL/dh_t, carried backwards
-            if has_glast:
-                for n in range(N):
-                    for j in range(w):
+            for arr2 in (g, Ab, dA):
+                arr2[:, :] = 0.0
+            for arr in (bl, Dl, dv, gov, zv, pv, dDl, dbl):
+                arr[:] = 0.0
+            hs[:, :, :] = 0.0
+            US[:, :] = 0.0
+            for n in range(N):
+                for j in range(w):
+                    Ab[n, j] = At[n, d0 + j]
+                    if has_glast:
                         g[n, j] = glast[b, d0 + j, n]
-            hs = np.zeros((K + 1, N, _LANES), dtype=u.dtype)  # h_{t0-1} .. h_{t1-1}
-            As = np.zeros((K, N, _LANES), dtype=u.dtype)  # exp(delta A) of the chunk
-            dts = np.zeros((K, _LANES), dtype=u.dtype)
-            sig = np.zeros((K, _LANES), dtype=u.dtype)  # d softplus / d input
-            dA = np.zeros((N, _LANES), dtype=u.dtype)
-            dDl = np.zeros(_LANES, dtype=u.dtype)
-            dbl = np.zeros(_LANES, dtype=u.dtype)
-            dy = np.zeros(_LANES, dtype=u.dtype)
-            ddu = np.zeros(_LANES, dtype=u.dtype)  # dL/d(delta u)
-            ddt = np.zeros(_LANES, dtype=u.dtype)  # dL/d delta through the decays
+            for j in range(w):
+                bl[j] = bias[d0 + j]
+                if has_D:
+                    Dl[j] = Dv[d0 + j]
             for c in range(nck - 1, -1, -1):
                 t0 = c * K
                 L = min(T, t0 + K) - t0
@@ -140,60 +188,69 @@ if NUMBA:
                 for i in range(L):  # recompute the chunk's states and decays
                     t = t0 + i
                     for j in range(w):
-                        v = dlt[b, t, d0 + j] + bias[d0 + j]
+                        dv[j] = dlt[b, t, d0 + j]
+                        US[i, j] = u[b, t, d0 + j]
+                    for j in range(_LANES):
+                        v = dv[j] + bl[j]
                         s = one
-                        if softplus and v <= 20.0:
+                        if softplus:
                             e = vexp(v)
-                            s = e / (one + e)
-                            v = np.log1p(e)
+                            s = one if v > 20.0 else e / (one + e)
+                            v = vsoftplus(v)
                         dts[i, j] = v
                         sig[i, j] = s
+                        DU[i, j] = v * US[i, j]
                     for n in range(N):
                         bn = Bm[b, t, n]
-                        for j in range(w):
-                            a = vexp(dts[i, j] * At[n, d0 + j])
+                        for j in range(_LANES):
+                            a = vexp(dts[i, j] * Ab[n, j])
                             As[i, n, j] = a
-                            hs[i + 1, n, j] = a * hs[i, n, j] + dts[i, j] * u[b, t, d0 + j] * bn
+                            hs[i + 1, n, j] = a * hs[i, n, j] + DU[i, j] * bn
                 for i in range(L - 1, -1, -1):  # adjoint recurrence, backwards in time
                     t = t0 + i
                     for j in range(w):
-                        go = gout[b, t, d0 + j]
+                        gov[j] = gout[b, t, d0 + j]
                         if has_z:
-                            zz = z[b, t, d0 + j]
+                            zv[j] = z[b, t, d0 + j]
+                            pv[j] = pre[b, t, d0 + j]
+                    for j in range(_LANES):
+                        go = gov[j]
+                        if has_z:
+                            zz = zv[j]
                             sz = one / (one + vexp(-zz))
-                            dz[b, t, d0 + j] = go * pre[b, t, d0 + j] * sz * (one + zz * (one - sz))
+                            dzv[j] = go * pv[j] * sz * (one + zz * (one - sz))
                             go = go * zz * sz
                         dy[j] = go
-                        if has_D:
-                            dDl[j] += go * u[b, t, d0 + j]
+                        dDl[j] += go * US[i, j]
                         ddu[j] = 0.0
                         ddt[j] = 0.0
-                    for n in range(N):
+                    for n in range(N):  # hot loop
                         bn = Bm[b, t, n]
                         cn = Cm[b, t, n]
                         acc_c = zero
                         acc_b = zero
-                        for j in range(w):
+                        for j in range(_LANES):
                             gv = g[n, j] + cn * dy[j]  # dL/dh_t
                             acc_c += dy[j] * hs[i + 1, n, j]
-                            acc_b += gv * dts[i, j] * u[b, t, d0 + j]
+                            acc_b += gv * DU[i, j]
                             ddu[j] += gv * bn
                             a = As[i, n, j]
                             ga = gv * hs[i, n, j] * a  # dL/d(delta A)
                             dA[n, j] += ga * dts[i, j]
-                            ddt[j] += ga * At[n, d0 + j]
+                            ddt[j] += ga * Ab[n, j]
                             g[n, j] = gv * a  # dL/dh_{t-1} through the recurrence
                         dC_blk[blk, b, t, n] = acc_c
                         dB_blk[blk, b, t, n] = acc_b
-                    for j in range(w):
-                        uu = u[b, t, d0 + j]
-                        gu = ddu[j] * dts[i, j]
-                        if has_D:
-                            gu += dy[j] * Dv[d0 + j]
-                        du_out[b, t, d0 + j] = gu
-                        gd = (ddt[j] + ddu[j] * uu) * sig[i, j]
-                        ddlt[b, t, d0 + j] = gd
+                    for j in range(_LANES):
+                        guv[j] = ddu[j] * dts[i, j] + dy[j] * Dl[j]
+                        gd = (ddt[j] + ddu[j] * US[i, j]) * sig[i, j]
+                        gdv[j] = gd
                         dbl[j] += gd
+                    for j in range(w):
+                        du_out[b, t, d0 + j] = guv[j]
+                        ddlt[b, t, d0 + j] = gdv[j]
+                        if has_z:
+                            dz[b, t, d0 + j] = dzv[j]
             for n in range(N):
                 for j in range(w):
                     dh0[b, d0 + j, n] = g[n, j]

@@ -283,6 +283,9 @@ class CausalHyperMixing(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.chunk_size: int | None = None  # None: automatic (see _auto_chunk)
         self._pe_table: Tensor | None = None  # cached sinusoidal positions (not a parameter)
+        from .kernels._numba import WeightCache
+
+        self._step_weights = WeightCache()  # decode kernel's views of the weights
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> Tensor:
         B, T, D = x.shape
@@ -337,17 +340,13 @@ class CausalHyperMixing(nn.Module):
         if state["count"] != pos:
             raise ValueError(f"hypermixer decode state holds {state['count']} tokens, not {pos}")
 
-        def weights(net: HyperNetwork) -> tuple[Tensor, ...]:
-            fb = net.fc.bias if net.fc.bias is not None else x.new_zeros(net.fc.out_features)
-            pb = net.proj.bias if net.proj.bias is not None else x.new_zeros(net.proj.out_features)
-            return tuple(t.detach().contiguous() for t in (net.fc.weight, fb, net.proj.weight, pb))
-
         S = S.contiguous()  # updated in place
+        params = tuple(self.parameters())
+        weights = self._step_weights.get(params, lambda: hypermix_cpu.hyper_step_weights(nets, x))
         try:
             out = hypermix_cpu.hyper_step(
-                x.contiguous(), pe.contiguous(), weights(nets[0]),
-                weights(nets[1]) if len(nets) > 1 else None, S, pos,
-            )  # fmt: skip
+                x.contiguous(), pe.contiguous(), weights, len(nets) == 1, S, pos
+            )
         except Exception as exc:  # compile failure: the torch path from now on
             disable_fused("hypermix_step", exc)
             kernel_notice("hypermix_step", "HyperMixer decode: fused step unavailable")

@@ -76,6 +76,9 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(di, cfg.d_model, bias=False)
         self.out_proj.residual_scale = True  # type: ignore[attr-defined]
         self.special_init()
+        from .kernels._numba import WeightCache
+
+        self._step_weights = WeightCache()  # decode kernel's views of the weights
 
     @torch.no_grad()
     def special_init(self) -> None:
@@ -168,10 +171,12 @@ class MambaMixer(nn.Module):
         conv, h = conv.contiguous(), h.contiguous()  # updated in place by the kernel
         try:
             y = scan_cpu.mamba_step(
-                xz.contiguous(), conv, self.conv1d.weight.detach().view(self.d_inner, K),
-                self.conv1d.bias.detach(), self.x_proj.weight.detach(),
-                self.dt_proj.weight.detach(), self.dt_proj.bias.detach(), self.A_log.detach(),
-                self.D.detach(), h,
+                xz.contiguous(), conv, h,
+                self._step_weights.get(params + (self.conv1d.bias, self.dt_proj.bias, self.D),
+                    lambda: scan_cpu.mamba_step_weights(
+                        self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                        self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
+                    )),
             )  # fmt: skip
         except Exception as exc:  # compile failure: the torch step from now on
             disable_fused("scan_step", exc)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ._numba import NUMBA, kernel, parallel_for
 
-__all__ = ["fused_hypermix", "hyper_step", "warm_up"]
+__all__ = ["fused_hypermix", "hyper_step", "hyper_step_weights", "warm_up"]
 
 _LANES = 16  # channels per work item
 _CHUNK = 32  # time steps between checkpoints of S
@@ -284,16 +284,21 @@ if NUMBA:
                 out[b, d] = o[d]
 
 
-def hyper_step(
-    x: Tensor, pe: Tensor, h1: tuple[Tensor, ...], h2: tuple[Tensor, ...] | None,
-    S: Tensor, count: int,
-) -> Tensor:  # fmt: skip
-    """Decode step of CausalHyperMixing: x (B, D), pe (D,), h1/h2 = (fc.weight, fc.bias,
-    proj.weight, proj.bias) with zero biases where absent (h2 None: tied). S (B, M, D) is
-    updated in place; returns out (B, D). One dtype, contiguous, CPU."""
+def hyper_step(x: Tensor, pe: Tensor, weights: tuple, tied: bool, S: Tensor, count: int) -> Tensor:
+    """Decode step of CausalHyperMixing: x (B, D), pe (D,), ``weights`` from
+    :func:`hyper_step_weights`. S (B, M, D) is updated in place; returns out (B, D)."""
     out = torch.empty_like(x)
-    inv = _inverse_counts(count, 1, x.dtype)
-    tied = h2 is None
-    args = (x, pe, *h1, *(h1 if tied else h2))
-    _hyper_step(0, x.shape[0], *(_np(t) for t in args), tied, _np(S), _np(inv), _np(out))
+    inv = np.full(1, 1.0 / (count + 1), dtype=_np(x).dtype)
+    _hyper_step(0, x.shape[0], _np(x), _np(pe), *weights, tied, _np(S), inv, _np(out))
     return out
+
+
+def hyper_step_weights(nets: list, ref: Tensor) -> tuple:
+    """(fc.weight, fc.bias, proj.weight, proj.bias) of both hypernetworks as numpy arrays, zero
+    biases where the layers have none; a tied pair passes the first network twice."""
+    out = []
+    for net in (nets[0], nets[-1]):
+        fb = net.fc.bias if net.fc.bias is not None else ref.new_zeros(net.fc.out_features)
+        pb = net.proj.bias if net.proj.bias is not None else ref.new_zeros(net.proj.out_features)
+        out += [_np(t.detach().contiguous()) for t in (net.fc.weight, fb, net.proj.weight, pb)]
+    return tuple(out)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ._numba import NUMBA, kernel, parallel_for
 
-__all__ = ["available", "fused_selective_scan", "mamba_step", "warm_up"]
+__all__ = ["available", "fused_selective_scan", "mamba_step", "mamba_step_weights", "warm_up"]
 
 _LANES = 16  # channels per work item: one AVX-512 float32 vector
 _CHUNK = 64  # time steps between state checkpoints
@@ -425,14 +425,18 @@ if NUMBA:
                 y[b, d] = acc * zz / (one + vexp(-zz))
 
 
-def mamba_step(
-    xz: Tensor, conv: Tensor, conv_w: Tensor, conv_b: Tensor, x_proj_w: Tensor,
-    dt_w: Tensor, dt_b: Tensor, A_log: Tensor, D: Tensor, ssm: Tensor,
-) -> Tensor:  # fmt: skip
+def mamba_step(xz: Tensor, conv: Tensor, ssm: Tensor, weights: tuple) -> Tensor:
     """Decode step of MambaMixer after in_proj: returns y (B, di); conv and ssm updated in place.
 
-    All tensors contiguous, on CPU, of one dtype (float32 or float64)."""
-    y = xz.new_empty(xz.shape[0], D.shape[0])
-    args = (xz, conv, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D, ssm, y)
-    _mamba_step(0, xz.shape[0], *(_np(t) for t in args))
+    ``weights``: numpy arrays (conv weight (di, K), conv bias, x_proj weight, dt_proj weight,
+    dt_proj bias, A_log, D), see :func:`mamba_step_weights`. One dtype, contiguous, CPU."""
+    y = xz.new_empty(xz.shape[0], weights[-1].shape[0])
+    xa, ca, sa = _np(xz), _np(conv), _np(ssm)
+    _mamba_step(0, xz.shape[0], xa, ca, *weights, sa, _np(y))
     return y
+
+
+def mamba_step_weights(conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D) -> tuple:
+    """The decode kernel's weight arrays (numpy views of detached, contiguous parameters)."""
+    ts = (conv_w.reshape(conv_w.shape[0], -1), conv_b, x_proj_w, dt_w, dt_b, A_log, D)
+    return tuple(_np(t.detach().contiguous()) for t in ts)

@@ -160,3 +160,15 @@ def test_fused_hypermixer_decode_step_equals_torch_path(monkeypatch, tied, bias)
             torch.testing.assert_close(a[:, 0], full[:, t], rtol=1e-10, atol=1e-12)
     assert fused_state["count"] == torch_state["count"] == 12
     torch.testing.assert_close(fused_state["S"], torch_state["S"], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_under_inference_mode_first_use(monkeypatch):
+    from archlab.models.kernels import hypermix_cpu
+
+    monkeypatch.setattr(hypermix_cpu, "_warm", set())
+    args = [t.detach() for t in _inputs(1, 20, 4, 8, torch.float32)]
+    with torch.inference_mode():
+        out, _ = causal_hypermix(*args, impl="fused")
+    assert kernels.fused_available("hypermix")
+    ref, _ = causal_hypermix(*args, impl="chunked")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)

@@ -208,3 +208,16 @@ def test_fused_mamba_decode_step_equals_torch_step(monkeypatch):
     torch.testing.assert_close(a[:, 0], full[:, -1], rtol=1e-10, atol=1e-12)
     for key in ("conv", "ssm"):
         torch.testing.assert_close(fused_state[key], torch_state[key], rtol=1e-10, atol=1e-12)
+
+
+def test_fused_under_inference_mode_first_use(monkeypatch):
+    """Generation runs under torch.inference_mode: the first use (compile/warm-up) must work."""
+    from archlab.models.kernels import scan_cpu
+
+    monkeypatch.setattr(scan_cpu, "_warm", set())
+    x = {k: v.detach() for k, v in _inputs(1, 20, 8, 4, torch.float32).items()}
+    with torch.inference_mode():
+        assert resolve_scan_impl(torch.device("cpu")) == "fused"
+        out = selective_scan(**x, delta_softplus=True)
+    assert kernels.fused_available("scan")
+    torch.testing.assert_close(out, selective_scan_sequential(**x, delta_softplus=True))

@@ -205,7 +205,7 @@ class _FusedHyperMix(torch.autograd.Function):
 _warm: set[torch.dtype] = set()
 
 
-def warm_up(dtype: torch.dtype) -> None:
+def _compile_both(dtype: torch.dtype) -> None:
     """Compile (or load) both kernels for ``dtype`` on a tiny problem; raises on failure."""
     if dtype in _warm:
         return
@@ -219,6 +219,15 @@ def warm_up(dtype: torch.dtype) -> None:
         out, _ = _FusedHyperMix.apply(w1, x, w2, s0, 0)
         out.sum().backward()
     _warm.add(dtype)
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile (or load) both kernels for ``dtype`` once; raises on failure. Runs outside
+    inference mode (generation runs under it) so the tiny backward pass can be taken."""
+    if dtype in _warm:
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        _compile_both(dtype)
 
 
 def fused_hypermix(

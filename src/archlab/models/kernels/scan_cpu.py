@@ -329,7 +329,7 @@ class _FusedScan(torch.autograd.Function):
 _warm: set[torch.dtype] = set()
 
 
-def warm_up(dtype: torch.dtype) -> None:
+def _compile_both(dtype: torch.dtype) -> None:
     """Compile (or load from numba's cache) both kernels for ``dtype`` on a tiny problem, so a
     compile failure shows before training starts and never in the middle of a backward pass."""
     if dtype in _warm:
@@ -348,6 +348,15 @@ def warm_up(dtype: torch.dtype) -> None:
         out, last = _FusedScan.apply(*args, True)
         (out.sum() + last.sum()).backward()
     _warm.add(dtype)
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile (or load) both kernels for ``dtype`` once; raises on failure. Runs outside
+    inference mode (generation runs under it) so the tiny backward pass can be taken."""
+    if dtype in _warm:
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        _compile_both(dtype)
 
 
 def fused_selective_scan(

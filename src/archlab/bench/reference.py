@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import UserError
+
 MAX_BYTES_SAMPLE_TOKENS = 2_000_000  # bytes/token is estimated on at most this many tokens
 
 
@@ -78,10 +80,13 @@ def _baselines(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         from ..data.baselines import load_baselines
     except ImportError:  # before the data baselines landed: whatever meta.json holds
         return {k: meta.get(k) for k in ("unigram_entropy", "bigram_entropy")}
-    try:
+    stored = {k: meta.get(k) for k in ("unigram_entropy", "bigram_entropy")}
+    if all(isinstance(v, (int, float)) for v in stored.values()):
+        return stored
+    try:  # an older folder: computed from its token files
         return dict(load_baselines(data_dir))
-    except (OSError, ValueError, KeyError):
-        return {k: meta.get(k) for k in ("unigram_entropy", "bigram_entropy")}
+    except (UserError, OSError, ValueError, KeyError):
+        return stored
 
 
 def _finite(v: Any) -> float | None:

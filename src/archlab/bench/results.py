@@ -111,7 +111,7 @@ class Stat:
         return cls(statistics.fmean(vals), std, len(vals), vals, ci95_halfwidth(vals))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a best point sits inside its own grid
 class ArchResult:
     """All seeds of one architecture at one learning rate (a point of the grid).
 
@@ -358,6 +358,6 @@ def best_points(points: list[ArchResult], order: list[str]) -> list[ArchResult]:
         else:
             best = mine[len(mine) // 2]
         best.grid = mine
-        best.at_edge = bool(scored) and len(mine) >= 2 and best in (mine[0], mine[-1])
+        best.at_edge = bool(scored) and len(mine) >= 2 and (best is mine[0] or best is mine[-1])
         out.append(best)
     return out

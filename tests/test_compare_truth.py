@@ -398,3 +398,22 @@ def test_lr_sweep_reports_each_architecture_at_its_best_rate(
     # --resume on the finished sweep does nothing
     assert main(["compare", "--resume", "--out-dir", str(out)]) == 0
     assert "already finished (4 runs ok" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["dense", "mamba"])
+def test_seed_quick_start_ends_clearly_below_unigram(arch: str, tmp_path: Path) -> None:
+    """The seed documents' quick-start flags at nano, with the default warmup (5% of the
+    100 steps): the run must end well below the unigram baseline (measured: dense 4.82,
+    mamba 4.70 against 5.23 on the built-in stories, BPE 4096)."""
+    from archlab.data.prepare import prepare_dataset
+
+    data = prepare_dataset("stories", tmp_path / "stories", verbose=False)
+    unigram = json.loads((data / "meta.json").read_text())["unigram_entropy"]
+    argv = ["train", "--architecture", arch, "--stage", "language", "--model-size", "nano"]
+    argv += ["--batch-size", "8", "--num-epochs", "1", "--steps-per-epoch", "100"]
+    argv += ["--data", str(data), "--out-dir", str(tmp_path / "run")]
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["train_config"]["warmup_steps"] == 5
+    assert summary["final_val_loss"] < unigram - 0.25, (summary["final_val_loss"], unigram)

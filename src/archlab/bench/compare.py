@@ -10,6 +10,13 @@ settings, written first), one run folder per (architecture, seed), ``logs/``,
 ``report.md``, ``results.json``, ``results.csv``, ``loss_vs_tokens.png`` and
 ``loss_vs_time.png``.
 
+What makes the table citable (issue #11): every report is read against the data's
+baselines (a run not below the unigram entropy "did not learn" and wins nothing); winners
+need Welch's t-test over seeds (bench/stats.py); ``--learning-rates`` trains every
+architecture at every rate and reports each at its best (one run folder per (architecture,
+rate, seed), the whole grid in results.json/csv and ``loss_vs_lr.png``); the memory column
+has the model's own share beside the process's peak; losses are also in bits per byte.
+
 Exit code: 0 when at least one run finished, 1 when every run failed, 2 for a user error.
 """
 

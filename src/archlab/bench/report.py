@@ -236,7 +236,7 @@ def winners(archs: list[ArchResult]) -> list[Winner]:
     excluded = f"; excluded, did not learn: {', '.join(dropped)}" if dropped else ""
     if not cands:
         return [
-            Winner(c, None, "no run learned (none below the unigram baseline)", kind="none")
+            Winner(c, None, "no run learned: none below the unigram baseline", kind="none")
             for c in CRITERIA
         ]
 

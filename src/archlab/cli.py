@@ -1,16 +1,25 @@
 """argparse front: one subcommand per module in archlab.commands.
 
 Each command module defines ``register(subparsers)`` (cheap: argparse only) and
-``run(args) -> int``. User errors become one line on stderr and exit code 2.
+``run(args) -> int``. Errors become one line on stderr, never a traceback (``--debug`` or
+``ARCHLAB_DEBUG=1`` shows it): a user error exits 2, a file-system failure (disk full,
+read-only, no permission) 1, SIGINT 130 and SIGTERM 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
+import threading
+import traceback
+from collections.abc import Iterator
 
-from .errors import UserError
+from .errors import Interrupted, UserError
+from .fsutil import os_error_line
 
 COMMANDS = ("train", "prepare", "summary", "compare", "bench", "generate", "chat", "eval")
 
@@ -22,6 +31,9 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+DEBUG_HELP = "show the full Python traceback of an error (also: ARCHLAB_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="archlab",
@@ -30,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"archlab {__version__}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     for name in COMMANDS:
         try:
@@ -39,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built in this checkout
             raise
         module.register(sub)
+    for command_parser in sub.choices.values():  # `archlab train ... --debug` works too
+        command_parser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
+        )
     return parser
 
 
@@ -47,31 +64,67 @@ def run_command(args: argparse.Namespace) -> int:
     return int(module.run(args) or 0)
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Interrupted("terminated", signum)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (cleanup runs, exit 143) instead of killing at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:  # somebody else (a test runner, an embedder) decides
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("ARCHLAB_DEBUG", "") not in (
+        "",
+        "0",
+    )
+    prefix = f"archlab {args.command}"
+
+    def fail(message: str, code: int) -> int:
+        if debug:
+            traceback.print_exc()
+        print(f"{prefix}: {message}", file=sys.stderr)
+        return code
+
     try:
-        return run_command(args)
+        with _sigterm_as_exception():
+            return run_command(args)
     except UserError as exc:
-        print(f"archlab {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"error: {exc}", exc.exit_code)
     except BrokenPipeError:
         # output piped into `head` and friends: not an error of ours
-        sys.stderr.close()
+        with contextlib.suppress(OSError):
+            sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
-        print(f"archlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            return fail(str(exc), exc.exit_code)
+        return fail("interrupted", 130)
     except MemoryError:
-        print(
-            f"archlab {args.command}: error: out of memory; try a smaller --batch-size, "
+        return fail(
+            "error: out of memory; try a smaller --batch-size, "
             "--use-gradient-checkpointing or a smaller --model-size",
-            file=sys.stderr,
+            2,
         )
-        return 2
+    except OSError as exc:  # last resort: the next unforeseen file-system case is one line too
+        return fail(f"error: {os_error_line(exc)}", 1)
 
 
 if __name__ == "__main__":

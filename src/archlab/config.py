@@ -192,6 +192,69 @@ class ModelConfig:
         return self
 
 
+# ---- flags that only some architectures use ----------------------------------------------
+# A flag for a part the chosen architecture does not have would change nothing, so it is
+# refused (one line, exit 2) instead of being silently ignored.
+ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
+    "n_heads": ("dense", "moe", "hybrid"),
+    "d_ff": ("dense", "hypermixer", "moe", "hybrid"),
+    "state_size": ("mamba", "hybrid"),
+    "conv_size": ("mamba", "hybrid"),
+    "expand": ("mamba", "hybrid"),
+    "num_experts": ("moe",),
+    "top_k": ("moe",),
+    "capacity_factor": ("moe",),
+    "local_window": ("hybrid",),
+    "hypernetwork_hidden_dim": ("hypermixer",),
+}
+# The rustgpt preset's fixed design: single-head attention, learned positions, post-norm
+# LayerNorm, untied head.
+RUSTGPT_FIXED = ("n_heads", "use_rope", "use_rmsnorm", "tie_weights")
+FLAG_NAMES = {"top_k": "--expert-capacity", "local_window": "--hybrid-local-window"}
+
+
+def flag_name(field_name: str) -> str:
+    return FLAG_NAMES.get(field_name, "--" + field_name.replace("_", "-"))
+
+
+def check_fields_apply(
+    architecture: str,
+    preset: str | None,
+    given: Any,
+    model_size: str | None = None,
+) -> None:
+    """Refuse model flags that would change nothing for this architecture or preset.
+
+    ``given``: the ModelConfig fields set explicitly (flags or --config keys).
+    """
+    arch = canonical_architecture(architecture)
+    given = [k for k in given if k in ARCHITECTURE_FIELDS or k in RUSTGPT_FIXED]
+    if preset is not None and model_size is not None:
+        raise ConfigError(
+            f"--preset {preset} and --model-size {model_size} exclude each other: the preset "
+            "fixes the model's shape"
+        )
+    if preset == "rustgpt":
+        fixed = [k for k in given if k in RUSTGPT_FIXED]
+        if fixed:
+            names = ", ".join(flag_name(k) for k in fixed)
+            raise ConfigError(
+                f"{names}: fixed by --preset rustgpt (single-head attention, learned positions, "
+                f"post-norm LayerNorm, untied head); drop {'it' if len(fixed) == 1 else 'them'} "
+                "or leave out --preset"
+            )
+    unused = [k for k in given if k in ARCHITECTURE_FIELDS and arch not in ARCHITECTURE_FIELDS[k]]
+    if unused:
+        names = ", ".join(flag_name(k) for k in unused)
+        where = "; ".join(
+            f"{flag_name(k)} applies to {', '.join(ARCHITECTURE_FIELDS[k])}" for k in unused
+        )
+        raise ConfigError(
+            f"{names}: not used by --architecture {arch}, so {'they' if len(unused) > 1 else 'it'}"
+            f" would change nothing ({where})"
+        )
+
+
 # ---- size presets -----------------------------------------------------------------------
 # Dense shapes per size; the other architectures are scaled to land within 15% of dense's
 # parameter count (Mamba doubles the layers as in its paper, MoE matches active parameters).

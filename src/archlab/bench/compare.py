@@ -22,21 +22,24 @@ Exit code: 0 when at least one run finished, 1 when every run failed, 2 for a us
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from ..train.optim import default_warmup_steps, warmup_warning
 from .reference import Reference, load_reference
 from .results import RunResult, aggregate, best_points, read_run
@@ -442,10 +445,15 @@ class Progress:
 
 
 def run_child(spec: RunSpec, log_path: Path, progress: Progress, prefix: str) -> tuple[int, str]:
-    """Run one training process to its end; (return code, last meaningful stderr line)."""
+    """Run one training process to its end; (return code, last meaningful stderr line).
+
+    SIGINT / SIGTERM are passed on to the child, which then saves a checkpoint and exits;
+    afterwards Interrupted says where it stopped and how to continue the comparison.
+    """
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     last_line = ""
+    received: list[int] = []
     with log_path.open("w") as log:
         log.write("$ " + shlex.join(spec.command) + "\n")
         log.flush()
@@ -453,6 +461,13 @@ def run_child(spec: RunSpec, log_path: Path, progress: Progress, prefix: str) ->
             spec.command, stdout=log, stderr=subprocess.PIPE, text=True, env=env, bufsize=1
         )
         assert proc.stderr is not None
+
+        def forward(signum: int, frame: Any) -> None:
+            received.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)  # a second one makes the child abort its save
+
+        previous = _install_handlers(forward)
         try:
             for raw in proc.stderr:
                 log.write(raw)
@@ -471,7 +486,43 @@ def run_child(spec: RunSpec, log_path: Path, progress: Progress, prefix: str) ->
             proc.kill()
             proc.wait()
             raise
+        finally:
+            _restore_handlers(previous)
+    if received:
+        raise Interrupted(_interrupt_message(spec, received[0]), received[0])
     return rc, last_line
+
+
+def _install_handlers(handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, handler)
+    return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _interrupt_message(spec: RunSpec, signum: int) -> str:
+    """Where the interrupted run stopped, read from its summary.json."""
+    try:
+        summary = json.loads((spec.run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    where = (
+        f"{spec.name} stopped at step {summary.get('steps')} (checkpoint {summary['checkpoint']})"
+        if summary.get("checkpoint")
+        else f"{spec.name} stopped before its first checkpoint"
+    )
+    return (
+        f"{signal.Signals(signum).name}: {where}; continue the comparison with: archlab compare "
+        f"--resume --out-dir {shlex.quote(str(spec.run_dir.parent))}"
+    )
 
 
 # ---- the whole comparison ----------------------------------------------------------------

@@ -104,6 +104,7 @@ def _rerun(kind: str, args: argparse.Namespace, lists: dict[str, str]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..bench.options import parse_architectures, parse_int_list, parse_sizes, timestamped_dir
+    from ..fsutil import ensure_writable_dir
 
     _positive(args, "threads", "batch_size", "vocab_size", "repeats", "new_tokens", *OVERRIDE_FLAGS)
     if getattr(args, "warmup", 0) < 0:
@@ -146,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
                 "out-dir": str(out_dir),
             },
         )
+        ensure_writable_dir(out_dir, "--out-dir")  # fail now, not after measuring
         points = scaling.run_sweep(settings)
         paths = scaling.write_outputs(out_dir, settings, points, command)
         analysis = scaling.analyse(points)
@@ -188,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
                 "out-dir": str(out_dir),
             },
         )
+        ensure_writable_dir(out_dir, "--out-dir")  # fail now, not after measuring
         points = decode_bench.run_decode_bench(settings)
         paths = decode_bench.write_outputs(out_dir, settings, points, command)
         print()

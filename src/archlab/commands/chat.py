@@ -48,6 +48,11 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import UserError
     from ..generate import ChatSession, SamplingParams, load
 
+    if sys.stdin is None or sys.stdin.closed:  # started with `<&-`: nothing to read questions from
+        raise UserError(
+            "standard input is closed; run chat in a terminal or pipe questions into it "
+            "(echo 'hello' | archlab chat ...)"
+        )
     SamplingParams(args.temperature, args.top_k, args.top_p, args.greedy)  # validate first
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: must be >= 1 (got {args.max_new_tokens})")

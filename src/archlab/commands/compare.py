@@ -116,8 +116,6 @@ SETTING_KEYS = (
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
     from pathlib import Path
 
     from ..bench import compare
@@ -128,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         timestamped_dir,
     )
     from ..errors import UserError
+    from ..fsutil import ensure_writable_dir, lock_folder
 
     raw: dict[str, Any] = {k: getattr(args, k) for k in SETTING_KEYS}
     raw["learning_rates"] = parse_learning_rates(args.learning_rates)
@@ -139,12 +138,43 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--model-size: one size per comparison (got {args.model_size!r})")
         raw["model_size"] = sizes[0]
 
+    # The comparison folder is locked for the command's life: a second compare into it is
+    # refused (exit 2, naming the holder's pid); the kernel frees it when this process dies.
     if args.resume:
         if args.out_dir is None:
             raise UserError("--resume: give the comparison folder with --out-dir")
         out_dir = Path(args.out_dir)
         if not out_dir.is_dir():
             raise UserError(f"--resume: {out_dir} does not exist")
+    else:
+        out_dir = Path(args.out_dir) if args.out_dir else timestamped_dir("compare")
+        if out_dir.is_dir() and _has_content(out_dir):  # before creating anything
+            raise UserError(
+                f"--out-dir {out_dir} exists and is not empty; pass --resume to continue that "
+                "comparison or choose another --out-dir"
+            )
+        raw.setdefault("architectures", parse_architectures(None))
+        compare.settings_from_flags(raw)  # flag errors before any folder or data work
+        ensure_writable_dir(out_dir, "--out-dir")
+    with lock_folder(out_dir, "comparison folder"):
+        return _run(args, out_dir, raw)
+
+
+def _has_content(folder: Any) -> bool:
+    from ..fsutil import LOCK_NAME
+
+    return any(p.name != LOCK_NAME for p in folder.iterdir())
+
+
+def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from ..bench import compare
+    from ..errors import UserError
+
+    if args.resume:
         settings = compare.load_saved_settings(out_dir)
         compare.check_resume_flags(settings, raw)
         if args.data is not None and Path(args.data).resolve() != Path(settings.data).resolve():
@@ -163,14 +193,11 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--resume: the comparison's data folder {data_dir} is gone")
         meta = json.loads((data_dir / "meta.json").read_text())
     else:
-        out_dir = Path(args.out_dir) if args.out_dir else timestamped_dir("compare")
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if _has_content(out_dir):  # a compare that took the folder just before us
             raise UserError(
                 f"--out-dir {out_dir} exists and is not empty; pass --resume to continue that "
                 "comparison or choose another --out-dir"
             )
-        raw.setdefault("architectures", parse_architectures(None))
-        settings = compare.settings_from_flags(raw)  # flag errors before any data work
         from ..data.prepare import resolve_data
 
         data_dir = Path(resolve_data(args.data, "language", None)).resolve()

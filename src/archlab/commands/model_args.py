@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..config import ALIASES, ARCHITECTURES, MODEL_SIZES, PRESETS, ModelConfig, preset_config
+from ..config import (
+    ALIASES,
+    ARCHITECTURES,
+    MODEL_SIZES,
+    PRESETS,
+    ModelConfig,
+    check_fields_apply,
+    preset_config,
+)
 
 
 def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str) -> None:
@@ -21,41 +29,56 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
         metavar="{" + ",".join(list(ARCHITECTURES) + list(ALIASES)) + "}",
         help="model family (default: dense)",
     )
-    g.add_argument("--model-size", choices=MODEL_SIZES, default=None, help="size preset")
-    g.add_argument("--preset", choices=PRESETS, default=None, help="named model preset")
+    g.add_argument(
+        "--model-size", choices=MODEL_SIZES, default=None, help="size preset (not with --preset)"
+    )
+    g.add_argument(
+        "--preset",
+        choices=PRESETS,
+        default=None,
+        help="named model preset (fixes the shape: not with --model-size). A flag for a part "
+        "the architecture or preset does not have is refused (exit 2), never ignored",
+    )
     g.add_argument("--vocab-size", type=int, default=None)
     g.add_argument("--d-model", type=int, default=None)
     g.add_argument("--n-layers", type=int, default=None)
-    g.add_argument("--n-heads", type=int, default=None)
-    g.add_argument("--d-ff", type=int, default=None)
+    g.add_argument("--n-heads", type=int, default=None, help="attention heads (dense, moe, hybrid)")
+    g.add_argument("--d-ff", type=int, default=None, help="MLP width (all but mamba)")
     g.add_argument("--max-seq-len", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
     _bool_flag(g, "--use-rope", "rotary position embedding instead of learned positions")
     _bool_flag(g, "--use-rmsnorm", "RMSNorm instead of LayerNorm")
     _bool_flag(g, "--tie-weights", "tie input embedding and output head")
-    g.add_argument("--state-size", type=int, default=None, help="Mamba SSM state size (16)")
-    g.add_argument("--conv-size", type=int, default=None, help="Mamba conv kernel (4)")
-    g.add_argument("--expand", type=int, default=None, help="Mamba expansion (2)")
-    g.add_argument("--num-experts", type=int, default=None, help="MoE experts (8)")
+    g.add_argument(
+        "--state-size", type=int, default=None, help="SSM state size (mamba, hybrid; 16)"
+    )
+    g.add_argument(
+        "--conv-size", type=int, default=None, help="causal conv kernel (mamba, hybrid; 4)"
+    )
+    g.add_argument("--expand", type=int, default=None, help="inner expansion (mamba, hybrid; 2)")
+    g.add_argument("--num-experts", type=int, default=None, help="experts (moe only; 8)")
     g.add_argument(
         "--expert-capacity",
         "--top-k",
         dest="top_k",
         type=int,
         default=None,
-        help="MoE experts per token, top-k (2)",
+        help="experts per token, top-k (moe only; 2)",
     )
     g.add_argument(
-        "--capacity-factor", type=float, default=None, help="MoE capacity factor; 0 drops no token"
+        "--capacity-factor",
+        type=float,
+        default=None,
+        help="capacity factor (moe only); 0 drops no token",
     )
     g.add_argument(
         "--hybrid-local-window",
         dest="local_window",
         type=int,
         default=None,
-        help="sliding attention window of the hybrid (256)",
+        help="sliding attention window (hybrid only; 256)",
     )
-    g.add_argument("--hypernetwork-hidden-dim", type=int, default=None)
+    g.add_argument("--hypernetwork-hidden-dim", type=int, default=None, help="(hypermixer only)")
 
 
 MODEL_KEYS = (
@@ -82,6 +105,12 @@ MODEL_KEYS = (
 def model_config_from_args(args: Any, vocab_size: int | None = None) -> ModelConfig:
     """Preset/size first, then explicit flags override; validated."""
     overrides = {k: getattr(args, k, None) for k in MODEL_KEYS}
+    check_fields_apply(
+        args.architecture,
+        getattr(args, "preset", None),
+        [k for k, v in overrides.items() if v is not None],
+        model_size=getattr(args, "model_size", None),
+    )
     return preset_config(
         args.architecture,
         model_size=getattr(args, "model_size", None),

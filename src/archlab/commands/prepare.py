@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         force=args.force,
         verbose=not args.quiet,
+        wait_for_lock=False,  # a second `archlab prepare` of one folder is refused, naming the pid
         **options,
     )
     print(describe(out, load_meta(out)))

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -224,14 +226,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--debug-nan-at-step", type=int, action="append", default=None, help=argparse.SUPPRESS
     )
     p.add_argument("--debug-sigkill-at-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-save-delay", type=float, default=0.0, help=argparse.SUPPRESS)
 
 
 # ---- --config FILE -------------------------------------------------------------------------
 def _load_config_file(path: str) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"--config: {p} is a folder, not a YAML or JSON file")
     if not p.is_file():
         raise UserError(f"--config: {p} not found")
-    text = p.read_text()
+    raw = p.read_bytes()
+    if b"\0" in raw:
+        raise UserError(f"--config: {p} is a binary file, not a YAML or JSON file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"--config: {p} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
     try:
         if p.suffix.lower() == ".json":
             data = json.loads(text)
@@ -279,7 +293,7 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
     actions = {
         a.dest: a
         for a in parser._actions
-        if a.dest not in ("help", "config") and a.help != argparse.SUPPRESS
+        if a.dest not in ("help", "config", "debug") and a.help != argparse.SUPPRESS
     }
     set_keys: set[str] = set()
     unknown = []
@@ -333,9 +347,17 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "config", None):
         apply_config_file(args, train_parser())
     cfg, spec, explicit = build_configs(args)
+    if not args.resume and not cfg.init_from:  # refuse flags that would change nothing, early
+        from ..config import check_fields_apply
+
+        check_fields_apply(
+            spec.architecture or "dense", spec.preset, list(spec.overrides), spec.model_size
+        )
     hooks = DebugHooks(
         nan_at_steps=frozenset(args.debug_nan_at_step or ()),
         sigkill_at_step=args.debug_sigkill_at_step,
+        step_delay_s=args.debug_step_delay,
+        save_delay_s=args.debug_save_delay,
     )
     try:
         summary = run_training(cfg, spec, resume=args.resume, explicit=explicit, hooks=hooks)
@@ -345,7 +367,29 @@ def run(args: argparse.Namespace) -> int:
         if "out of memory" in str(exc).lower():
             raise UserError(OOM_MESSAGE) from None
         raise
+    if summary.get("status") == "interrupted":
+        return _report_interrupt(summary)
     return 0 if summary.get("status") == "ok" else 1
+
+
+def _report_interrupt(summary: dict[str, Any]) -> int:
+    """One line: where the run stopped, its checkpoint and how to continue; exit 128 + signal."""
+    import signal
+    import sys
+
+    name = summary.get("interrupted_by") or "SIGINT"
+    signum = int(getattr(signal, name, signal.SIGINT))
+    if summary.get("world_size", 1) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return 128 + signum
+    run_dir = summary["train_config"]["out_dir"]
+    launch = " (under the same torchrun launch)" if summary.get("world_size", 1) > 1 else ""
+    print(
+        f"archlab train: {name}: stopped at step {summary['steps']}; checkpoint "
+        f"{summary.get('checkpoint')} saved; resume with: archlab train --resume "
+        f"{shlex.quote(str(run_dir))}{launch}",
+        file=sys.stderr,
+    )
+    return 128 + signum
 
 
 def train_parser() -> argparse.ArgumentParser:

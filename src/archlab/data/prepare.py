@@ -16,6 +16,7 @@ with it, as RustGPT's ``</s>`` does), uint16 when the vocabulary fits, else uint
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -30,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import FileSystemError, FolderBusy, UserError
+from ..fsutil import errno_reason, is_read_error, lock_folder, os_error_reason, write_errno
 from .baselines import BASELINE_KEYS, BASELINES_NOTE, baselines_of_folder
 from .sources import BUILTIN_SOURCES, Doc, Source, SourceOptions, build_source
 from .tokenizer import TextTokenizer, load_tokenizer, train_bpe, train_char, train_word
@@ -131,20 +133,46 @@ def _up_to_date(out: Path, digest: str) -> bool:
 
 
 @contextlib.contextmanager
-def _locked(out: Path) -> Iterator[None]:
-    """Serialise concurrent prepares of one folder (e.g. parallel compare processes)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+def _locked(out: Path, wait: bool = True, verbose: bool = True) -> Iterator[None]:
+    """Hold ``out``'s lock (a sibling ``.NAME.lock``) while it is checked and rebuilt.
+
+    ``wait``: serialise concurrent prepares of one folder (parallel trainings that share the
+    default data wait for the first); otherwise a second process is refused (exit 2, naming
+    the holder's pid). Under the lock, a killed prepare's temporaries are cleaned up.
+    """
+    lock_path = out.parent / f".{out.name}.lock"
     try:
-        import fcntl
-    except ImportError:  # not on POSIX: atomic rename still protects the result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644))  # can we write here?
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"data folder {out}: a part of the path is a file, not a folder") from None
+    except OSError as exc:
+        raise FileSystemError(
+            f"data folder {out}: cannot write in {out.parent} ({os_error_reason(exc)})"
+        ) from None
+    try:
+        lock = lock_folder(out, "data folder", lock_path=lock_path)
+    except FolderBusy as busy:
+        if not wait:
+            raise
+        log(f"{busy}; waiting for it", verbose)
+        lock = lock_folder(out, "data folder", lock_path=lock_path, wait=True)
+    try:
+        _clean_stale(out)
         yield
-        return
-    with open(out.parent / f".{out.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        lock.release()
+
+
+def _clean_stale(out: Path) -> None:
+    """Temporaries of a killed prepare: drop half-built folders, restore a swapped-out one."""
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(out.parent.glob(f".{out.name}.old-*")):
+        if not out.exists():  # killed between the two renames of _swap_in: put it back
+            os.rename(p, out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -159,19 +187,43 @@ def _check_replaceable(out: Path) -> None:
 
 def _swap_in(tmp: Path, out: Path) -> None:
     old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except OSError as exc:
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        hint = (
+            " (a mount point cannot be replaced: choose a folder inside it as --out)"
+            if exc.errno == errno.EBUSY
+            else ""
+        )
+        raise FileSystemError(
+            f"cannot put the data in place at {out}: {os_error_reason(exc)}{hint}"
+        ) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def _atomic_build(out: Path, build: Any) -> None:
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         build(tmp)
+    except BaseException as exc:
+        code = None if is_read_error(exc, tmp) else write_errno(exc, out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if code is None:
+            raise
+        kept = (
+            f"the previous data in {out} is intact"
+            if (out / "meta.json").exists()
+            else "nothing was written"
+        )
+        raise FileSystemError(f"{errno_reason(code)} writing data folder {out}; {kept}") from None
+    try:
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -252,6 +304,7 @@ def prepare_dataset(
     max_tokens: int | None = None,
     force: bool = False,
     verbose: bool = True,
+    wait_for_lock: bool = True,
     **source_options: Any,
 ) -> Path:
     """Prepare ``source`` (a built-in name or local file/folder/glob); returns the folder.
@@ -260,7 +313,8 @@ def prepare_dataset(
     bpe or word for rustgpt). ``source_options``: ``num_stories``, ``stories_grammar``,
     ``doc_separator``, ``text_field``, ``errors`` and, for mqar, ``mqar_vocab_size``,
     ``mqar_pairs``, ``mqar_seq_len``, ``mqar_train_examples``, ``mqar_val_examples``,
-    ``mqar_power_a``.
+    ``mqar_power_a``. ``wait_for_lock``: wait for another process preparing the same folder
+    (False: refuse with FolderBusy, as ``archlab prepare`` does).
     """
     mqar_opts = {k: source_options.pop(k) for k in list(source_options) if k in _MQAR_OPTIONS}
     unknown = set(source_options) - set(SourceOptions.__dataclass_fields__)
@@ -281,6 +335,7 @@ def prepare_dataset(
             verbose,
             mqar_opts,
             source_options,
+            wait_for_lock,
         )
     given = [k for k, v in mqar_opts.items() if v is not None]
     if given:
@@ -307,7 +362,7 @@ def prepare_dataset(
     }
     digest = _digest(settings)
     out = Path(out_dir) if out_dir is not None else _default_dir(src.name, spec, tok_setting, src)
-    with _locked(out):
+    with _locked(out, wait_for_lock, verbose):
         if not force and _up_to_date(out, digest):
             log(f"{out} is up to date (same inputs and settings); reusing it", verbose)
             _add_missing_baselines(out, verbose)
@@ -598,6 +653,7 @@ def _prepare_mqar(
     verbose: bool,
     mqar_opts: dict[str, Any],
     source_options: dict[str, Any],
+    wait_for_lock: bool = True,
 ) -> Path:
     from . import mqar
 
@@ -628,7 +684,7 @@ def _prepare_mqar(
         else f"mqar-v{cfg.vocab_size}-kv{cfg.num_kv_pairs}-len{cfg.seq_len}"
     )
     out = Path(out_dir) if out_dir is not None else Path("data") / name
-    with _locked(out):
+    with _locked(out, wait_for_lock, verbose):
         if not force and _up_to_date(out, digest):
             log(f"{out} is up to date (same settings); reusing it", verbose)
             _add_missing_baselines(out, verbose)

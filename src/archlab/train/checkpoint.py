@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,8 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig
-from ..errors import UserError
+from ..errors import FileSystemError, UserError
+from ..fsutil import errno_reason, is_read_error, write_errno
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -38,6 +40,10 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, truncated or does not fit; one line for the CLI."""
+
+
+class CheckpointWriteError(FileSystemError):
+    """Writing a checkpoint failed (disk full, read-only, ...); the previous one is intact."""
 
 
 # ---- paths --------------------------------------------------------------------------------
@@ -119,11 +125,15 @@ def _sha256(path: Path) -> str:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small text file so readers see the old or the new content, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk or an abort leaves no temporary behind
+        raise
     _fsync_dir(path.parent)
 
 
@@ -141,6 +151,7 @@ def save_checkpoint(
     tokenizer_path: str | Path,
     trainer_state: dict[str, Any],
     keep: int = 3,
+    before_swap: Callable[[], None] | None = None,
 ) -> Path:
     """Write RUN/checkpoints/step_<step> atomically, point ``latest`` at it, keep the last K.
 
@@ -154,34 +165,66 @@ def save_checkpoint(
     if not weights_are_finite(model):
         raise CheckpointError(f"refusing to write checkpoint at step {step}: non-finite weights")
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
+    previous = latest_checkpoint(run_dir)
     name = checkpoint_name(step)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"), metadata={"archlab_version": __version__})
-    config = dict(model_cfg.to_dict(), archlab_version=__version__)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
-    torch.save(trainer_state, tmp / "trainer_state.pt")
-    sums = {f: _sha256(tmp / f) for f in CHECKPOINT_FILES}
-    (tmp / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n")
-    for f in (*CHECKPOINT_FILES, "checksums.json"):
-        _fsync_file(tmp / f)
-    _fsync_dir(tmp)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"), metadata={"archlab_version": __version__})
+        config = dict(model_cfg.to_dict(), archlab_version=__version__)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        torch.save(trainer_state, tmp / "trainer_state.pt")
+        sums = {f: _sha256(tmp / f) for f in CHECKPOINT_FILES}
+        (tmp / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n")
+        for f in (*CHECKPOINT_FILES, "checksums.json"):
+            _fsync_file(tmp / f)
+        _fsync_dir(tmp)
+        if before_swap is not None:  # test hook: a window in which the save is half done
+            before_swap()
+        final = _swap_into_place(root, name, tmp)
+        atomic_write_text(root / "latest", name + "\n")
+    except BaseException as exc:
+        code = None if is_read_error(exc, root) else write_errno(exc, root)
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half checkpoint behind
+        if code is None:
+            raise
+        raise CheckpointWriteError(
+            f"{errno_reason(code)} writing checkpoint step {step} in {run_dir}; "
+            + (
+                f"the previous checkpoint step {_step_of(previous)} is intact"
+                if previous is not None
+                else "no earlier checkpoint of this run exists"
+            )
+        ) from None
+    prune_checkpoints(run_dir, keep)
+    return final
 
+
+def _step_of(ckpt: Path) -> int:
+    m = _STEP_RE.match(ckpt.name)
+    return int(m.group(1)) if m else -1
+
+
+def _swap_into_place(root: Path, name: str, tmp: Path) -> Path:
+    """Rename the finished temporary folder to ``root/name`` (replacing one of the same step)."""
     final = root / name
     trash = None
     if final.exists():  # the same step written again (e.g. after a resume): swap, then delete
         trash = root / f".old-{name}-{os.getpid()}"
         os.replace(final, trash)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if trash is not None:
+            os.replace(trash, final)
+        raise
     _fsync_dir(root)
-    atomic_write_text(root / "latest", name + "\n")
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    prune_checkpoints(run_dir, keep)
     return final
 
 
@@ -198,16 +241,27 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     return removed
 
 
-def clean_temporary(run_dir: str | Path) -> None:
-    """Remove half-written folders left by a crash while saving (they were never renamed)."""
-    root = Path(run_dir) / "checkpoints"
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")):
-                if p.is_dir():
+def clean_temporary(run_dir: str | Path) -> list[Path]:
+    """Remove temporaries a killed process left (half checkpoints, unrenamed JSON files).
+
+    Call only while holding the run folder's lock: then no live writer owns any of them.
+    """
+    run = Path(run_dir)
+    removed: list[Path] = []
+    for folder, prefixes in (
+        (run / "checkpoints", (".tmp-", ".old-", ".latest.tmp-")),
+        (run, (".summary.json.tmp-", "metrics.jsonl.tmp", ".archlab-write-test-")),
+    ):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if p.name.startswith(prefixes):
+                if p.is_dir() and not p.is_symlink():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
 
 
 # ---- reading ------------------------------------------------------------------------------

@@ -93,12 +93,21 @@ class MetricsWriter:
             if isinstance(rec, dict) and rec.get("step", 0) <= step:
                 kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def log(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(_jsonable(record)) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps(_jsonable(record)) + "\n")
+            self._f.flush()
+        except OSError as exc:  # name the file: a bare "[Errno 28]" says not where
+            if exc.filename is None:
+                exc.filename = str(self.path)
+            raise
         step = int(record.get("step", 0))
         kind = record.get("kind", "train")
         scalars = {
@@ -126,10 +135,20 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
+    """Readers see the old or the new file; a failed write (full disk) leaves no temporary."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(_jsonable(data), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # name the file the user knows, not our temporary
+            exc.filename, exc.filename2 = str(path), None
+        raise
 
 
 # ---- memory -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +42,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig, canonical_architecture, preset_config
-from ..errors import UserError
+from ..config import (
+    ConfigError,
+    ModelConfig,
+    canonical_architecture,
+    check_fields_apply,
+    preset_config,
+)
+from ..errors import FileSystemError, FolderBusy, Interrupted, UserError
+from ..fsutil import FolderLock, ensure_writable_dir, lock_folder
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .distributed import (
@@ -111,6 +119,9 @@ class ModelSpec:
 
     def build(self, data_vocab: int) -> ModelConfig:
         kw = {k: v for k, v in self.overrides.items() if v is not None}
+        check_fields_apply(
+            self.architecture or "dense", self.preset, list(kw), model_size=self.model_size
+        )
         vocab = kw.pop("vocab_size", None)
         if vocab is not None and vocab < data_vocab:
             raise ConfigError(
@@ -126,6 +137,13 @@ class ModelSpec:
 
     def check_fits(self, cfg: ModelConfig, source: str) -> None:
         """Explicit model flags must agree with a checkpoint's config (--init-from/--resume)."""
+        given = [k for k, v in self.overrides.items() if v is not None]
+        check_fields_apply(
+            cfg.architecture,
+            self.preset or cfg.preset,
+            given,
+            self.model_size if self.preset else None,
+        )
         if (
             self.architecture is not None
             and canonical_architecture(self.architecture) != cfg.architecture
@@ -149,6 +167,69 @@ class DebugHooks:
 
     nan_at_steps: frozenset[int] = frozenset()  # 1-based optimizer steps whose loss becomes NaN
     sigkill_at_step: int | None = None  # SIGKILL self right after this step (and its checkpoint)
+    step_delay_s: float = 0.0  # sleep after every step (lets a test signal a run mid-way)
+    save_delay_s: float = 0.0  # sleep inside every checkpoint write (a test aborts a save)
+
+
+# ---- stop signals ----------------------------------------------------------------------------
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# A repeat of the stop signal this soon after the first is the same request delivered twice
+# (a terminal's Ctrl-C reaches the whole process group, and torchrun or `archlab compare`
+# forward it again); a later one aborts.
+REPEAT_WINDOW_S = 1.0
+
+
+class StopRequest:
+    """SIGINT / SIGTERM handler: the first asks the loop to stop after the current optimizer
+    step and save; a second one (after REPEAT_WINDOW_S) aborts at once.
+
+    An abort raises Interrupted wherever the process is, also inside a checkpoint write:
+    the atomic write then removes its temporary folder and the previous checkpoint stays.
+    """
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+        self.signum: int | None = None
+        self.at = 0.0
+        self.aborting = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers live on the main thread; an embedding caller keeps its own
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                continue  # e.g. SIGINT in a shell's background job: the launcher wants it ignored
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        t = self.trainer
+        if self.signum is None:
+            self.signum, self.at = signum, now
+            if t.dist.is_main:
+                # os.write, not print: the handler may interrupt a print to stderr
+                os.write(
+                    2,
+                    f"archlab train: {name}: finishing the current step, then saving a "
+                    f"checkpoint (send {name} again to abort without saving)\n".encode(),
+                )
+            return
+        if now - self.at < REPEAT_WINDOW_S or self.aborting:
+            return  # a duplicate, or the abort is already unwinding (let its cleanup finish)
+        self.aborting = True
+        last = ckpt_mod.latest_checkpoint(t.run_dir) if t.run_dir is not None else None
+        raise Interrupted(
+            f"aborted by a second {name}; "
+            + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written"),
+            signum,
+        )
 
 
 # ---- devices, precision ----------------------------------------------------------------------
@@ -269,6 +350,9 @@ class Trainer:
         self.summary_written = False
         self.owns_run_dir = False
         self.run_dir: Path | None = None
+        self._locks: list[FolderLock] = []
+        self.stop = StopRequest(self)
+        self.stopped_by: int | None = None  # the signal that ended fit() early
         self.cfg = train_cfg.replace().validate()  # a copy: the run fills in out_dir etc.
         check_logging_backends(self.cfg.tensorboard, self.cfg.wandb)
         self.dist = init_distributed(self._device_type(self.cfg.device))
@@ -277,6 +361,7 @@ class Trainer:
             self._setup(model, resume, frozenset(explicit))
         except BaseException as exc:
             self._write_failure(exc)
+            self.release()
             raise
 
     @staticmethod
@@ -302,6 +387,12 @@ class Trainer:
             run_path = Path(target)
             if not run_path.exists():
                 raise UserError(f"--resume: {run_path} does not exist")
+            is_ckpt = (run_path / "model.safetensors").exists() or (
+                run_path / "config.json"
+            ).exists()
+            # Lock before reading: a live run could be writing (or pruning) its checkpoints.
+            source = ckpt_mod.run_dir_of(run_path) if is_ckpt else run_path
+            self._claim(source, "--resume", writable=False)
             self.resume_ckpt = ckpt_mod.resolve_checkpoint(run_path)
             ckpt_mod.verify_checkpoint(self.resume_ckpt)
             self.state = ckpt_mod.load_trainer_state(self.resume_ckpt)
@@ -325,14 +416,12 @@ class Trainer:
             )
             cfg.out_dir = broadcast_object(_default_run_dir(arch, cfg.stage), self.dist)
         self.run_dir = Path(cfg.out_dir)
+        self._claim(self.run_dir, "--out-dir")  # before looking inside: it may be in use
         if self.resume_ckpt is None and ckpt_mod.list_checkpoints(self.run_dir):
             raise UserError(
                 f"--out-dir {self.run_dir} already holds checkpoints; pass --resume to continue "
                 "that run or choose another --out-dir"
             )
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt_mod.clean_temporary(self.run_dir)
         # From here a failure is this run's own and is recorded in its summary.json; a resumed
         # run's folder is only claimed once its checkpoint has been restored (below).
         self.owns_run_dir = self.resume_ckpt is None
@@ -462,6 +551,42 @@ class Trainer:
 
         self.eval_data = self._eval_batches()
         self.owns_run_dir = True
+
+    def _claim(self, folder: Path, flag: str, writable: bool = True) -> None:
+        """Lock a run folder for this run's life (rank 0), then drop a killed run's temporaries.
+
+        All ranks call this: rank 0's outcome is broadcast so that every rank fails together
+        instead of the others waiting forever in the next collective. ``writable=False`` (the
+        run a --resume reads from): a folder nobody can write, such as one on a read-only
+        file system, is read without a lock, since no process can be changing it.
+        """
+        folder = Path(folder)
+        if any(lk.path.parent.resolve() == folder.resolve() for lk in self._locks):
+            return
+        failure: tuple[int, str] | None = None
+        if self.dist.is_main:
+            try:
+                if writable:
+                    ensure_writable_dir(folder, flag)
+                    self._locks.append(lock_folder(folder, "run folder"))
+                    ckpt_mod.clean_temporary(folder)
+                elif os.access(folder, os.W_OK):
+                    self._locks.append(lock_folder(folder, "run folder"))
+                    with contextlib.suppress(OSError):
+                        ckpt_mod.clean_temporary(folder)
+            except UserError as exc:
+                failure = (exc.exit_code, str(exc))
+                if not self.dist.enabled:
+                    raise
+        failure = broadcast_object(failure, self.dist)
+        if failure is not None:
+            cls = {1: FileSystemError}.get(failure[0], FolderBusy)
+            raise cls(failure[1])
+
+    def release(self) -> None:
+        """Give the run folder's lock back (the OS does it anyway when the process ends)."""
+        while self._locks:
+            self._locks.pop().release()
 
     def _as_spec(self, model_arg: Any) -> ModelSpec:
         if isinstance(model_arg, ModelSpec):
@@ -668,8 +793,12 @@ class Trainer:
         tdist.all_gather_object(out, mine)
         return out
 
-    def save(self, data_rng: Tensor) -> Path | None:
-        """Checkpoint the state after ``self.step`` steps (rank 0 writes; all ranks join)."""
+    def save(self, data_rng: Tensor, pending_log: dict[str, Any] | None = None) -> Path | None:
+        """Checkpoint the state after ``self.step`` steps (rank 0 writes; all ranks join).
+
+        ``pending_log``: the log interval's accumulators so far, so that a run resumed from
+        a checkpoint between two log steps logs exactly what the uninterrupted run logged.
+        """
         rng = self._gather_rng()
         path = None
         if self.dist.is_main:
@@ -689,7 +818,9 @@ class Trainer:
                 "data_dir": str(self.data_dir),
                 "data_hash": self.meta.get("hash"),
                 "world_size": self.dist.world_size,
+                "pending_log": pending_log or {},
             }
+            delay = self.hooks.save_delay_s
             path = ckpt_mod.save_checkpoint(
                 self.run_dir,  # type: ignore[arg-type]
                 self.step,
@@ -698,21 +829,26 @@ class Trainer:
                 self.data_dir / "tokenizer.json",
                 state,
                 keep=self.cfg.keep_checkpoints,
+                before_swap=(lambda: time.sleep(delay)) if delay else None,
             )
         barrier(self.dist)
         return path
 
     # ---- the loop --------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
+        self.stop.install()
         try:
             return self._fit()
         except BaseException as exc:
             self._write_failure(exc)
             raise
         finally:
+            self.stop.restore()
             if getattr(self, "writer", None) is not None:
-                self.writer.close()
+                with contextlib.suppress(OSError):  # a full disk was reported already
+                    self.writer.close()
             shutdown(self.dist)
+            self.release()
 
     def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -746,12 +882,24 @@ class Trainer:
             )
             if bar.disable:
                 bar = None  # plain log lines instead (below)
-        # Interval accumulators (host floats; device tensors for MoE statistics).
-        loss_sum, loss_n = 0.0, 0
-        gnorm_last = float("nan")
-        aux_acc: Tensor | None = None
-        counts_acc: Tensor | None = None
-        aux_n = 0
+        # Interval accumulators (host floats; device tensors for MoE statistics); a resumed
+        # run continues the interval its checkpoint was written in.
+        pending = (self.state or {}).get("pending_log") or {}
+        loss_sum, loss_n = float(pending.get("loss_sum", 0.0)), int(pending.get("loss_n", 0))
+        gnorm_last = float(pending.get("gnorm_last", float("nan")))
+        aux_acc: Tensor | None = _to(pending.get("aux_sum"), self.device)
+        counts_acc: Tensor | None = _to(pending.get("counts"), self.device)
+        aux_n = int(pending.get("aux_n", 0))
+
+        def pending_log() -> dict[str, Any]:
+            d: dict[str, Any] = {"loss_sum": loss_sum, "loss_n": loss_n, "gnorm_last": gnorm_last}
+            d["aux_n"] = aux_n
+            if aux_acc is not None:
+                d["aux_sum"] = aux_acc.detach().float().cpu()
+            if counts_acc is not None:
+                d["counts"] = counts_acc.detach().float().cpu()
+            return d
+
         step_time = 0.0  # pure training-step time (no eval/checkpoint), this process
         interval_time, interval_tokens = 0.0, 0
         first_step_s: float | None = None
@@ -768,15 +916,21 @@ class Trainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             gnorm = self._grad_norm()
-            stats = torch.stack([ce.float(), gnorm.float().reshape(())])
+            # This rank's stop vote rides on the loss reduction (no extra collective): every
+            # rank reads the same sum, so all stop after the same step. SIGTERM votes 1024 and
+            # SIGINT 1, so the sum also tells which one (exact in float32 up to 16k ranks).
+            vote = {None: 0.0, signal.SIGINT: 1.0}.get(self.stop.signum, 1024.0)
+            stats = torch.stack(
+                [ce.float(), torch.full((), vote, device=ce.device), gnorm.float().reshape(())]
+            )
             if self.dist.enabled:
-                stats[0:1] = all_reduce_sum(stats[0:1].clone(), self.dist)
+                stats[0:2] = all_reduce_sum(stats[0:2].clone(), self.dist)
             # Draw the next step's batches on the host while the device finishes this one.
             next_rng = self.sampler.generator.get_state()
             next_batches, next_tok = (
                 self._draw_step() if self.step + 1 < self.total_steps else ([], 0)
             )
-            ce_sum, gnorm_v = stats.tolist()  # the step's one host sync
+            ce_sum, votes, gnorm_v = stats.tolist()  # the step's one host sync
             loss_v = ce_sum / max(n_tok, 1)
             finite = math.isfinite(loss_v) and math.isfinite(gnorm_v)
             # fp16 only: finite loss, overflowing gradients -> the scaler skips and rescales
@@ -887,21 +1041,41 @@ class Trainer:
                     if bar is not None:
                         bar.write(f"step {self.step}: val loss {val_loss:.4f}")
             if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or last:
-                self.save(data_rng)
+                self.save(data_rng, pending_log())
                 last_ckpt_step = self.step
             if self.hooks.sigkill_at_step == self.step:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if self.hooks.step_delay_s:
+                time.sleep(self.hooks.step_delay_s)
+            if not self.dist.enabled:  # one process: also a signal during this step's eval/save
+                votes = {None: 0.0, signal.SIGINT: 1.0}.get(self.stop.signum, 1024.0)
+            if votes > 0 and not last:  # a stop signal: this step was the last one
+                self.stopped_by = signal.SIGTERM if votes >= 1024 else signal.SIGINT
+                break
         if bar is not None:
             bar.close()
-        if last_eval_step != self.step:  # nothing left to train (resumed a finished run)
+        stopped = self.stopped_by is not None
+        if last_eval_step != self.step and not stopped:  # resumed a finished run
             val_loss = self.evaluate()
+            last_eval_step = self.step
+        checkpoint = None
         if last_ckpt_step != self.step and self.step > 0:
-            self.save(data_rng)
+            checkpoint = self.save(data_rng, pending_log() if stopped else None)
+        elif self.dist.is_main and self.step > 0:
+            checkpoint = ckpt_mod.latest_checkpoint(self.run_dir)  # type: ignore[arg-type]
         steps_run = self.step - first_step
         timed_steps = steps_run - 1 if steps_run > 1 else steps_run
         timed = step_time if steps_run > 1 else (first_step_s or 0.0)
         tokens_per_s = timed_steps * self.tokens_per_step / timed if timed > 0 else 0.0
-        return self._finish(val_loss, tokens_per_s, first_step_s, steps_run)
+        if stopped:
+            return self._finish(
+                val_loss if last_eval_step == self.step else None,
+                tokens_per_s,
+                first_step_s,
+                steps_run,
+                checkpoint=checkpoint,
+            )
+        return self._finish(val_loss, tokens_per_s, first_step_s, steps_run, checkpoint=checkpoint)
 
     def _elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self.t_start)
@@ -929,7 +1103,14 @@ class Trainer:
         self.writer.log(rec)  # type: ignore[union-attr]
         return rec
 
-    def _finish(self, val_loss: float, tokens_per_s: float, first_step_s, steps_run) -> dict:
+    def _finish(
+        self,
+        val_loss: float | None,
+        tokens_per_s: float,
+        first_step_s,
+        steps_run,
+        checkpoint: Path | None = None,
+    ) -> dict:
         cfg = self.cfg
         train_time = time.perf_counter() - self.t_start
         peak_mem = peak_memory_bytes(self.device)
@@ -958,8 +1139,10 @@ class Trainer:
             "nan_count": self.nan_count,
             "mfu": run_mfu,
             "entropy_floor": self.meta.get("entropy_floor"),
-            "status": "ok",
+            "status": "ok" if self.stopped_by is None else "interrupted",
             "error": None,
+            "interrupted_by": signal.Signals(self.stopped_by).name if self.stopped_by else None,
+            "checkpoint": str(checkpoint) if checkpoint is not None else None,
             "model_config": self.model_cfg.to_dict(),
             "train_config": cfg.to_dict(),
             # extra context for reports
@@ -982,7 +1165,7 @@ class Trainer:
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)  # type: ignore[operator]
             self.summary_written = True
-            if self.progress:
+            if self.progress and self.stopped_by is None:
                 self._print_summary(summary)
         return summary
 
@@ -1025,7 +1208,7 @@ class Trainer:
             return
         msg = str(exc) or type(exc).__name__
         if isinstance(exc, KeyboardInterrupt):
-            msg = "interrupted"
+            msg = str(exc) if isinstance(exc, Interrupted) else "interrupted"
         model_cfg = getattr(self, "model_cfg", None)
         model = getattr(self, "model", None)
         summary = {
@@ -1041,7 +1224,7 @@ class Trainer:
             "nan_count": getattr(self, "nan_count", 0),
             "mfu": None,
             "entropy_floor": getattr(self, "meta", {}).get("entropy_floor"),
-            "status": "failed",
+            "status": "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
             "error": f"{type(exc).__name__}: {msg}",
             "model_config": model_cfg.to_dict() if model_cfg else None,
             "train_config": self.cfg.to_dict(),
@@ -1049,6 +1232,10 @@ class Trainer:
         with contextlib.suppress(OSError):
             write_json_atomic(self.run_dir / "summary.json", summary)
             self.summary_written = True
+
+
+def _to(t: Any, device: torch.device) -> Tensor | None:
+    return t.to(device) if isinstance(t, Tensor) else None
 
 
 def run_training(

@@ -451,3 +451,53 @@ def test_max_tokens_on_a_single_document(shakespeare_path, tmp_path):
     )
     meta = load_meta(out)
     assert meta["train_tokens"] == 9_000 and meta["val_tokens"] == 1_000 and meta["split"] == "tail"
+
+
+# ---- long documents are encoded in pieces (progress, parallelism), exactly --------------------
+def test_pieces_cut_only_at_safe_newlines():
+    from archlab.data import prepare as prep
+
+    text = "ab\ncd  \n ef\ngh\n\nij\nkl"
+    pieces = prep._pieces(text, size=1)
+    assert "".join(pieces) == text
+    # after "ab\n" (b|c), not after "cd  \n" (space before) nor " ef"-side cuts, after "ef\n"
+    assert pieces == ["ab\n", "cd  \n ef\n", "gh\n\nij\n", "kl"]
+    assert prep._pieces("no newline at all " * 10, size=5) == ["no newline at all " * 10]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "char", "word"])
+def test_encoding_in_pieces_equals_the_whole_text(shakespeare_path, kind):
+    from archlab.data import prepare as prep
+    from archlab.data.tokenizer import train_bpe, train_char, train_word
+
+    text = open(shakespeare_path, encoding="utf-8").read()
+    text += "\n<|endoftext|>\nTail after a special token.\n"
+    tok = {
+        "bpe": lambda: train_bpe([text], 600),
+        "char": lambda: train_char([text]),
+        "word": lambda: train_word([text], 3000),
+    }[kind]()
+    pieces = prep._pieces(text, size=20_000)
+    assert len(pieces) > 40 and "".join(pieces) == text
+    whole = tok.encode(text)
+    assert [i for ids in tok.encode_batch(pieces) for i in ids] == whole
+
+
+def test_one_large_document_shows_progress_and_gives_the_same_data(
+    shakespeare_path, tmp_path, capsys, monkeypatch
+):
+    from archlab import progress as progress_mod
+    from archlab.data import prepare as prep
+
+    ref = prepare_dataset(shakespeare_path, tmp_path / "ref", tokenizer="char", verbose=False)
+    monkeypatch.setattr(prep, "_PIECE_CHARS", 50_000)
+    monkeypatch.setattr(prep, "_PIECE_BATCH_CHARS", 100_000)
+    monkeypatch.setattr(progress_mod, "PLAIN_INTERVAL_S", 0.0)
+    capsys.readouterr()
+    out = prepare_dataset(shakespeare_path, tmp_path / "pieces", tokenizer="char")
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("archlab prepare: tokenizing ")]
+    assert len(lines) >= 10 and "\r" not in err  # ~1.1M characters in calls of ~100k
+    assert "(100%)" in lines[-1]
+    for name in ("train.bin", "val.bin"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes()

@@ -323,8 +323,8 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
     monkeypatch.setattr(ck.torch, "save", full_disk)
     run = tmp_path / "run"
     rc = main(["train", *COMMON, "--data", str(data), "--out-dir", str(run),
-               "--checkpoint-interval", "2", "--log-interval", "1000", *THREADS])  # fmt: skip
-    line = one_line(capsys.readouterr().err)
+               "--checkpoint-interval", "2", "--quiet", *THREADS])  # fmt: skip
+    line = one_line(capsys.readouterr().err)  # --quiet: no model summary or progress lines
     assert rc == 1
     assert line == (
         f"archlab train: error: no space left on device writing checkpoint step 4 in {run}; "
@@ -369,8 +369,8 @@ def test_a_real_full_disk_while_training_and_preparing(data, tmp_path, capsys, m
     small = mounts("small", "size=600k")  # one checkpoint of this model (~370 kB) fits, not two
     run = small / "run"
     rc = main(["train", *COMMON, "--data", str(data), "--out-dir", str(run),
-               "--checkpoint-interval", "2", "--log-interval", "1000", *THREADS])  # fmt: skip
-    line = one_line(capsys.readouterr().err)
+               "--checkpoint-interval", "2", "--quiet", *THREADS])  # fmt: skip
+    line = one_line(capsys.readouterr().err)  # --quiet: no model summary or progress lines
     assert rc == 1
     assert line == (
         f"archlab train: error: no space left on device writing checkpoint step 4 in {run}; "

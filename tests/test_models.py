@@ -48,6 +48,11 @@ def small_config(arch: str, **kw):
 CASES = [(a, {}) for a in ARCHS] + [
     ("dense", {"use_rope": True, "use_rmsnorm": True}),
     ("moe", {"use_rope": True}),
+    # SwiGLU feed-forwards: Llama form, Mixtral form, and the hybrid's / hypermixer's MLPs
+    ("dense", {"mlp": "swiglu", "use_rope": True, "use_rmsnorm": True}),
+    ("moe", {"mlp": "swiglu", "use_rope": True, "use_rmsnorm": True}),
+    ("hybrid", {"mlp": "swiglu"}),
+    ("hypermixer", {"mlp": "swiglu"}),
 ]
 RUSTGPT = ["dense", "hypermixer"]
 

@@ -491,7 +491,8 @@ def test_out_of_memory_is_one_line_and_the_run_is_marked_failed(
 
     monkeypatch.setattr(Trainer, "_forward_backward", boom)
     run = tmp_path / "r"
-    assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--out-dir", run) == 2
+    # --quiet: no model summary / progress before the error, so stderr is exactly one line
+    assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--out-dir", run, "--quiet") == 2
     err = capsys.readouterr().err.strip()
     assert (
         "out of memory" in err and "--batch-size" in err and "--use-gradient-checkpointing" in err

@@ -21,7 +21,17 @@ from collections.abc import Iterator
 from .errors import Interrupted, UserError
 from .fsutil import os_error_line
 
-COMMANDS = ("train", "prepare", "summary", "compare", "bench", "generate", "chat", "eval")
+COMMANDS = (
+    "train",
+    "prepare",
+    "summary",
+    "compare",
+    "bench",
+    "generate",
+    "chat",
+    "eval",
+    "export",
+)
 
 
 class ArgumentParser(argparse.ArgumentParser):

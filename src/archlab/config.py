@@ -17,6 +17,7 @@ ARCHITECTURES = ("dense", "hypermixer", "mamba", "moe", "hybrid")
 ALIASES = {"transformer": "dense", "ssm": "mamba"}
 MODEL_SIZES = ("nano", "micro", "tiny", "medium", "large")
 PRESETS = ("rustgpt",)
+MLP_TYPES = ("gelu", "swiglu")
 
 # Human-readable names used by `summary` (the seed's "Architecture Type:" line).
 DISPLAY_NAMES = {
@@ -30,6 +31,16 @@ DISPLAY_NAMES = {
 
 class ConfigError(UserError, ValueError):
     """A configuration a user asked for is invalid; the message is one line for the CLI."""
+
+
+def swiglu_width(gelu_width: int, multiple_of: int = 8) -> int:
+    """SwiGLU hidden width with the parameters of a GELU MLP of ``gelu_width`` (Llama's rule).
+
+    A GELU MLP has 2 d f weights, SwiGLU 3 d h (gate, up, down): h = 2 f / 3, rounded up to a
+    multiple of ``multiple_of`` as Llama's ``FeedForward`` does (f = 4 d gives Llama's 8 d / 3).
+    """
+    hidden = int(2 * gelu_width / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 def canonical_architecture(name: str) -> str:
@@ -58,6 +69,10 @@ class ModelConfig:
     tie_weights: bool = True
     norm_eps: float = 1e-5
     bias: bool = False  # biases in attention/MLP linears of the modern blocks
+    # Feed-forward: "gelu" (d -> d_ff -> d) or "swiglu" (down(silu(gate x) * up x), Shazeer
+    # 2020). d_ff stays the GELU-equivalent width; SwiGLU's hidden width is swiglu_width(d_ff),
+    # so switching --mlp keeps the parameter count (see ffn_hidden).
+    mlp: str = "gelu"
     # Mamba
     state_size: int = 16
     conv_size: int = 4
@@ -99,6 +114,17 @@ class ModelConfig:
     @property
     def resolved_expert_d_ff(self) -> int:
         return self.expert_d_ff or max(1, self.d_ff // self.top_k)
+
+    @property
+    def ffn_hidden(self) -> int:
+        """Hidden width of the block MLP as built: d_ff for GELU, swiglu_width(d_ff) for SwiGLU."""
+        return swiglu_width(self.d_ff) if self.mlp == "swiglu" else self.d_ff
+
+    @property
+    def expert_ffn_hidden(self) -> int:
+        """Hidden width of one MoE expert as built (GELU-equivalent resolved_expert_d_ff)."""
+        w = self.resolved_expert_d_ff
+        return swiglu_width(w) if self.mlp == "swiglu" else w
 
     @property
     def resolved_hyper_hidden(self) -> int:
@@ -148,6 +174,24 @@ class ModelConfig:
         positive("--n-heads", self.n_heads)
         positive("--d-ff", self.d_ff)
         positive("--max-seq-len", self.max_seq_len)
+        if self.mlp not in MLP_TYPES:
+            raise ConfigError(f"--mlp: unknown MLP {self.mlp!r} (allowed: {', '.join(MLP_TYPES)})")
+        if self.mlp != "gelu" and self.architecture == "mamba":
+            raise ConfigError(
+                f"--mlp {self.mlp}: mamba blocks have no MLP (the mixer is the whole block); "
+                "SwiGLU applies to dense, moe, hybrid and hypermixer"
+            )
+        if self.mlp != "gelu" and self.preset == "rustgpt":
+            raise ConfigError(
+                f"--mlp {self.mlp}: the rustgpt preset is the seed's fixed model (ReLU feed-forward)"
+            )
+        if self.bias and self.architecture == "mamba":
+            raise ConfigError(
+                "--bias: mamba blocks have no attention or MLP linears (projections are "
+                "bias-free as in Mamba); --bias applies to dense, moe, hybrid and hypermixer"
+            )
+        if not self.bias and self.preset == "rustgpt":
+            raise ConfigError("--no-bias: the rustgpt preset is the seed's fixed model (biases)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: must be in [0, 1) (got {self.dropout})")
         if self.architecture in ("dense", "moe", "hybrid") and self.preset != "rustgpt":
@@ -198,6 +242,8 @@ class ModelConfig:
 ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "n_heads": ("dense", "moe", "hybrid"),
     "d_ff": ("dense", "hypermixer", "moe", "hybrid"),
+    "mlp": ("dense", "hypermixer", "moe", "hybrid"),
+    "bias": ("dense", "hypermixer", "moe", "hybrid"),
     "state_size": ("mamba", "hybrid"),
     "conv_size": ("mamba", "hybrid"),
     "expand": ("mamba", "hybrid"),
@@ -208,8 +254,8 @@ ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
     "hypernetwork_hidden_dim": ("hypermixer",),
 }
 # The rustgpt preset's fixed design: single-head attention, learned positions, post-norm
-# LayerNorm, untied head.
-RUSTGPT_FIXED = ("n_heads", "use_rope", "use_rmsnorm", "tie_weights")
+# LayerNorm, untied head, ReLU feed-forward with biases.
+RUSTGPT_FIXED = ("n_heads", "use_rope", "use_rmsnorm", "tie_weights", "mlp", "bias")
 FLAG_NAMES = {"top_k": "--expert-capacity", "local_window": "--hybrid-local-window"}
 
 
@@ -240,7 +286,7 @@ def check_fields_apply(
             names = ", ".join(flag_name(k) for k in fixed)
             raise ConfigError(
                 f"{names}: fixed by --preset rustgpt (single-head attention, learned positions, "
-                f"post-norm LayerNorm, untied head); drop {'it' if len(fixed) == 1 else 'them'} "
+                f"post-norm LayerNorm, untied head, ReLU feed-forward with biases); drop {'it' if len(fixed) == 1 else 'them'} "
                 "or leave out --preset"
             )
     unused = [k for k in given if k in ARCHITECTURE_FIELDS and arch not in ARCHITECTURE_FIELDS[k]]

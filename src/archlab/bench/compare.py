@@ -28,7 +28,6 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import Interrupted, UserError
+from ..progress import Progress, eta_seconds, format_duration, progress_mode
 from ..train.optim import default_warmup_steps, warmup_warning
 from .reference import Reference, load_reference
 from .results import RunResult, aggregate, best_points, read_run
@@ -422,36 +422,127 @@ _PROGRESS = re.compile(r"^step \d+/\d+ ")
 _TRACE_NOISE = re.compile(r"^(Traceback|\s+File |\s+\^|\s{4})")
 
 
-class Progress:
-    """Relays a child's progress lines: overwritten in place on a terminal, else throttled."""
+class CompareProgress:
+    """The comparison's progress: runs done / total with an ETA, and the current run's steps.
 
-    def __init__(self, stream: TextIO, every_s: float = 10.0) -> None:
+    On a terminal two live bars (overall, current run) fed by the children's plain progress
+    lines; elsewhere one plain line at most every ``every_s`` seconds, ``[2/5 mamba] step
+    40/100 loss ... | compare: 1/5 runs done, eta 03:10``; ``mode="off"`` (``--quiet``) shows
+    no progress, only the messages (run started, done, failed).
+    """
+
+    _STEP = re.compile(r"^step (\d+)/(\d+)\s*(.*?)(?:\s+elapsed \S+(?:\s+eta \S+)?)?$")
+
+    def __init__(
+        self,
+        stream: TextIO,
+        n_runs: int = 0,
+        steps_per_run: int = 0,
+        runs_done: int = 0,
+        mode: str | None = None,
+        every_s: float | None = None,
+    ) -> None:
+        from .. import progress as progress_mod
+
         self.stream = stream
-        self.tty = stream.isatty()
-        self.every_s = every_s
+        self.mode = mode if mode is not None else progress_mode(stream=stream)
+        self.every_s = progress_mod.PLAIN_INTERVAL_S if every_s is None else every_s
         self.last = 0.0
-        self.open_line = False
+        self.n_runs, self.steps_per_run = n_runs, steps_per_run
+        self.runs_done = runs_done
+        self.t0 = time.monotonic()
+        self.session_steps = 0  # steps trained by this comparison process (for its ETA)
+        self.run_first: int | None = None  # first step reported by the current run
+        self.run_step = 0
+        self.overall: Any = None
+        self.current: Any = None
+        if self.mode == "bar" and n_runs:
+            self.overall = Progress(
+                n_runs * steps_per_run,
+                "compare",
+                "step",
+                mode="bar",
+                stream=stream,
+                initial=runs_done * steps_per_run,
+                position=0,
+            )
+            self.overall.set_postfix(self._runs_text())
+
+    def _runs_text(self) -> str:
+        return f"{self.runs_done}/{self.n_runs} runs done"
+
+    def eta(self) -> float | None:
+        done = self.session_steps + (self.run_step - (self.run_first or 0))
+        left = self.n_runs * self.steps_per_run - self.runs_done * self.steps_per_run
+        left -= self.run_step
+        return eta_seconds(done, max(left, 0), time.monotonic() - self.t0)
+
+    # ---- a run ----------------------------------------------------------------------------
+    def begin_run(self, prefix: str) -> None:
+        self.run_first, self.run_step = None, 0
+        if self.mode == "bar" and self.steps_per_run:
+            self.current = Progress(
+                self.steps_per_run, prefix, "step", mode="bar", stream=self.stream,
+                position=1, leave=False,
+            )  # fmt: skip
 
     def status(self, prefix: str, line: str) -> None:
+        """A child's progress line ``step N/M ...``."""
+        m = self._STEP.match(line)
+        if m:
+            step = int(m.group(1))
+            if self.run_first is None:
+                self.run_first = step - 1 if step > 0 else 0
+            self.run_step = step
+        if self.mode == "off":
+            return
+        if self.mode == "bar":
+            if self.current is not None and m:
+                self.current.set(self.run_step, postfix=m.group(3))
+            if self.overall is not None:
+                self.overall.set(self.runs_done * self.steps_per_run + self.run_step)
+            return
         now = time.monotonic()
-        if self.tty:
-            text = f"{prefix} {line}"[: shutil.get_terminal_size().columns - 1]
-            self.stream.write("\r\x1b[2K" + text)
-            self.open_line = True
-        elif now - self.last >= self.every_s:
-            self.stream.write(f"{prefix} {line}\n")
+        if now - self.last >= self.every_s:
+            tail = ""
+            if self.n_runs:
+                tail = f" | compare: {self._runs_text()}, eta {format_duration(self.eta())}"
+            self.stream.write(f"{prefix} {line}{tail}\n")
+            self.stream.flush()
             self.last = now
-        self.stream.flush()
+
+    def end_run(self) -> None:
+        self.session_steps += self.run_step - (self.run_first or 0)
+        self.runs_done += 1
+        self.run_first, self.run_step = None, 0
+        if self.current is not None:
+            self.current.close()
+            self.current = None
+        if self.overall is not None:
+            self.overall.set(self.runs_done * self.steps_per_run, postfix=self._runs_text())
+
+    def note(self, text: str) -> None:
+        """A progress message (a child's validation loss): silenced by --quiet."""
+        if self.mode != "off":
+            self.message(text)
 
     def message(self, text: str) -> None:
-        if self.open_line:
-            self.stream.write("\r\x1b[2K")
-            self.open_line = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
+        if self.overall is not None:
+            self.overall.write(text)
+        else:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        for bar in (self.current, self.overall):
+            if bar is not None:
+                bar.close()
+        self.current = self.overall = None
 
 
-def run_child(spec: RunSpec, log_path: Path, progress: Progress, prefix: str) -> tuple[int, str]:
+def run_child(
+    spec: RunSpec, log_path: Path, progress: CompareProgress, prefix: str
+) -> tuple[int, str]:
     """Run one training process to its end; (return code, last meaningful stderr line).
 
     SIGINT / SIGTERM are passed on to the child, which then saves a checkpoint and exits;
@@ -485,7 +576,7 @@ def run_child(spec: RunSpec, log_path: Path, progress: Progress, prefix: str) ->
                     if _PROGRESS.match(line):
                         progress.status(prefix, line)
                     elif line.startswith("step ") and "val loss" in line:
-                        progress.message(f"{prefix} {line}")
+                        progress.note(f"{prefix} {line}")
                     elif not _TRACE_NOISE.match(piece):
                         last_line = line
             rc = proc.wait()
@@ -615,13 +706,15 @@ def run_compare(
     meta: dict[str, Any],
     stream: TextIO | None = None,
     say: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> CompareOutcome:
-    """Train every planned run that is not finished yet, then write all outputs."""
+    """Train every planned run that is not finished yet, then write all outputs.
+
+    Progress (overall and the current run) goes to ``stream`` (stderr): live bars on a
+    terminal, plain lines elsewhere, none when ``quiet``."""
     from .hardware import hardware_info
 
     stream = stream or sys.stderr
-    progress = Progress(stream)
-    say = say or progress.message
     out_dir.mkdir(parents=True, exist_ok=True)
     settings_path = out_dir / "compare.json"
     command = rerun_command(s, out_dir)
@@ -630,6 +723,11 @@ def run_compare(
         settings_path.write_text(json.dumps(doc, indent=2) + "\n")
     specs = plan_runs(s, out_dir)
     grid = f" x {len(s.grid)} learning rates" if s.sweep else ""
+    finished = {spec.name for spec in specs if resume and run_finished(spec.run_dir)}
+    progress = CompareProgress(
+        stream, len(specs), s.total_steps, runs_done=len(finished), mode="off" if quiet else None
+    )
+    say = say or progress.message
     say(
         f"archlab compare: {len(s.architectures)} architectures{grid} x {s.seeds} seed(s) at "
         f"{s.model_size}, {s.total_steps} steps of {s.tokens_per_step:,} tokens each, data "
@@ -641,11 +739,12 @@ def run_compare(
     returncodes: dict[str, tuple[int | None, str | None]] = {}
     for i, spec in enumerate(specs, start=1):
         prefix = f"[{i}/{len(specs)} {spec.name}]"
-        if resume and run_finished(spec.run_dir):
+        if spec.name in finished:
             say(f"{prefix} already finished; skipped")
             continue
         rc, tail = train_one(s, spec, out_dir / "logs", progress, prefix, say, resume)
         returncodes[spec.name] = (rc, tail)
+    progress.close()
     reference = load_reference(Path(s.data), meta)
     runs = [
         collect_run(spec, reference, *returncodes.get(spec.name, (None, None))) for spec in specs
@@ -657,7 +756,7 @@ def train_one(
     s: CompareSettings,
     spec: RunSpec,
     log_dir: Path,
-    progress: Progress,
+    progress: CompareProgress,
     prefix: str,
     say: Callable[[str], None],
     resume: bool,
@@ -670,9 +769,16 @@ def train_one(
     spec.command = child_command(
         s, spec.architecture, spec.seed, spec.run_dir, resume=cont, learning_rate=spec.learning_rate
     )
-    say(f"{prefix} {'resuming' if cont else 'training'} ...")
+    progress.note(f"{prefix} {'resuming' if cont else 'training'} ...")
     t0 = time.monotonic()
-    rc, tail = run_child(spec, log_dir / f"{spec.name}.log", progress, prefix)
+    progress.begin_run(prefix)
+    try:
+        rc, tail = run_child(spec, log_dir / f"{spec.name}.log", progress, prefix)
+    except BaseException:  # interrupted: take the bars down before the message
+        progress.close()
+        raise
+    finally:
+        progress.end_run()
     res = read_run(spec.run_dir, spec.architecture, spec.seed, rc, tail)
     if res.ok:
         say(

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
+from ..progress import Progress
 
 IGNORE_INDEX = -100
 
@@ -109,14 +110,20 @@ def evaluate_lm(
     batch_size: int,
     device: str,
     max_tokens: int | None = None,
+    progress_mode: str | None = "off",
 ) -> tuple[float, int, np.ndarray, np.ndarray]:
-    """(total nats, counted tokens, covered targets, their counted flags)."""
+    """(total nats, counted tokens, covered targets, their counted flags).
+
+    ``progress_mode``: see archlab.progress (None: bar on a terminal, plain lines elsewhere)."""
     import torch
     import torch.nn.functional as F
 
     windows = list(lm_windows(len(tokens), seq_len, max_tokens))
     total_nats, counted = 0.0, 0
-    with torch.no_grad():
+    bar = Progress(
+        sum(n for _, n in windows), "eval", "tok", mode=progress_mode, unit_scale=True, leave=False
+    )
+    with torch.no_grad(), bar:
         i = 0
         while i < len(windows):
             length = windows[i][1]
@@ -137,6 +144,7 @@ def evaluate_lm(
             )
             total_nats += float(loss)
             counted += int((y != IGNORE_INDEX).sum())
+            bar.update(len(group) * length, postfix=f"loss {total_nats / max(counted, 1):.4f}")
     end = windows[-1][0] + windows[-1][1] if windows else 0
     targets = np.asarray(tokens[1 : end + 1])
     flags = (
@@ -146,7 +154,13 @@ def evaluate_lm(
 
 
 def evaluate_mqar(
-    model: Any, tokens: np.ndarray, mask: np.ndarray, seq_len: int, batch_size: int, device: str
+    model: Any,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: str,
+    progress_mode: str | None = "off",
 ) -> dict[str, Any]:
     """Loss and argmax accuracy on the answer positions of every whole example."""
     import torch
@@ -159,7 +173,8 @@ def evaluate_mqar(
     ex = np.asarray(tokens[: n * example]).reshape(n, example).astype(np.int64)
     mk = np.asarray(mask[: n * example]).reshape(n, example)
     nats, answers, right, all_right = 0.0, 0, 0, 0
-    with torch.no_grad():
+    bar = Progress(n, "eval", "example", mode=progress_mode, leave=False)
+    with torch.no_grad(), bar:
         for s in range(0, n, batch_size):
             x = torch.from_numpy(ex[s : s + batch_size, :-1]).to(device)  # (B, T)
             y = torch.from_numpy(ex[s : s + batch_size, 1:].copy()).to(device)
@@ -178,6 +193,7 @@ def evaluate_mqar(
             answers += int(m.sum())
             right += int(hit.sum())
             all_right += int(((hit | ~m).all(dim=1)).sum())
+            bar.update(x.shape[0], postfix=f"accuracy {right / max(answers, 1):.4f}")
     return {"nats": nats, "answers": answers, "right": right, "all_right": all_right, "examples": n}
 
 
@@ -190,7 +206,9 @@ def run_eval(
     batch_size: int = 8,
     max_tokens: int | None = None,
     device: str = "cpu",
+    quiet: bool = False,
 ) -> EvalResult:
+    """Evaluate a checkpoint; progress over the batches on stderr unless ``quiet``."""
     from ..data.loader import TokenDataset
     from ..data.prepare import resolve_data
     from ..train.checkpoint import load_model, resolve_checkpoint, run_dir_of
@@ -235,6 +253,7 @@ def run_eval(
         raise UserError(
             f"--seq-len {T} exceeds the model's max_seq_len {cfg.max_seq_len} (learned positions)"
         )
+    mode = "off" if quiet else None
     common = dict(
         checkpoint=str(ckpt),
         data=str(data_dir),
@@ -245,7 +264,7 @@ def run_eval(
     )
     if task == "mqar":
         assert mask is not None
-        r = evaluate_mqar(model, tokens, mask, T, batch_size, device)
+        r = evaluate_mqar(model, tokens, mask, T, batch_size, device, mode)
         loss = r["nats"] / max(r["answers"], 1)
         return EvalResult(
             **common,
@@ -258,7 +277,7 @@ def run_eval(
             examples=r["examples"],
         )
     nats, counted, targets, flags = evaluate_lm(
-        model, tokens, mask, T, batch_size, device, max_tokens
+        model, tokens, mask, T, batch_size, device, max_tokens, mode
     )
     if counted == 0:
         raise UserError(f"{data_dir}: no token of the {split} split counts for the loss")

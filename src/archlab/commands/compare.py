@@ -87,6 +87,11 @@ def register(subparsers: Any) -> None:
         help="continue the comparison in --out-dir: finished runs are skipped",
     )
     p.add_argument("--out-dir", default=None, help="(default: runs/compare-<time>)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress output (bars or progress lines); run results and the table still print",
+    )
 
 
 SETTING_KEYS = (
@@ -204,7 +209,9 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
         meta = json.loads((data_dir / "meta.json").read_text())
         settings = compare.settings_for_data(raw, data_dir, meta)
 
-    outcome = compare.run_compare(settings, out_dir, resume=args.resume, meta=meta)
+    outcome = compare.run_compare(
+        settings, out_dir, resume=args.resume, meta=meta, quiet=args.quiet
+    )
     print()
     print(outcome.header)
     print(outcome.table)

@@ -9,10 +9,12 @@ from typing import Any
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="validation loss, perplexity, bits per byte (MQAR: accuracy) of a checkpoint",
+        help="validation loss, perplexity, bits per byte (MQAR: accuracy); lm-eval tasks",
         description="Cover the split with consecutive windows so every token is predicted "
         "once; report loss (nats/token), perplexity, bits per byte and, on MQAR data, "
-        "answer accuracy.",
+        "answer accuracy. With --tasks, run EleutherAI lm-evaluation-harness tasks on the "
+        "checkpoint's own model and tokenizer instead (any architecture; pip install "
+        "'archlab[eval]').",
     )
     p.add_argument(
         "--checkpoint",
@@ -39,11 +41,36 @@ def register(subparsers: Any) -> None:
         default=None,
         help="evaluate only the first N target tokens (default: the whole split)",
     )
+    h = p.add_argument_group("lm-evaluation-harness (with --tasks)")
+    h.add_argument(
+        "--tasks",
+        default=None,
+        metavar="T1,T2",
+        help="comma-separated lm-eval task or group names (hub tasks need network access)",
+    )
+    h.add_argument(
+        "--include-path",
+        default=None,
+        metavar="DIR",
+        help="folder of local task YAMLs (e.g. dataset_path: json with local data_files)",
+    )
+    h.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        metavar="N",
+        help="evaluate only the first N documents per task (a value < 1: that fraction)",
+    )
+    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
+    h.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default 0)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress output over the batches")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return run_tasks(args)
     from ..bench.evaluate import run_eval, to_json
 
     result = run_eval(
@@ -54,6 +81,30 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
         device=args.device,
+        quiet=args.quiet,
     )
     print(to_json(result) if args.json else "\n".join(result.lines()))
+    return 0
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    """lm-eval tasks; --seq-len sets the scoring window (default: the model's max_seq_len)."""
+    from ..bench.lm_eval_adapter import run_harness
+    from ..errors import UserError
+
+    if args.data is not None or args.max_tokens is not None or args.split != "val":
+        raise UserError("--data, --split and --max-tokens do not apply with --tasks")
+    result = run_harness(
+        args.checkpoint,
+        args.tasks.split(","),
+        include_path=args.include_path,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        device=args.device,
+        max_length=args.seq_len,
+        seed=args.seed,
+        quiet=args.quiet,
+    )
+    print(result.to_json() if args.json else result.table())
     return 0

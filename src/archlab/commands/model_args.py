@@ -8,6 +8,7 @@ from typing import Any
 from ..config import (
     ALIASES,
     ARCHITECTURES,
+    MLP_TYPES,
     MODEL_SIZES,
     PRESETS,
     ModelConfig,
@@ -50,6 +51,16 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
     _bool_flag(g, "--use-rmsnorm", "RMSNorm instead of LayerNorm")
     _bool_flag(g, "--tie-weights", "tie input embedding and output head")
     g.add_argument(
+        "--mlp",
+        choices=MLP_TYPES,
+        default=None,
+        help="feed-forward: gelu, or swiglu at 2/3 of the width, matched parameters "
+        "(dense, moe, hybrid, hypermixer; gelu)",
+    )
+    _bool_flag(
+        g, "--bias", "biases in attention and MLP linears (dense, moe, hybrid, hypermixer; none)"
+    )
+    g.add_argument(
         "--state-size", type=int, default=None, help="SSM state size (mamba, hybrid; 16)"
     )
     g.add_argument(
@@ -91,6 +102,8 @@ MODEL_KEYS = (
     "use_rope",
     "use_rmsnorm",
     "tie_weights",
+    "mlp",
+    "bias",
     "state_size",
     "conv_size",
     "expand",

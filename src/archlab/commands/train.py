@@ -220,6 +220,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--keep-checkpoints", type=int, default=None, help="keep the last K (3)")
     g.add_argument("--tensorboard", action=B, default=None, help="also log to TensorBoard")
     g.add_argument("--wandb", action=B, default=None, help="also log to Weights & Biases")
+    g.add_argument(
+        "--quiet",
+        action="store_true",
+        default=None,
+        help="no progress output (model summary, bar or log lines); the final summary and "
+        "warnings still print",
+    )
 
     # Test-only fault injection, hidden from --help.
     p.add_argument(
@@ -360,7 +367,15 @@ def run(args: argparse.Namespace) -> int:
         save_delay_s=args.debug_save_delay,
     )
     try:
-        summary = run_training(cfg, spec, resume=args.resume, explicit=explicit, hooks=hooks)
+        summary = run_training(
+            cfg,
+            spec,
+            resume=args.resume,
+            explicit=explicit,
+            hooks=hooks,
+            progress=not args.quiet,
+            report=True,
+        )
     except (torch.OutOfMemoryError, MemoryError):
         raise UserError(OOM_MESSAGE) from None
     except RuntimeError as exc:

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .attention import CausalSelfAttention
-from .layers import MLP, make_norm
+from .layers import make_mlp, make_norm
 
 
 class DenseBlock(nn.Module):
@@ -15,7 +15,7 @@ class DenseBlock(nn.Module):
         self.norm1 = make_norm(cfg)
         self.mixer = CausalSelfAttention(cfg)
         self.norm2 = make_norm(cfg)
-        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        self.ffn = make_mlp(cfg)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
         x = x + self.mixer(self.norm1(x), state, pos)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig
 from .attention import CausalSelfAttention
-from .layers import MLP, make_norm
+from .layers import make_mlp, make_norm
 from .mamba import MambaMixer
 
 
@@ -26,7 +26,7 @@ class HybridMambaBlock(nn.Module):
         self.mixer = MambaMixer(cfg)
         self.drop = nn.Dropout(cfg.dropout)
         self.norm2 = make_norm(cfg)
-        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        self.ffn = make_mlp(cfg)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
         x = x + self.drop(self.mixer(self.norm1(x), state))
@@ -42,7 +42,7 @@ class HybridAttentionBlock(nn.Module):
         self.norm1 = make_norm(cfg)
         self.mixer = CausalSelfAttention(cfg, window=cfg.local_window, use_rope=True)
         self.norm2 = make_norm(cfg)
-        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        self.ffn = make_mlp(cfg)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
         x = x + self.mixer(self.norm1(x), state, pos)

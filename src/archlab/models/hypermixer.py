@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .layers import MLP, make_norm
+from .layers import make_mlp, make_norm
 
 # Two ways to get S_t for every position of a chunk of length C, both exact:
 #  - "matmul" (small C): S = (tril * w1)^T X as one batched matmul; C flops per element of S
@@ -317,7 +317,7 @@ class HyperMixerBlock(nn.Module):
         self.norm1 = make_norm(cfg)
         self.mixer = CausalHyperMixing(cfg)
         self.norm2 = make_norm(cfg)
-        self.ffn = MLP(cfg.d_model, cfg.d_ff, cfg.bias, cfg.dropout)
+        self.ffn = make_mlp(cfg)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
         x = x + self.mixer(self.norm1(x), state, pos)

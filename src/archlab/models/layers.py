@@ -1,4 +1,4 @@
-"""Shared layers: normalisation, rotary position embedding, feed-forward MLP."""
+"""Shared layers: normalisation, rotary position embedding, feed-forward MLP / SwiGLU."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, swiglu_width
 
 
 class RMSNorm(nn.Module):
@@ -76,3 +76,32 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.drop(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward (Shazeer 2020; Llama, Mixtral): down(silu(gate(x)) * up(x)).
+
+    ``fc`` holds gate and up stacked, gate rows first (d -> 2h, one matmul): the layout of
+    transformers' fused ``gate_up_proj``; Llama's gate_proj / up_proj are its two halves.
+    """
+
+    def __init__(self, d_model: int, hidden: int, bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.fc = nn.Linear(d_model, 2 * hidden, bias=bias)
+        self.proj = nn.Linear(hidden, d_model, bias=bias)
+        self.proj.residual_scale = True  # type: ignore[attr-defined]
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.fc(x).chunk(2, dim=-1)  # (..., h) each
+        return self.drop(self.proj(F.silu(gate) * up))
+
+
+def make_mlp(cfg: ModelConfig, gelu_width: int | None = None) -> nn.Module:
+    """The block feed-forward ``cfg.mlp`` asks for; ``gelu_width`` is the GELU-equivalent
+    width (default d_ff), which SwiGLU turns into swiglu_width(gelu_width) to match parameters."""
+    width = cfg.d_ff if gelu_width is None else gelu_width
+    if cfg.mlp == "swiglu":
+        return SwiGLU(cfg.d_model, swiglu_width(width), cfg.bias, cfg.dropout)
+    return MLP(cfg.d_model, width, cfg.bias, cfg.dropout)

@@ -162,7 +162,7 @@ class LanguageModel(nn.Module):
             "preset": cfg.preset,
             "embedding_dim": cfg.d_model,
             # Mamba has no MLP: its hidden width is the expanded inner dimension
-            "hidden_dim": cfg.d_inner if cfg.architecture == "mamba" else cfg.d_ff,
+            "hidden_dim": cfg.d_inner if cfg.architecture == "mamba" else cfg.ffn_hidden,
             "num_layers": cfg.n_layers,
             "max_seq_len": cfg.max_seq_len,
             "vocab_size": cfg.vocab_size,
@@ -185,7 +185,7 @@ class LanguageModel(nn.Module):
             d.update(
                 num_experts=cfg.num_experts,
                 top_k=cfg.top_k,
-                expert_hidden_dim=cfg.resolved_expert_d_ff,
+                expert_hidden_dim=cfg.expert_ffn_hidden,
                 capacity_factor=cfg.capacity_factor,
             )
         if arch == "hybrid":
@@ -197,6 +197,9 @@ class LanguageModel(nn.Module):
                 else ("rope" if cfg.use_rope and arch != "mamba" else "none (recurrent)")
             )
             d["norm"] = "RMSNorm" if uses_rmsnorm(cfg) else "LayerNorm"
+            if arch != "mamba":
+                d["mlp"] = "SwiGLU" if cfg.mlp == "swiglu" else "GELU"
+            d["bias"] = cfg.bias
             d["tied_embeddings"] = cfg.tie_weights
         d["layer_stack"] = self.layer_stack()
         d["parameter_breakdown"] = self.parameter_breakdown()
@@ -229,6 +232,8 @@ class LanguageModel(nn.Module):
             "local_window": "Local Attention Window",
             "positions": "Positions",
             "norm": "Normalization",
+            "mlp": "Feed-Forward",
+            "bias": "Biases",
             "tied_embeddings": "Tied Embeddings",
         }
         for key, label in labels.items():

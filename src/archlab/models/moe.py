@@ -1,9 +1,15 @@
 """Mixture-of-experts Transformer block: x + Attn(N(x)); x + MoE(N(x)).
 
 The MoE feed-forward replaces the dense MLP with ``num_experts`` expert MLPs (each the GELU
-MLP of ``layers.MLP``, width ``expert_d_ff``) and a linear router that sends every token to
-its ``top_k`` experts (Shazeer et al. 2017; Switch, Fedus et al. 2021; Mixtral, Jiang et al.
-2024). With ``expert_d_ff = d_ff // top_k`` the parameters used per token match the dense MLP.
+MLP of ``layers.MLP``, width ``expert_d_ff``, or with ``--mlp swiglu`` the ``layers.SwiGLU`` of
+matched width) and a linear router that sends every token to its ``top_k`` experts (Shazeer
+et al. 2017; Switch, Fedus et al. 2021; Mixtral, Jiang et al. 2024). With
+``expert_d_ff = d_ff // top_k`` the parameters used per token match the dense MLP.
+
+Mixtral equivalence: with ``--use-rope --use-rmsnorm --mlp swiglu``, no biases and
+``top_k >= 2`` this block is exactly Mixtral's (transformers' ``MixtralForCausalLM`` gives the
+same logits with mapped weights; tests/test_swiglu.py). Capacity dropping (training only) and
+the k = 1 Switch gate below are the only routing differences from Mixtral.
 
 Routing (Mixtral form): p = softmax(router(x)) over all E experts; the top-k probabilities are
 renormalised to sum to 1 and weight the chosen experts' outputs. With top_k = 1 the weight
@@ -47,7 +53,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .attention import CausalSelfAttention
-from .layers import MLP, make_norm
+from .layers import make_mlp, make_norm
 
 
 @dataclass
@@ -71,7 +77,7 @@ class Dispatch:
 
 
 class MoELayer(nn.Module):
-    """Top-k routed mixture of GELU expert MLPs with balancing and z-losses."""
+    """Top-k routed mixture of expert MLPs (GELU or SwiGLU) with balancing and z-losses."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -81,10 +87,10 @@ class MoELayer(nn.Module):
         self.aux_loss_coef = cfg.aux_loss_coef
         self.z_loss_coef = cfg.z_loss_coef
         self.router = nn.Linear(cfg.d_model, cfg.num_experts, bias=False)
-        # each expert is layers.MLP: d -> expert_d_ff -> d, GELU, proj.residual_scale = True
+        # each expert is layers.MLP (d -> expert_d_ff -> d, GELU) or layers.SwiGLU of the
+        # matched width (--mlp swiglu, Mixtral's experts); proj.residual_scale = True
         self.experts = nn.ModuleList(
-            MLP(cfg.d_model, cfg.resolved_expert_d_ff, cfg.bias, cfg.dropout)
-            for _ in range(cfg.num_experts)
+            make_mlp(cfg, cfg.resolved_expert_d_ff) for _ in range(cfg.num_experts)
         )
 
     # ---- bookkeeping -------------------------------------------------------------------

@@ -78,6 +78,7 @@ from .optim import (
     default_warmup_steps,
     warmup_warning,
 )
+from .progress import TrainProgress
 
 IGNORE_INDEX = -100
 
@@ -343,10 +344,15 @@ class Trainer:
         resume: str | bool | None = None,
         explicit: frozenset[str] | set[str] = frozenset(),
         hooks: DebugHooks | None = None,
-        progress: bool = True,
+        progress: bool | str = True,
+        report: bool | None = None,
     ) -> None:
         self.hooks = hooks or DebugHooks()
+        # progress: True (bar on a terminal, plain lines elsewhere), False (quiet) or a mode of
+        # archlab.progress; report: print the final summary (default: when progress is on)
         self.progress = progress
+        self.report = bool(progress) if report is None else report
+        self.sink: TrainProgress | None = None
         self.summary_written = False
         self.owns_run_dir = False
         self.run_dir: Path | None = None
@@ -477,7 +483,7 @@ class Trainer:
         if cfg.warmup_steps is None:  # resolved once and stored, so a resume keeps it
             cfg.warmup_steps = default_warmup_steps(self.total_steps)
         warning = warmup_warning(cfg.warmup_steps, self.total_steps)
-        if warning and self.dist.is_main:
+        if warning and self.dist.is_main and self.progress:  # --quiet: errors only
             print(warning, file=sys.stderr)
 
         # 5. Datasets and samplers.
@@ -624,10 +630,12 @@ class Trainer:
         # Rank 0 prepares (and caches) first; the others then find the folder up to date.
         path = None
         if self.dist.is_main:
-            path = resolve_data(cfg.data, cfg.stage, preset, tokenizer=tokenizer)
+            path = resolve_data(
+                cfg.data, cfg.stage, preset, tokenizer=tokenizer, verbose=bool(self.progress)
+            )
         barrier(self.dist)
         if not self.dist.is_main:
-            path = resolve_data(cfg.data, cfg.stage, preset, tokenizer=tokenizer)
+            path = resolve_data(cfg.data, cfg.stage, preset, tokenizer=tokenizer, verbose=False)
         return Path(path).resolve()
 
     def _merge_resumed_config(
@@ -843,6 +851,8 @@ class Trainer:
             self._write_failure(exc)
             raise
         finally:
+            if self.sink is not None:
+                self.sink.close()
             self.stop.restore()
             if getattr(self, "writer", None) is not None:
                 with contextlib.suppress(OSError):  # a full disk was reported already
@@ -868,20 +878,16 @@ class Trainer:
         self.t_start = time.perf_counter()
         first_step = self.step
         steps_left = self.total_steps - self.step
-        bar = None
-        if main and self.progress and steps_left > 0:
-            from tqdm import tqdm
-
-            bar = tqdm(
-                total=self.total_steps,
-                initial=self.step,
-                desc=f"train {self.model_cfg.architecture}",
-                unit="step",
-                dynamic_ncols=True,
-                disable=None,  # off when stderr is not a terminal
-            )
-            if bar.disable:
-                bar = None  # plain log lines instead (below)
+        mode = self.progress if isinstance(self.progress, str) else None
+        sink = self.sink = TrainProgress(
+            total_steps=self.total_steps,
+            initial_step=self.step,
+            tokens_per_step=self.tokens_per_step,
+            desc=f"train {self.model_cfg.architecture}",
+            log_interval=cfg.log_interval,
+            mode=("off" if not (main and self.progress) else mode),
+        )
+        sink.start(self.model.summary(), self.run_dir, f"device {self.device}")
         # Interval accumulators (host floats; device tensors for MoE statistics); a resumed
         # run continues the interval its checkpoint was written in.
         pending = (self.state or {}).get("pending_log") or {}
@@ -969,15 +975,13 @@ class Trainer:
                 step_time += dt
             interval_time += dt
             interval_tokens += self.tokens_per_step
-            if bar is not None:
-                bar.update(1)
+            sink.step(self.step, loss_v, lr, dt)
 
             if not (finite or overflow) and main:
-                msg = (
+                sink.message(
                     f"step {self.step}: non-finite loss or gradient norm (loss {loss_v}, grad norm "
                     f"{gnorm_v}); update skipped ({self.nan_streak} in a row, {self.nan_count} total)"
                 )
-                (bar.write if bar is not None else lambda m: print(m, file=sys.stderr))(msg)
             if self.nan_streak >= cfg.max_nan_steps:
                 if main:
                     self._log_train(
@@ -1011,18 +1015,7 @@ class Trainer:
                         aux_n,
                         counts_acc,
                     )
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{rec['loss']:.4f}",
-                            tok_s=f"{rec['tokens_per_s']:.0f}",
-                            refresh=False,
-                        )
-                    elif self.progress:
-                        print(
-                            f"step {self.step}/{self.total_steps} loss {rec['loss']:.4f} "
-                            f"lr {lr:.2e} {rec['tokens_per_s']:.0f} tok/s",
-                            file=sys.stderr,
-                        )
+                    sink.log(self.step, rec, lr)
                 loss_sum, loss_n, aux_acc, counts_acc, aux_n = 0.0, 0, None, None, 0
                 interval_time, interval_tokens = 0.0, 0
             if (cfg.eval_interval and self.step % cfg.eval_interval == 0) or last:
@@ -1038,8 +1031,7 @@ class Trainer:
                             "elapsed_s": self._elapsed(),
                         }
                     )
-                    if bar is not None:
-                        bar.write(f"step {self.step}: val loss {val_loss:.4f}")
+                    sink.eval(self.step, val_loss)
             if (cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0) or last:
                 self.save(data_rng, pending_log())
                 last_ckpt_step = self.step
@@ -1052,8 +1044,7 @@ class Trainer:
             if votes > 0 and not last:  # a stop signal: this step was the last one
                 self.stopped_by = signal.SIGTERM if votes >= 1024 else signal.SIGINT
                 break
-        if bar is not None:
-            bar.close()
+        sink.close()
         stopped = self.stopped_by is not None
         if last_eval_step != self.step and not stopped:  # resumed a finished run
             val_loss = self.evaluate()
@@ -1165,7 +1156,7 @@ class Trainer:
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)  # type: ignore[operator]
             self.summary_written = True
-            if self.progress and self.stopped_by is None:
+            if self.report and self.stopped_by is None:
                 self._print_summary(summary)
         return summary
 
@@ -1245,7 +1236,8 @@ def run_training(
     resume: str | bool | None = None,
     explicit: frozenset[str] | set[str] = frozenset(),
     hooks: DebugHooks | None = None,
-    progress: bool = True,
+    progress: bool | str = True,
+    report: bool | None = None,
 ) -> dict[str, Any]:
     """Train one run and return its summary (also written to RUN/summary.json).
 
@@ -1254,8 +1246,16 @@ def run_training(
     comes from the data unless ``vocab_size`` is given. ``resume`` is a run or checkpoint
     folder, or True for ``train_cfg.out_dir``. ``explicit`` names the TrainConfig fields the
     caller set on purpose (checked against a resumed run's saved configuration).
+    ``progress``: live bar / plain lines on stderr (False: quiet); ``report``: print the
+    final summary on stdout (default: when ``progress``).
     """
     trainer = Trainer(
-        train_cfg, model, resume=resume, explicit=explicit, hooks=hooks, progress=progress
+        train_cfg,
+        model,
+        resume=resume,
+        explicit=explicit,
+        hooks=hooks,
+        progress=progress,
+        report=report,
     )
     return trainer.fit()

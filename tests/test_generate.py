@@ -118,7 +118,12 @@ def tiny_model(arch: str, preset: str | None = None, seed: int = 0, vocab: int =
         )
         base.update(kw)
         cfg = preset_config(arch, "nano", **base)
-    return build_model(cfg).double().eval()
+    model = build_model(cfg).double().eval()
+    with torch.no_grad():  # HyperMixer's mixer starts at 0 (zero output-norm gain): wake it
+        for mod in model.modules():
+            if getattr(mod, "out_norm", None) is not None and hasattr(mod, "hyper_w1"):
+                mod.out_norm.weight.uniform_(0.8, 1.2)
+    return model
 
 
 # (arch, preset, extra config) for every architecture and the position variants

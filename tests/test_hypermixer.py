@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from archlab.config import preset_config
 from archlab.models import build_model, count_parameters
-from archlab.models.hypermixer import causal_hypermix, sinusoidal_positions
+from archlab.models.hypermixer import CausalHyperMixing, causal_hypermix, sinusoidal_positions
 from archlab.models.hypermixer_rustgpt import CausalSequenceHyperMixer
 
 
@@ -22,9 +22,26 @@ def rustgpt_cfg(**kw):
     return preset_config("hypermixer", preset="rustgpt", vocab_size=533, **kw)
 
 
+def away_from_zero_init(model):
+    """The mixers' zero-initialised residual scale (output-norm gain, or W2's generator
+    without the norm) set to random values, as after training: at exact init the branch adds
+    0, so the tests of causality, decoding and gradients would not see the mixer at all."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, CausalHyperMixing):
+                if mod.out_norm is not None:
+                    w = mod.out_norm.weight
+                    w.copy_(1.0 + 0.2 * torch.randn(w.shape, generator=g))
+                elif mod.hyper_w2 is not None:
+                    w = mod.hyper_w2.proj.weight
+                    w.copy_(0.3 * torch.randn(w.shape, generator=g))
+    return model
+
+
 def model_of(cfg, seed=0):
     torch.manual_seed(seed)
-    return build_model(cfg).eval()
+    return away_from_zero_init(build_model(cfg).eval())
 
 
 # ---- the causal mixing kernel -------------------------------------------------------------

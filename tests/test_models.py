@@ -69,7 +69,19 @@ def _build(arch: str, kw: dict, preset: str | None = None, seed: int = 0):
         cfg = preset_config(arch, preset=preset, vocab_size=53)
     else:
         cfg = small_config(arch, **kw)
-    return build_model(cfg).eval()
+    return away_from_zero_init(build_model(cfg).eval())
+
+
+def away_from_zero_init(model):
+    """HyperMixer's mixer starts at exactly 0 (zero output-norm gain): give that gain random
+    values, as after training, so causality, decoding and gradients exercise the mixer too."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for mod in model.modules():
+            norm = getattr(mod, "out_norm", None)
+            if norm is not None and hasattr(mod, "hyper_w1"):
+                norm.weight.copy_(1.0 + 0.2 * torch.randn(norm.weight.shape, generator=g))
+    return model
 
 
 def _all_models():

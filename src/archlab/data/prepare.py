@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import FileSystemError, FolderBusy, UserError
 from ..fsutil import errno_reason, is_read_error, lock_folder, os_error_reason, write_errno
+from .baselines import BASELINE_KEYS, BASELINES_NOTE, baselines_of_folder
 from .sources import BUILTIN_SOURCES, Doc, Source, SourceOptions, build_source
 from .tokenizer import TextTokenizer, load_tokenizer, train_bpe, train_char, train_word
 
@@ -404,6 +405,7 @@ def prepare_dataset(
     with _locked(out, wait_for_lock, verbose):
         if not force and _up_to_date(out, digest):
             log(f"{out} is up to date (same inputs and settings); reusing it", verbose)
+            _add_missing_baselines(out, verbose)
             return out
         _check_replaceable(out)
         log(f"preparing {source} -> {out}", verbose)
@@ -411,6 +413,7 @@ def prepare_dataset(
 
         def build(tmp: Path) -> None:
             meta = _build_lm(src, tmp, spec, tok_setting, seed, vf, max_tokens, verbose)
+            meta.update(_baselines_meta(tmp, meta))
             meta.update(
                 source_spec=source,
                 hash=digest,
@@ -432,6 +435,34 @@ def _write_meta(d: Path, meta: dict[str, Any]) -> None:
     meta = {"format_version": FORMAT_VERSION, "archlab_version": __version__, **meta}
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (d / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _baselines_meta(d: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """meta.json keys of the data baselines, computed from the token files just written."""
+    b = baselines_of_folder(d, meta)
+    return {**{k: round(v, 6) for k, v in b.items()}, "baselines_note": BASELINES_NOTE}
+
+
+def _add_missing_baselines(out: Path, verbose: bool) -> None:
+    """A folder prepared by an older archlab: compute its baselines once, store them in its
+    meta.json (atomically; under the prepare lock). A read-only folder is left as it is
+    (``load_baselines`` computes them on read)."""
+    p = out / "meta.json"
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(meta, dict) or all(k in meta for k in BASELINE_KEYS):
+        return
+    log("adding the data baselines (unigram, bigram entropy) to meta.json", verbose)
+    meta.update(_baselines_meta(out, meta))
+    tmp = out / f".meta.json.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, p)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _progress(
@@ -750,6 +781,7 @@ def _prepare_mqar(
     with _locked(out, wait_for_lock, verbose):
         if not force and _up_to_date(out, digest):
             log(f"{out} is up to date (same settings); reusing it", verbose)
+            _add_missing_baselines(out, verbose)
             return out
         _check_replaceable(out)
         log(f"preparing mqar -> {out}", verbose)
@@ -768,38 +800,37 @@ def _prepare_mqar(
                 mask.tofile(tmp / f"{split}_mask.bin")
                 counts[split] = (tokens.size, n, int(mask.sum()))
             tok.save(tmp / "tokenizer.json")
-            _write_meta(
-                tmp,
-                {
-                    "task": "mqar",
-                    "source": "mqar",
-                    "source_spec": "mqar",
-                    "name": name,
-                    "tokenizer": tok.kind,
-                    "vocab_size": tok.vocab_size,
-                    "eot_id": tok.eot_id,
-                    "special_tokens": tok.special_tokens,
-                    "dtype": np.dtype(dtype).name,
-                    "seq_len": cfg.seq_len,
-                    "example_tokens": cfg.seq_len + 1,
-                    "num_kv_pairs": cfg.num_kv_pairs,
-                    "mqar": cfg.to_dict(),
-                    "train_tokens": counts["train"][0],
-                    "val_tokens": counts["val"][0],
-                    "train_docs": counts["train"][1],
-                    "val_docs": counts["val"][1],
-                    "train_loss_tokens": counts["train"][2],
-                    "val_loss_tokens": counts["val"][2],
-                    "has_mask": True,
-                    "split": "generated",
-                    "entropy_floor": None,
-                    "metric": "accuracy",
-                    "hash": digest,
-                    "settings": settings,
-                    "seed": seed,
-                    "prepare_seconds": round(time.time() - t0, 3),
-                },
-            )
+            meta = {
+                "task": "mqar",
+                "source": "mqar",
+                "source_spec": "mqar",
+                "name": name,
+                "tokenizer": tok.kind,
+                "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id,
+                "special_tokens": tok.special_tokens,
+                "dtype": np.dtype(dtype).name,
+                "seq_len": cfg.seq_len,
+                "example_tokens": cfg.seq_len + 1,
+                "num_kv_pairs": cfg.num_kv_pairs,
+                "mqar": cfg.to_dict(),
+                "train_tokens": counts["train"][0],
+                "val_tokens": counts["val"][0],
+                "train_docs": counts["train"][1],
+                "val_docs": counts["val"][1],
+                "train_loss_tokens": counts["train"][2],
+                "val_loss_tokens": counts["val"][2],
+                "has_mask": True,
+                "split": "generated",
+                "entropy_floor": None,
+                "metric": "accuracy",
+                "hash": digest,
+                "settings": settings,
+                "seed": seed,
+                "prepare_seconds": round(time.time() - t0, 3),
+            }
+            meta.update(_baselines_meta(tmp, meta))
+            _write_meta(tmp, meta)
 
         _atomic_build(out, build)
     return out
@@ -980,6 +1011,11 @@ def describe(out: Path, meta: dict[str, Any] | None = None) -> str:
     if m.get("task") == "mqar":
         parts.append(
             f"MQAR: {m['num_kv_pairs']} pairs, sequences of {m['seq_len']} tokens, metric accuracy"
+        )
+    if m.get("unigram_entropy") is not None and m.get("bigram_entropy") is not None:
+        parts.append(
+            f"baselines on val: unigram {m['unigram_entropy']:.4f}, "
+            f"bigram {m['bigram_entropy']:.4f} nats/token"
         )
     if m.get("entropy_floor") is not None:
         parts.append(f"entropy floor {m['entropy_floor']:.4f} nats/token on val")

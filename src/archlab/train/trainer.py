@@ -34,6 +34,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,13 +67,20 @@ from .flops import flops_per_token, measured_peak_flops, mfu
 from .metrics import (
     MetricsWriter,
     check_logging_backends,
+    current_memory_bytes,
     format_bytes,
+    memory_kind,
     peak_memory_bytes,
     reset_peak_memory,
     write_json_atomic,
 )
 from .model_spec import ModelSpec
-from .optim import WarmupCosineSchedule, build_optimizer
+from .optim import (
+    WarmupCosineSchedule,
+    build_optimizer,
+    default_warmup_steps,
+    warmup_warning,
+)
 from .progress import TrainProgress
 from .run_state import GlobalBatchSampler, _rng_state, _set_rng_state
 from .stop import StopRequest
@@ -276,6 +284,11 @@ class Trainer:
             )
         self.total_steps = cfg.total_steps(self.seq_len, self.dist.world_size)
         self.tokens_per_step = cfg.tokens_per_step(self.seq_len, self.dist.world_size)
+        if cfg.warmup_steps is None:  # resolved once and stored, so a resume keeps it
+            cfg.warmup_steps = default_warmup_steps(self.total_steps)
+        warning = warmup_warning(cfg.warmup_steps, self.total_steps)
+        if warning and self.dist.is_main and self.progress:  # --quiet: errors only
+            print(warning, file=sys.stderr)
 
         # 5. Datasets and samplers.
         self.train_ds = TokenDataset(self.data_dir, "train", self.dist.rank, self.dist.world_size)
@@ -295,6 +308,9 @@ class Trainer:
         np.random.seed(cfg.seed)
         from ..models import build_model
 
+        # The process's memory before the model exists (interpreter, torch, data maps): the
+        # report subtracts it so the memory column is the model's own (CPU RSS is mostly torch).
+        self.mem_before_model = current_memory_bytes(self.device)
         self.model = build_model(self.model_cfg)
         if source_ckpt is not None:
             ckpt_mod.load_weights(self.model, source_ckpt)
@@ -909,6 +925,11 @@ class Trainer:
             "train_time_s": train_time,
             "tokens_per_s": tokens_per_s,
             "peak_mem_bytes": peak_mem,
+            "mem_before_model_bytes": self.mem_before_model,
+            "model_mem_bytes": max(0, peak_mem - self.mem_before_model)
+            if self.mem_before_model is not None
+            else None,
+            "memory_kind": memory_kind(self.device),
             "final_val_loss": val_loss,
             "nan_count": self.nan_count,
             "mfu": run_mfu,
@@ -956,7 +977,12 @@ class Trainer:
             + ")",
             f"Steps: {s['steps']} ({s['tokens_seen']:,} tokens)",
             f"Training time: {s['train_time_s']:.1f} s",
-            f"Peak memory: {format_bytes(s['peak_mem_bytes'])}",
+            f"Peak memory: {format_bytes(s['peak_mem_bytes'])}"
+            + (
+                f" ({format_bytes(s['model_mem_bytes'])} over the process before the model)"
+                if s.get("model_mem_bytes") is not None
+                else ""
+            ),
             f"Final validation loss: {s['final_val_loss']:.4f}"
             + (f" (entropy floor {floor:.4f})" if isinstance(floor, (int, float)) else ""),
             f"Tokens/s: {s['tokens_per_s']:,.0f}",

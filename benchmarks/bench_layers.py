@@ -6,7 +6,9 @@ the same shapes from a config (random init, nothing downloaded):
 
     ours:       dense, hypermixer, mamba, moe, hybrid   (the ``nano`` preset shape of each
                 architecture: layer counts differ so that parameter counts match)
-    mamba-seq:  our Mamba with the sequential reference scan instead of the chunked one
+    mamba-chunked / hypermixer-chunked: ours with the torch chunked scan / mixer instead of the
+                fused numba kernels (ARCHLAB_SCAN=chunked, ARCHLAB_HYPERMIX=chunked)
+    mamba-seq:  our Mamba with the sequential reference scan instead of the fused one
     hf-mamba:   MambaForCausalLM, same layers/state/conv/expand as our mamba (on CPU it runs its
                 slow sequential path; the CUDA kernels are not installed)
     hf-mixtral: MixtralForCausalLM, same layers/heads/experts/top-k/expert width as our moe
@@ -15,7 +17,12 @@ the same shapes from a config (random init, nothing downloaded):
     Mixtral's experts and Llama's MLP are SwiGLU (three matrices) where ours are GELU MLPs (two):
     at equal widths (the default) they hold 1.5x the feed-forward parameters and FLOPs;
     ``--swiglu-width params`` gives them 2/3 of the width instead, matching parameters.
-    scan / scan-seq: the selective scan alone (chunked vs sequential) at d_inner = 2 d, N = 16
+    scan, scan-chunked, scan-seq: the selective scan alone (fused numba kernel, chunked torch
+                scan, sequential reference) at d_inner = 2 d, N = 16, with D, z and softplus
+    scan-mambapy: mamba.py's parallel-scan selective_scan (``pip install mambapy``), same shapes
+    scan-hf:    transformers' MambaMixer layer (its CPU slow path: scan plus projections)
+    mix, mix-chunked: HyperMixing's causal mixer alone (fused kernel vs chunked torch) at the
+                nano shapes (d' = 64, d = d_model)
 
 Method: every (model, length) point runs in a fresh subprocess, so that its memory is its own
 and one model's allocations cannot slow the next. Peak memory is measured over the
@@ -49,14 +56,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 OURS = ("dense", "hypermixer", "mamba", "moe", "hybrid")
-EXTRA = ("mamba-seq", "hf-mamba", "hf-mixtral", "hf-gpt2", "hf-llama", "scan", "scan-seq")
+EXTRA = (
+    "mamba-chunked", "hypermixer-chunked", "mamba-seq", "hf-mamba", "hf-mixtral", "hf-gpt2",
+    "hf-llama", "scan", "scan-chunked", "scan-seq", "scan-mambapy", "scan-hf", "mix",
+    "mix-chunked",
+)  # fmt: skip
 DEFAULT_MODELS = (
-    "dense,hypermixer,mamba,moe,hybrid,mamba-seq,scan,scan-seq,hf-mamba,hf-mixtral,hf-gpt2"
+    "dense,hypermixer,mamba,moe,hybrid,mamba-chunked,hypermixer-chunked,mamba-seq,scan,"
+    "scan-chunked,scan-seq,scan-mambapy,scan-hf,mix,mix-chunked,hf-mamba,hf-mixtral,hf-gpt2"
 )
 # (ours, reference, what the ratio means)
 COMPARISONS = (
-    ("mamba", "mamba-seq", "Mamba: chunked scan vs sequential scan (whole model)"),
-    ("scan", "scan-seq", "selective scan alone: chunked vs sequential"),
+    ("mamba", "mamba-chunked", "Mamba: fused scan vs chunked scan (whole model)"),
+    ("hypermixer", "hypermixer-chunked", "HyperMixer: fused mixer vs chunked mixer (whole model)"),
+    ("mamba", "mamba-seq", "Mamba: fused scan vs sequential scan (whole model)"),
+    ("scan", "scan-chunked", "selective scan alone: fused vs chunked"),
+    ("scan", "scan-seq", "selective scan alone: fused vs sequential"),
+    ("scan", "scan-mambapy", "selective scan alone: fused vs mamba.py parallel scan"),
+    ("scan", "scan-hf", "selective scan alone vs transformers MambaMixer layer (slow path)"),
+    ("mix", "mix-chunked", "HyperMixing mixer alone: fused vs chunked"),
     ("mamba", "hf-mamba", "Mamba: ours vs transformers MambaForCausalLM"),
     ("moe", "hf-mixtral", "MoE: ours vs transformers MixtralForCausalLM"),
     ("dense", "hf-gpt2", "dense: ours vs transformers GPT2LMHeadModel"),
@@ -158,27 +176,22 @@ def _make_step(name: str, T: int, args: argparse.Namespace) -> tuple[Callable[[]
 
     g = torch.Generator().manual_seed(0)
     B, V = args.batch, args.vocab_size
-    if name in ("scan", "scan-seq"):
-        from archlab.models.scan import selective_scan, selective_scan_sequential
+    if name.endswith("-chunked"):  # this subprocess only: the torch implementations
+        os.environ["ARCHLAB_SCAN"] = os.environ["ARCHLAB_HYPERMIX"] = "chunked"
+    if name.startswith("scan"):
+        return _scan_step(name, T, args, g), 0
+    if name.startswith("mix"):
+        from archlab.models.hypermixer import causal_hypermix
 
-        D, N = 2 * args.d_model, 16
-        fn = selective_scan if name == "scan" else selective_scan_sequential
-        inputs = [
-            torch.randn(B, T, D, generator=g),  # u
-            torch.randn(B, T, D, generator=g) - 4.0,  # delta before softplus: dt ~ 0.02
-            -torch.arange(1, N + 1, dtype=torch.float32).repeat(D, 1),  # A (S4D-real)
-            torch.randn(B, T, N, generator=g),
-            torch.randn(B, T, N, generator=g),
-        ]
-        for t in inputs:
-            t.requires_grad_(True)
+        M, D = 64, args.d_model
+        inputs = [torch.randn(B, T, k, generator=g).requires_grad_() for k in (M, D, M)]
 
-        def scan_step() -> None:
+        def mix_step() -> None:
             for t in inputs:
                 t.grad = None
-            fn(*inputs, delta_softplus=True).square().mean().backward()
+            causal_hypermix(*inputs)[0].square().mean().backward()
 
-        return scan_step, 0
+        return mix_step, 0
 
     idx = torch.randint(0, V, (B, T + 1), generator=g)
     x, y = idx[:, :-1], idx[:, 1:]
@@ -198,7 +211,7 @@ def _make_step(name: str, T: int, args: argparse.Namespace) -> tuple[Callable[[]
                 return selective_scan_sequential(*a, **kw)
 
             mamba_mod.selective_scan = sequential  # this subprocess only
-        model = build_model(_ours_config(name.removesuffix("-seq"), T, args))
+        model = build_model(_ours_config(name.split("-")[0], T, args))
         logits_of = model
     model.train()
 
@@ -210,6 +223,61 @@ def _make_step(name: str, T: int, args: argparse.Namespace) -> tuple[Callable[[]
     return step, sum(p.numel() for p in model.parameters())
 
 
+def _scan_step(name: str, T: int, args: argparse.Namespace, g) -> Callable[[], None]:
+    """One forward + backward of a selective scan implementation alone (Mamba's shapes)."""
+    import torch
+
+    B, D, N = args.batch, 2 * args.d_model, 16
+    if name == "scan-hf":
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import transformers as tf
+        from transformers.models.mamba.modeling_mamba import MambaMixer as HFMixer
+
+        cfg = _ours_config("mamba", T, args)
+        hf = tf.MambaConfig(
+            hidden_size=args.d_model, state_size=N, expand=2, conv_kernel=cfg.conv_size,
+            time_step_rank=cfg.resolved_dt_rank, use_bias=False, use_conv_bias=True,
+        )  # fmt: skip
+        layer = HFMixer(hf, layer_idx=0)
+        x = torch.randn(B, T, args.d_model, generator=g, requires_grad=True)
+
+        def hf_step() -> None:
+            layer.zero_grad(set_to_none=True)
+            layer(x).square().mean().backward()
+
+        return hf_step
+    u = torch.randn(B, T, D, generator=g)
+    delta = torch.randn(B, T, D, generator=g) - 4.0  # before softplus: dt ~ 0.02
+    A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(D, 1)  # S4D-real
+    Bm, Cm = torch.randn(B, T, N, generator=g), torch.randn(B, T, N, generator=g)
+    Dp, z = torch.ones(D), torch.randn(B, T, D, generator=g)
+    inputs = [u, delta, A, Bm, Cm, Dp, z]
+    for t in inputs:
+        t.requires_grad_(True)
+    if name == "scan-mambapy":
+        from mambapy.mamba import MambaBlock  # pip install mambapy
+
+        def fn(u, delta, A, Bm, Cm, Dp, z):
+            y = MambaBlock.selective_scan(
+                None, u, torch.nn.functional.softplus(delta), A, Bm, Cm, Dp
+            )
+            return y * torch.nn.functional.silu(z)
+    else:
+        from archlab.models.scan import selective_scan
+
+        impl = {"scan": "fused", "scan-chunked": "chunked", "scan-seq": "sequential"}[name]
+
+        def fn(u, delta, A, Bm, Cm, Dp, z):
+            return selective_scan(u, delta, A, Bm, Cm, Dp, z, delta_softplus=True, impl=impl)
+
+    def scan_step() -> None:
+        for t in inputs:
+            t.grad = None
+        fn(*inputs).square().mean().backward()
+
+    return scan_step
+
+
 def worker(args: argparse.Namespace) -> dict:
     import torch
 
@@ -217,6 +285,14 @@ def worker(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     T = args.seq_len
     step, params = _make_step(args.worker, T, args)
+    # compile or load the numba kernels before the baseline: JIT memory and time are one-off
+    from archlab.models import kernels
+
+    if kernels.fused_available("scan"):
+        from archlab.models.kernels import hypermix_cpu, scan_cpu
+
+        scan_cpu.warm_up(torch.float32)
+        hypermix_cpu.warm_up(torch.float32)
     # memory: the first step(s) from a clean state (later steps reuse what the allocator kept)
     rss0 = _rss_kib()
     reset_ok = _reset_peak()
@@ -279,13 +355,43 @@ def print_report(results: dict, models: list[str], lens: list[int], args) -> Non
         return results.get((m, T))
 
     print(f"\n### Training step (forward + backward), batch {args.batch}, d_model {args.d_model}")
-    print(f"threads {args.threads}, median of {args.repeats} after {args.warmup} warm-up\n")
+    print(
+        f"threads {args.threads}, median of {args.repeats} after {args.warmup} warm-up, "
+        f"median over {args.rounds} interleaved round(s)\n"
+    )
     print("| model | params | " + " | ".join(f"T={T}" for T in lens) + " |")
     print("|---|---:|" + "---:|" * len(lens))
     for m in models:
         params = next((r["params"] for T in lens if (r := get(m, T)) and "params" in r), None)
         p = f"{params:,}" if params else "-"
         print(f"| {m} | {p} | " + " | ".join(_fmt_time(get(m, T)) for T in lens) + " |")
+    if "dense" in models:
+        print("\n### µs per token, and in brackets the multiple of dense at the same T\n")
+        print("| model | " + " | ".join(f"T={T}" for T in lens) + " |")
+        print("|---|" + "---:|" * len(lens))
+        for m in models:
+            cells = []
+            for T in lens:
+                r, d = get(m, T), get("dense", T)
+                if r is None or "error" in r:
+                    cells.append(_fmt_time(r))
+                elif d is None or "error" in d:
+                    cells.append(f"{r['us_per_token']:.1f}")
+                else:
+                    cells.append(f"{r['us_per_token']:.1f} ({r['step_s'] / d['step_s']:.2f}x)")
+            print(f"| {m} | " + " | ".join(cells) + " |")
+    if 512 in lens:
+        print("\n### Per-token cost relative to T=512 (1.00 = linear in T)\n")
+        print("| model | " + " | ".join(f"T={T}" for T in lens) + " |")
+        print("|---|" + "---:|" * len(lens))
+        for m in models:
+            base = get(m, 512)
+            cells = []
+            for T in lens:
+                r = get(m, T)
+                ok = r and base and "error" not in r and "error" not in base
+                cells.append(f"{r['us_per_token'] / base['us_per_token']:.2f}" if ok else "-")
+            print(f"| {m} | " + " | ".join(cells) + " |")
     print("\n### Peak memory increase during a step (fresh process per point)\n")
     print("| model | " + " | ".join(f"T={T}" for T in lens) + " |")
     print("|---|" + "---:|" * len(lens))
@@ -328,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--timeout", type=float, default=90.0, help="seconds per point")
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="repeat the whole grid; each point reports the median over rounds (interleaved)",
+    )  # fmt: skip
     p.add_argument("--swiglu-width", choices=("equal", "params"), default="equal")
     p.add_argument("--json", type=Path, help="also write all results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -346,22 +456,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch threads {args.threads}")  # fmt: skip
     results: dict = {}
-    for m in models:
-        stop = None
-        for T in lens:
-            if stop:  # a model that timed out or failed is not retried at longer lengths
-                results[(m, T)] = dict(model=m, seq_len=T, error=stop)
-                continue
-            r = run_point(m, T, args)
-            results[(m, T)] = r
-            status = (
-                r.get("error") or f"{r['step_s'] * 1e3:.0f} ms, +{r['peak_increase_mib']:.0f} MiB"
-            )
-            print(f"  {m:>11} T={T:<5} {status}", flush=True)
-            if "error" in r:
-                stop = r["error"]
-                if not r["error"].startswith("timeout"):
-                    print(f"  note: {m} skipped: {r['error']}", flush=True)
+    stopped: dict[str, str] = {}
+    for rnd in range(args.rounds):  # rounds interleave every point: shared-machine load hits all
+        for m in models:
+            for T in lens:
+                if m in stopped:  # a model that timed out or failed is not retried
+                    results.setdefault((m, T), dict(model=m, seq_len=T, error=stopped[m]))
+                    continue
+                r = run_point(m, T, args)
+                if "error" in r:
+                    stopped[m] = r["error"]
+                    results[(m, T)] = r
+                    if not r["error"].startswith("timeout"):
+                        print(f"  note: {m} skipped: {r['error']}", flush=True)
+                    continue
+                prev = results.get((m, T))
+                if prev is not None and "error" not in prev:
+                    r["round_step_s"] = prev["round_step_s"] + [r["step_s"]]
+                    r["peak_increase_mib"] = max(r["peak_increase_mib"], prev["peak_increase_mib"])
+                else:
+                    r["round_step_s"] = [r["step_s"]]
+                r["step_s"] = statistics.median(r["round_step_s"])
+                r["us_per_token"] = r["step_s"] / (r["batch"] * T) * 1e6
+                results[(m, T)] = r
+                print(f"  [{rnd + 1}/{args.rounds}] {m:>18} T={T:<5} "
+                      f"{r['round_step_s'][-1] * 1e3:.0f} ms, +{r['peak_increase_mib']:.0f} MiB",
+                      flush=True)  # fmt: skip
     print_report(results, models, lens, args)
     if args.json:
         args.json.write_text(json.dumps(list(results.values()), indent=1))

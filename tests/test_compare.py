@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import sys
 import textwrap
@@ -11,11 +12,12 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from archlab.bench import compare
+from archlab.bench import compare, report
 from archlab.cli import build_parser, main
 from archlab.errors import UserError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+C = {name: i for i, name in enumerate(report.TABLE_COLUMNS)}  # column index by header
 OUTPUTS = (
     "report.md",
     "results.json",
@@ -104,16 +106,26 @@ def test_compare_end_to_end(tiny_data: Path, tmp_path: Path, capsys) -> None:
             assert stats[key]["mean"] == summary[key], key
         assert summary["final_val_loss"] == evals[-1]["val_loss"]
         row = printed_rows[arch]
-        assert row[1].replace(",", "") == str(summary["total_params"])
-        assert float(row[2]) == pytest.approx(summary["train_time_s"], abs=0.0501)
-        assert float(row[3].replace(",", "")) == pytest.approx(summary["tokens_per_s"], abs=0.501)
-        assert float(row[4]) == pytest.approx(summary["peak_mem_bytes"] / 2**20, abs=0.0501)
-        assert float(row[5]) == pytest.approx(summary["final_val_loss"], abs=5.01e-5)
+        assert float(row[C["LR"]]) == 1e-3
+        assert row[C["Params (total / active)"]].replace(",", "") == str(summary["total_params"])
+        assert float(row[C["Time (s)"]]) == pytest.approx(summary["train_time_s"], abs=0.0501)
+        tps = float(row[C["Tokens/s"]].replace(",", ""))
+        assert tps == pytest.approx(summary["tokens_per_s"], abs=0.501)
+        peak = float(row[C["Peak memory (MiB)"]])
+        assert peak == pytest.approx(summary["peak_mem_bytes"] / 2**20, abs=0.0501)
+        # the model's own memory: the peak minus the process before the model was built
+        own = summary["peak_mem_bytes"] - summary["mem_before_model_bytes"]
+        assert summary["model_mem_bytes"] == own and 0 < own < summary["peak_mem_bytes"]
+        assert float(row[C["Model memory (MiB)"]]) == pytest.approx(own / 2**20, abs=0.0501)
+        loss = summary["final_val_loss"]
+        assert float(row[C["Final val loss"]]) == pytest.approx(loss, abs=5.01e-5)
+        bpb = loss / math.log(2) / doc["baselines"]["val_bytes_per_token"]
+        assert float(row[C["Bits/byte"]]) == pytest.approx(bpb, abs=5.01e-5)
         gap = summary["final_val_loss"] - meta["entropy_floor"]
-        assert float(row[6]) == pytest.approx(gap, abs=5.01e-5)
-        assert int(row[7]) == summary["nan_count"] == 0
+        assert float(row[C["Gap to floor"]]) == pytest.approx(gap, abs=5.01e-5)
+        assert int(row[C["NaN/skipped"]]) == summary["nan_count"] == 0
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert len(csv_lines) == 3 and csv_lines[1].startswith("dense,0,ok,")
+    assert len(csv_lines) == 3 and csv_lines[1].startswith("dense,0.001,0,ok,")
 
     # winners: one line per criterion, printed and in the report
     for crit in ("fastest", "least memory", "best loss", "most stable"):
@@ -196,7 +208,7 @@ def fake_children(tmp_path: Path, monkeypatch):
     script.write_text(FAKE_CHILD)
     state = {"fail": ""}
 
-    def fake(s, arch, seed, run_dir, resume):
+    def fake(s, arch, seed, run_dir, resume, learning_rate=None):
         return [sys.executable, str(script), arch, str(seed), str(run_dir), state["fail"]]
 
     monkeypatch.setattr(compare, "child_command", fake)
@@ -224,7 +236,8 @@ def test_failed_run_gets_its_error_and_the_others_go_on(
     mamba = res.runs[1]
     assert mamba.error == "RuntimeError: out of memory (fake)" and mamba.returncode == 3
     row = _table_rows(res.table)["mamba"]
-    assert row[8] == "failed: seed 0: RuntimeError: out of memory (fake)" and row[5] == "-"
+    assert row[C["Notes"]] == "failed: seed 0: RuntimeError: out of memory (fake)"
+    assert row[C["Final val loss"]] == "-"
     assert "[2/3 mamba] FAILED: RuntimeError: out of memory (fake)" in capsys.readouterr().err
     wins = {w.criterion: w.architecture for w in res.winners}
     assert wins["best loss"] == "moe"
@@ -268,7 +281,9 @@ def test_seeds_give_mean_and_std(tmp_path: Path, fake_children) -> None:
     assert dense.stats["final_val_loss"].std == pytest.approx(0.1)
     assert dense.stats["tokens_per_s"].mean == pytest.approx(2000.0)
     row = _table_rows(res.table)["dense"]
-    assert row[5] == "2.1000 ± 0.1000" and row[3] == "2,000 ± 1,000" and row[8] == "3 seeds"
+    # mean ± the 95% confidence half-width: t(0.975, 2) * std / sqrt(3) = 4.3027 * std / 1.7321
+    assert row[C["Final val loss"]] == "2.1000 ± 0.2484" and row[C["Notes"]] == "3 seeds"
+    assert row[C["Tokens/s"]] == "2,000 ± 2,484"
 
 
 def test_child_command_spells_out_the_protocol() -> None:
@@ -301,7 +316,7 @@ def test_child_command_spells_out_the_protocol() -> None:
         "--no-use-rope",
         "--out-dir /o/mamba",
         "--learning-rate 0.001",
-        "--warmup-steps 4",
+        "--warmup-steps 2",  # 5% of the 40 steps
     ):
         assert part in text, part
     assert cmd[-1] == "--resume" and "--use-rmsnorm" not in text

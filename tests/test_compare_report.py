@@ -115,11 +115,14 @@ def test_read_run_and_aggregate_over_seeds(tmp_path: Path) -> None:
     assert loss.mean == pytest.approx(2.1) and loss.n == 2
     assert loss.std == pytest.approx(statistics.stdev([2.0, 2.2]))
     assert mamba.stats["tokens_per_s"].mean == 3000 and mamba.stats["tokens_per_s"].n == 1
+    # two seeds: ± the 95% confidence half-width, t(0.975, 1) = 12.706 times std / sqrt(2)
+    assert loss.ci95 == pytest.approx(12.7062 * statistics.stdev([2.0, 2.2]) / math.sqrt(2), 1e-4)
     rows = report.table_rows(archs)
-    assert rows[0][5] == "2.1000 ± 0.1414"
-    assert rows[0][3] == "1,100 ± 141"
-    assert rows[1][5] == "2.5000"  # one ok seed: no spread
-    assert "1/2 seeds ok" in rows[1][8] and "SIGKILL" in rows[1][8]
+    col = {name: i for i, name in enumerate(report.TABLE_COLUMNS)}
+    assert rows[0][col["Final val loss"]] == "2.1000 ± 1.2706"
+    assert rows[0][col["Tokens/s"]] == "1,100 ± 1,271"
+    assert rows[1][col["Final val loss"]] == "2.5000"  # one ok seed: no spread
+    assert "1/2 seeds ok" in rows[1][col["Notes"]] and "SIGKILL" in rows[1][col["Notes"]]
 
 
 def test_resumed_run_is_flagged(tmp_path: Path) -> None:
@@ -128,7 +131,8 @@ def test_resumed_run_is_flagged(tmp_path: Path) -> None:
     summary["resumed_from"] = str(d / "checkpoints" / "step_0000004")
     (d / "summary.json").write_text(json.dumps(summary))
     archs = aggregate([read_run(d, "dense", 3)], ["dense"])
-    assert report.table_rows(archs)[0][8] == "resumed (seed 3): time covers the last process only"
+    notes = report.table_rows(archs)[0][report.TABLE_COLUMNS.index("Notes")]
+    assert notes == "resumed (seed 3): time covers the last process only"
 
 
 def test_failure_messages(tmp_path: Path) -> None:
@@ -177,15 +181,19 @@ def test_winners_and_table_columns(tmp_path: Path) -> None:
     assert wins["best loss"].architecture == "moe"
     # moe has NaN steps; among 0-NaN runs dense has the smoothest loss
     assert wins["most stable"].architecture == "dense"
-    assert wins["fastest"].line() == "fastest: mamba (4,000 tokens/s)"
+    assert wins["fastest"].line() == (
+        "fastest: mamba (4,000 tokens/s; one seed: no significance can be claimed)"
+    )
     table = report.markdown_table(archs)
     lines = table.splitlines()
     assert len(lines) == 2 + len(specs)
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     assert header == list(report.TABLE_COLUMNS)
     moe = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert moe[0] == "moe" and moe[1] == "1,000 / 800"
-    assert moe[4] == f"{300e6 / 2**20:.1f}" and moe[6] == "+0.4000" and moe[7] == "2"
+    col = {name: i for i, name in enumerate(report.TABLE_COLUMNS)}
+    assert moe[0] == "moe" and moe[col["Params (total / active)"]] == "1,000 / 800"
+    assert moe[col["Peak memory (MiB)"]] == f"{300e6 / 2**20:.1f}"
+    assert moe[col["Gap to floor"]] == "+0.4000" and moe[col["NaN/skipped"]] == "2"
     # all failed: no winner
     failed = aggregate([read_run(tmp_path / "none", "dense", 0, returncode=1)], ["dense"])
     assert all(w.architecture is None for w in report.winners(failed))

@@ -61,11 +61,11 @@ def test_chunked_mixing_equals_naive_reference_values_and_gradients(chunk):
     B, T, M, D = 2, 45, 5, 7
     w1, x, w2 = (torch.randn(B, T, k, dtype=torch.float64, requires_grad=True) for k in (M, D, M))
     s0 = torch.randn(B, M, D, dtype=torch.float64, requires_grad=True)
-    out, s_end = causal_hypermix(w1, x, w2, s0, start=4, chunk=chunk)
+    out, s_end = causal_hypermix(w1, x, w2, s0, start=4, chunk=chunk, impl="chunked")
     ref = naive_causal_hypermix(w1, x, w2, s0, start=4)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     with torch.no_grad():  # the inference path (no saved states) gives the same values
-        out_ng, s_ng = causal_hypermix(w1, x, w2, s0, start=4, chunk=chunk)
+        out_ng, s_ng = causal_hypermix(w1, x, w2, s0, start=4, chunk=chunk, impl="chunked")
     torch.testing.assert_close(out_ng, out.detach(), rtol=0, atol=0)
     torch.testing.assert_close(s_ng, s_end, rtol=0, atol=0)
     expected_s = s0 + torch.einsum("bim,bid->bmd", w1, x)
@@ -77,12 +77,14 @@ def test_chunked_mixing_equals_naive_reference_values_and_gradients(chunk):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("T,chunk", [(6, 4), (36, 34)])
-def test_mixing_gradcheck(T, chunk):
+@pytest.mark.parametrize(
+    "T,chunk,impl", [(6, 4, "chunked"), (36, 34, "chunked"), (37, None, "fused")]
+)
+def test_mixing_gradcheck(T, chunk, impl):
     torch.manual_seed(1)
     args = [torch.randn(1, T, k, dtype=torch.float64, requires_grad=True) for k in (3, 4, 3)]
     s0 = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
-    fn = lambda a, b, c, s: causal_hypermix(a, b, c, s, start=2, chunk=chunk)[0]  # noqa: E731
+    fn = lambda a, b, c, s: causal_hypermix(a, b, c, s, 2, chunk, impl)[0]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (*args, s0))
 
 

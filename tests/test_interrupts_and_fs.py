@@ -64,8 +64,17 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
+def _default_stop_signals() -> None:
+    """A child starts with SIGINT/SIGTERM at their defaults even where the test runner was
+    started with SIGINT ignored (a background job of a script): archlab rightly keeps an
+    inherited "ignore", which would make the signal tests wait for a signal that never acts."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def spawn(*args: str | os.PathLike, command: str = "train", **kw) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "archlab", command, *map(str, args), *THREADS]
+    kw.setdefault("preexec_fn", _default_stop_signals)
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), **kw
     )
@@ -558,7 +567,8 @@ def test_under_torchrun_every_rank_stops_after_the_same_step(data, tmp_path):
            "--batch-size", "2", "--debug-step-delay", "0.05", *THREADS]  # fmt: skip
     env = dict(_env(), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)  # fmt: skip
+                            env=env, start_new_session=True,
+                            preexec_fn=_default_stop_signals)  # fmt: skip
     wait_for(lambda: logged_step(run) >= 4, proc, timeout=300)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from archlab import build_model, count_parameters, preset_config
 from archlab.models import scan as scan_mod
 from archlab.models.mamba import MambaBlock, MambaMixer
-from archlab.models.scan import selective_scan, selective_scan_sequential, selective_step
+from archlab.models.scan import selective_scan_chunked, selective_scan_sequential, selective_step
 
 
 def _scan_inputs(B: int, T: int, D: int, N: int, with_state: bool, seed: int = 0):
@@ -63,7 +63,7 @@ def test_chunked_scan_matches_sequential_float64(T, chunk, with_state, block_ele
     if block_elements is not None:
         monkeypatch.setattr(scan_mod, "_BLOCK_ELEMENTS", block_elements)
     inputs = _scan_inputs(2, T, 5, 4, with_state)
-    y1, last1, g1 = _run(selective_scan, inputs, chunk_size=chunk)
+    y1, last1, g1 = _run(selective_scan_chunked, inputs, chunk_size=chunk)
     y2, last2, g2 = _run(selective_scan_sequential, inputs)
     assert y1.dtype == torch.float64
     assert _rel(y1, y2) < 1e-8
@@ -79,7 +79,7 @@ def test_chunked_scan_stable_for_strong_decay():
     with torch.no_grad():
         inputs["A"].mul_(50.0)  # |A| up to 200
         inputs["delta"].add_(2.0)
-    y1, last1, g1 = _run(selective_scan, inputs, chunk_size=8)
+    y1, last1, g1 = _run(selective_scan_chunked, inputs, chunk_size=8)
     y2, last2, g2 = _run(selective_scan_sequential, inputs)
     assert torch.isfinite(y1).all() and all(torch.isfinite(g).all() for g in g1.values())
     assert _rel(y1, y2) < 1e-8 and _rel(last1, last2) < 1e-8
@@ -92,7 +92,7 @@ def test_chunked_scan_float32_and_second_backward():
     inputs = _scan_inputs(2, 30, 4, 3, with_state=False, seed=2)
     ref = selective_scan_sequential(**inputs, delta_softplus=True)
     f32 = {k: v.detach().float().requires_grad_() for k, v in inputs.items()}
-    out = selective_scan(**f32, delta_softplus=True, chunk_size=4)
+    out = selective_scan_chunked(**f32, delta_softplus=True, chunk_size=4)
     assert out.dtype == torch.float32
     assert _rel(out.double(), ref) < 1e-5
     loss = (out * out).sum()

@@ -217,7 +217,12 @@ def fake_compare(tmp_path, monkeypatch):
     monkeypatch.setattr(
         compare,
         "child_command",
-        lambda s, arch, seed, run_dir, resume: [sys.executable, str(script), arch, str(run_dir)],
+        lambda s, arch, seed, run_dir, resume, learning_rate=None: [
+            sys.executable,
+            str(script),
+            arch,
+            str(run_dir),
+        ],
     )
     s = compare.settings_from_flags(
         dict(architectures=["dense", "moe"], max_tokens=64, seq_len=16, batch_size=1)

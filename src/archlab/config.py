@@ -13,20 +13,36 @@ from typing import Any
 
 from .errors import UserError
 
-ARCHITECTURES = ("dense", "hypermixer", "mamba", "moe", "hybrid")
-ALIASES = {"transformer": "dense", "ssm": "mamba"}
 MODEL_SIZES = ("nano", "micro", "tiny", "medium", "large")
 PRESETS = ("rustgpt",)
 MLP_TYPES = ("gelu", "swiglu")
 
-# Human-readable names used by `summary` (the seed's "Architecture Type:" line).
-DISPLAY_NAMES = {
-    "dense": "Transformer",
-    "hypermixer": "HyperMixer",
-    "mamba": "Mamba",
-    "moe": "MixtureOfExperts",
-    "hybrid": "Hybrid (Mamba + Sliding-Window Attention)",
-}
+# The architectures themselves are declared by their modules (models/registry.py); this module
+# names none. ARCHITECTURES, ALIASES, DISPLAY_NAMES and ARCHITECTURE_FIELDS are read from the
+# registry on first use (module __getattr__: the registry imports the model modules, which
+# import this one).
+
+
+def _spec(name: str) -> Any:
+    from .models import registry
+
+    return registry.get(name)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("ARCHITECTURES", "ALIASES", "DISPLAY_NAMES", "ARCHITECTURE_FIELDS"):
+        from .models import registry
+
+        specs = registry.SPECS.values()
+        if name == "ARCHITECTURES":
+            return tuple(registry.SPECS)
+        if name == "ALIASES":
+            return dict(registry.ALIASES)
+        if name == "DISPLAY_NAMES":
+            return {s.name: s.display_name for s in specs}
+        fields = dict.fromkeys(f for s in specs for f in s.fields)
+        return {f: tuple(s.name for s in specs if f in s.fields) for f in fields}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ConfigError(UserError, ValueError):
@@ -44,10 +60,12 @@ def swiglu_width(gelu_width: int, multiple_of: int = 8) -> int:
 
 
 def canonical_architecture(name: str) -> str:
+    from .models import registry
+
     key = name.strip().lower()
-    key = ALIASES.get(key, key)
-    if key not in ARCHITECTURES:
-        allowed = ", ".join(list(ARCHITECTURES) + list(ALIASES))
+    key = registry.ALIASES.get(key, key)
+    if key not in registry.SPECS:
+        allowed = ", ".join(list(registry.SPECS) + list(registry.ALIASES))
         raise ConfigError(f"--architecture: unknown architecture {name!r} (allowed: {allowed})")
     return key
 
@@ -139,10 +157,8 @@ class ModelConfig:
         """Learned absolute positions bound the sequence length; RoPE and Mamba do not."""
         if self.preset == "rustgpt":
             return True
-        if self.architecture == "mamba":
-            return False
-        if self.architecture == "hybrid":
-            return False  # Mamba layers carry position; attention layers use RoPE
+        if not _spec(self.architecture).learned_positions:
+            return False  # the blocks carry position (recurrence, or RoPE inside them)
         return not self.use_rope
 
     # ---- (de)serialisation ------------------------------------------------------------
@@ -176,62 +192,29 @@ class ModelConfig:
         positive("--max-seq-len", self.max_seq_len)
         if self.mlp not in MLP_TYPES:
             raise ConfigError(f"--mlp: unknown MLP {self.mlp!r} (allowed: {', '.join(MLP_TYPES)})")
-        if self.mlp != "gelu" and self.architecture == "mamba":
-            raise ConfigError(
-                f"--mlp {self.mlp}: mamba blocks have no MLP (the mixer is the whole block); "
-                "SwiGLU applies to dense, moe, hybrid and hypermixer"
-            )
         if self.mlp != "gelu" and self.preset == "rustgpt":
             raise ConfigError(
                 f"--mlp {self.mlp}: the rustgpt preset is the seed's fixed model (ReLU feed-forward)"
-            )
-        if self.bias and self.architecture == "mamba":
-            raise ConfigError(
-                "--bias: mamba blocks have no attention or MLP linears (projections are "
-                "bias-free as in Mamba); --bias applies to dense, moe, hybrid and hypermixer"
             )
         if not self.bias and self.preset == "rustgpt":
             raise ConfigError("--no-bias: the rustgpt preset is the seed's fixed model (biases)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: must be in [0, 1) (got {self.dropout})")
-        if self.architecture in ("dense", "moe", "hybrid") and self.preset != "rustgpt":
-            if self.d_model % self.n_heads:
-                raise ConfigError(
-                    f"--n-heads: d_model {self.d_model} is not divisible by n_heads {self.n_heads}"
-                )
-            if (self.use_rope or self.architecture == "hybrid") and self.head_dim % 2:
-                flag = "--n-heads" if self.architecture == "hybrid" else "--use-rope"
-                raise ConfigError(
-                    f"{flag}: head dimension {self.head_dim} must be even for rotary embeddings"
-                )
-        if self.architecture in ("mamba", "hybrid"):
-            positive("--state-size", self.state_size)
-            positive("--conv-size", self.conv_size)
-            positive("--expand", self.expand)
-            if self.dt_rank < 0:
-                raise ConfigError(f"--dt-rank: must be >= 0 (got {self.dt_rank})")
-        if self.architecture == "moe":
-            positive("--num-experts", self.num_experts)
-            positive("--expert-capacity", self.top_k)
-            if self.top_k > self.num_experts:
-                raise ConfigError(
-                    f"--expert-capacity: top_k {self.top_k} exceeds --num-experts {self.num_experts}"
-                )
-            if self.capacity_factor < 0:
-                raise ConfigError(
-                    f"--capacity-factor: must be >= 0 (got {self.capacity_factor}; 0 disables)"
-                )
-        if self.architecture == "hybrid" and self.local_window < 1:
-            raise ConfigError(f"--hybrid-local-window: must be >= 1 (got {self.local_window})")
+        spec = _spec(self.architecture)
+        if spec.validate is not None:
+            spec.validate(self)
         if self.hypernetwork_hidden_dim < 0 or self.hypermixer_mixing_dim < 0:
             raise ConfigError("--hypernetwork-hidden-dim: must be >= 0")
         if self.preset is not None and self.preset not in PRESETS:
             raise ConfigError(
                 f"--preset: unknown preset {self.preset!r} (allowed: {', '.join(PRESETS)})"
             )
-        if self.preset == "rustgpt" and self.architecture not in ("dense", "hypermixer"):
+        if self.preset == "rustgpt" and spec.rustgpt_block is None:
+            from .models import registry
+
+            names = [s.name for s in registry.SPECS.values() if s.rustgpt_block is not None]
             raise ConfigError(
-                "--preset rustgpt: only defined for --architecture dense or hypermixer"
+                f"--preset rustgpt: only defined for --architecture {' or '.join(names)}"
             )
         return self
 
@@ -239,20 +222,8 @@ class ModelConfig:
 # ---- flags that only some architectures use ----------------------------------------------
 # A flag for a part the chosen architecture does not have would change nothing, so it is
 # refused (one line, exit 2) instead of being silently ignored.
-ARCHITECTURE_FIELDS: dict[str, tuple[str, ...]] = {
-    "n_heads": ("dense", "moe", "hybrid"),
-    "d_ff": ("dense", "hypermixer", "moe", "hybrid"),
-    "mlp": ("dense", "hypermixer", "moe", "hybrid"),
-    "bias": ("dense", "hypermixer", "moe", "hybrid"),
-    "state_size": ("mamba", "hybrid"),
-    "conv_size": ("mamba", "hybrid"),
-    "expand": ("mamba", "hybrid"),
-    "num_experts": ("moe",),
-    "top_k": ("moe",),
-    "capacity_factor": ("moe",),
-    "local_window": ("hybrid",),
-    "hypernetwork_hidden_dim": ("hypermixer",),
-}
+# Which architectures use which such field comes from each spec's ``fields``
+# (ARCHITECTURE_FIELDS, read from the registry).
 # The rustgpt preset's fixed design: single-head attention, learned positions, post-norm
 # LayerNorm, untied head, ReLU feed-forward with biases.
 RUSTGPT_FIXED = ("n_heads", "use_rope", "use_rmsnorm", "tie_weights", "mlp", "bias")
@@ -274,7 +245,8 @@ def check_fields_apply(
     ``given``: the ModelConfig fields set explicitly (flags or --config keys).
     """
     arch = canonical_architecture(architecture)
-    given = [k for k in given if k in ARCHITECTURE_FIELDS or k in RUSTGPT_FIXED]
+    arch_fields: dict[str, tuple[str, ...]] = __getattr__("ARCHITECTURE_FIELDS")
+    given = [k for k in given if k in arch_fields or k in RUSTGPT_FIXED]
     if preset is not None and model_size is not None:
         raise ConfigError(
             f"--preset {preset} and --model-size {model_size} exclude each other: the preset "
@@ -289,12 +261,10 @@ def check_fields_apply(
                 f"post-norm LayerNorm, untied head, ReLU feed-forward with biases); drop {'it' if len(fixed) == 1 else 'them'} "
                 "or leave out --preset"
             )
-    unused = [k for k in given if k in ARCHITECTURE_FIELDS and arch not in ARCHITECTURE_FIELDS[k]]
+    unused = [k for k in given if k in arch_fields and arch not in arch_fields[k]]
     if unused:
         names = ", ".join(flag_name(k) for k in unused)
-        where = "; ".join(
-            f"{flag_name(k)} applies to {', '.join(ARCHITECTURE_FIELDS[k])}" for k in unused
-        )
+        where = "; ".join(f"{flag_name(k)} applies to {', '.join(arch_fields[k])}" for k in unused)
         raise ConfigError(
             f"{names}: not used by --architecture {arch}, so {'they' if len(unused) > 1 else 'it'}"
             f" would change nothing ({where})"
@@ -314,19 +284,6 @@ _DENSE_SIZES: dict[str, dict[str, int]] = {
 # Seed sizes use untied embeddings at a 32k vocabulary; CPU sizes tie them.
 _SEED_SIZES = ("tiny", "medium", "large")
 DEFAULT_VOCAB = {"nano": 4096, "micro": 4096, "tiny": 32000, "medium": 32000, "large": 32000}
-
-
-def _architecture_overrides(arch: str, size: str, base: dict[str, int]) -> dict[str, Any]:
-    """Per-architecture changes to the dense shape that keep parameter counts comparable."""
-    n = base["n_layers"]
-    if arch == "mamba":
-        return dict(n_layers=2 * n)  # a Mamba block has ~6 d^2 parameters, half a dense block
-    if arch == "hybrid":
-        return dict(n_layers=n if n % 2 == 0 else n + 1)
-    if arch == "hypermixer":
-        # token mixing (~0.5 d^2) + MLP (8 d^2) per block: add layers to match 12 d^2
-        return dict(n_layers=max(1, round(n * 12 / 8.6)))
-    return {}
 
 
 def preset_config(
@@ -368,9 +325,9 @@ def preset_config(
         base = dict(_DENSE_SIZES[size])
         kw = dict(architecture=arch, vocab_size=vocab_size or DEFAULT_VOCAB[size], **base)
         kw["tie_weights"] = size not in _SEED_SIZES
-        kw.update(_architecture_overrides(arch, size, base))
-        if arch in ("dense", "moe", "hybrid", "hypermixer"):
-            kw.setdefault("use_rope", False)
+        override = _spec(arch).size_override
+        if override is not None:
+            kw.update(override(base))  # keeps parameter counts comparable to dense
     for key, value in overrides.items():
         if value is not None:
             kw[key] = value

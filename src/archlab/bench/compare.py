@@ -10,6 +10,13 @@ settings, written first), one run folder per (architecture, seed), ``logs/``,
 ``report.md``, ``results.json``, ``results.csv``, ``loss_vs_tokens.png`` and
 ``loss_vs_time.png``.
 
+What makes the table citable (issue #11): every report is read against the data's
+baselines (a run not below the unigram entropy "did not learn" and wins nothing); winners
+need Welch's t-test over seeds (bench/stats.py); ``--learning-rates`` trains every
+architecture at every rate and reports each at its best (one run folder per (architecture,
+rate, seed), the whole grid in results.json/csv and ``loss_vs_lr.png``); the memory column
+has the model's own share beside the process's peak; losses are also in bits per byte.
+
 Exit code: 0 when at least one run finished, 1 when every run failed, 2 for a user error.
 """
 
@@ -33,7 +40,9 @@ from typing import Any, TextIO
 
 from ..errors import Interrupted, UserError
 from ..progress import Progress, eta_seconds, format_duration, progress_mode
-from .results import RunResult, aggregate, read_run
+from ..train.optim import default_warmup_steps, warmup_warning
+from .reference import Reference, load_reference
+from .results import RunResult, aggregate, best_points, read_run
 
 # Default protocol of a bare `archlab compare`. The budget: nano training throughput at
 # seq-len 128 x batch 16, measured with `archlab compare` pinned to 2 cores of an otherwise
@@ -46,9 +55,16 @@ DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_LEARNING_RATE = 1e-3
+# Checked against 4x the budget (issue #11; 640k tokens, same protocol, the schedule scaled
+# with the run: 16 warmup steps, cosine over 313), seed 0, BPE-4096 stories, one thread per
+# run on a shared 2-core machine: the ranking by final val loss is the same,
+#   160k: mamba 2.676 < hybrid 2.713 < moe 3.203 < hypermixer 3.223 < dense 3.339
+#   640k: mamba 0.990 < hybrid 1.007 < moe 1.174 < hypermixer 1.309 < dense 1.357
+# (two pairs are within 0.04 at 160k with one seed: use --seeds for a significance claim).
 DEFAULT_BUDGET_NOTE = (
-    "default budget: 160,000 tokens per architecture (79 steps of 16 x 128 tokens), chosen so "
-    "that all five nano architectures train in about 5 minutes on 2 CPU cores"
+    "default budget: 160,000 tokens per architecture (79 steps of 16 x 128 tokens, 4 warmup "
+    "steps), about 5 minutes for all five nano architectures on 2 idle CPU cores; its ranking "
+    "by final val loss matched a 4x longer run (seed 0)"
 )
 FLAG_NAMES = {
     "architectures": "--architectures",
@@ -61,6 +77,7 @@ FLAG_NAMES = {
     "batch_size": "--batch-size",
     "gradient_accumulation_steps": "--gradient-accumulation-steps",
     "learning_rate": "--learning-rate",
+    "learning_rates": "--learning-rates",
     "warmup_steps": "--warmup-steps",
     "eval_interval": "--eval-interval",
     "eval_steps": "--eval-steps",
@@ -92,6 +109,7 @@ class CompareSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     gradient_accumulation_steps: int = 1
     learning_rate: float = DEFAULT_LEARNING_RATE
+    learning_rates: list[float] | None = None  # a sweep: every architecture at every rate
     warmup_steps: int = 0  # resolved from the step count when not given
     eval_interval: int = 0  # resolved: about eight evaluations per run
     eval_steps: int = 4
@@ -122,6 +140,15 @@ class CompareSettings:
     def seed_list(self) -> list[int]:
         return [self.seed + i for i in range(self.seeds)]
 
+    @property
+    def grid(self) -> list[float]:
+        """The learning rates every architecture trains at (one without a sweep)."""
+        return list(self.learning_rates) if self.learning_rates else [self.learning_rate]
+
+    @property
+    def sweep(self) -> bool:
+        return self.learning_rates is not None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -139,6 +166,7 @@ class RunSpec:
     seed: int
     run_dir: Path
     command: list[str] = field(default_factory=list)
+    learning_rate: float | None = None  # None: the comparison's --learning-rate
 
     @property
     def name(self) -> str:
@@ -176,6 +204,14 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
     lr = given.get("learning_rate")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise UserError(f"--learning-rate: must be a positive number (got {lr})")
+    if "learning_rates" in given:
+        from .options import check_learning_rates
+
+        if "learning_rate" in given:
+            raise UserError(
+                "--learning-rate and --learning-rates are exclusive: give one rate or a grid"
+            )
+        given["learning_rates"] = check_learning_rates(given["learning_rates"])
     s = CompareSettings(**given)
     if s.max_tokens is not None and s.max_tokens < s.tokens_per_step:
         raise UserError(
@@ -185,7 +221,7 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
         )
     steps = s.total_steps
     if "warmup_steps" not in given:
-        s.warmup_steps = max(1, round(0.1 * steps)) if steps > 1 else 0
+        s.warmup_steps = default_warmup_steps(steps)
     if "eval_interval" not in given:
         s.eval_interval = max(1, steps // 8)
     if "log_interval" not in given:
@@ -239,9 +275,15 @@ def check_against_data(s: CompareSettings, data_dir: Path, meta: dict[str, Any])
 
 
 def child_command(
-    s: CompareSettings, arch: str, seed: int, run_dir: Path, resume: bool
+    s: CompareSettings,
+    arch: str,
+    seed: int,
+    run_dir: Path,
+    resume: bool,
+    learning_rate: float | None = None,
 ) -> list[str]:
-    """The exact `archlab train` command line of one run."""
+    """The exact `archlab train` command line of one run (at ``learning_rate``, default the
+    comparison's --learning-rate). Public: other benches reuse compare's per-process runs."""
     cmd = [
         sys.executable,
         "-m",
@@ -266,7 +308,7 @@ def child_command(
         cmd += ["--num-epochs", str(s.num_epochs), "--steps-per-epoch", str(s.steps_per_epoch)]
     cmd += [
         "--learning-rate",
-        repr(s.learning_rate),
+        repr(s.learning_rate if learning_rate is None else learning_rate),
         "--warmup-steps",
         str(s.warmup_steps),
         "--seed",
@@ -312,11 +354,14 @@ def rerun_command(s: CompareSettings, out_dir: Path) -> str:
         parts += ["--max-tokens", str(s.max_tokens)]
     else:
         parts += ["--num-epochs", str(s.num_epochs), "--steps-per-epoch", str(s.steps_per_epoch)]
+    if s.sweep:
+        parts += [FLAG_NAMES["learning_rates"], format_learning_rates(s.grid)]
+    else:
+        parts += [FLAG_NAMES["learning_rate"], repr(s.learning_rate)]
     for key in (
         "seq_len",
         "batch_size",
         "gradient_accumulation_steps",
-        "learning_rate",
         "warmup_steps",
         "eval_interval",
         "eval_steps",
@@ -338,12 +383,26 @@ def rerun_command(s: CompareSettings, out_dir: Path) -> str:
     return shlex.join(parts)
 
 
+def lr_tag(lr: float) -> str:
+    """The rate in a run folder's name: 0.0003 -> 'lr0.0003' (6 significant digits; the
+    grid's rates are checked to differ in them)."""
+    return f"lr{lr:g}"
+
+
+def format_learning_rates(rates: list[float]) -> str:
+    return ",".join(f"{r:g}" if float(f"{r:g}") == r else repr(r) for r in rates)
+
+
 def plan_runs(s: CompareSettings, out_dir: Path) -> list[RunSpec]:
+    """Every (seed, learning rate, architecture) of the comparison, seed-major so that a
+    partial comparison has whole seeds; a sweep's folders carry the rate in their name."""
     runs = []
     for seed in s.seed_list:
-        for arch in s.architectures:
-            name = arch if s.seeds == 1 else f"{arch}-seed{seed}"
-            runs.append(RunSpec(arch, seed, out_dir / name))
+        for lr in s.grid:
+            for arch in s.architectures:
+                name = arch + (f"-{lr_tag(lr)}" if s.sweep else "")
+                name += f"-seed{seed}" if s.seeds > 1 else ""
+                runs.append(RunSpec(arch, seed, out_dir / name, learning_rate=lr))
     return runs
 
 
@@ -599,9 +658,15 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
         f"Budget: {budget} = {s.total_steps} optimizer steps of {s.tokens_per_step:,} tokens "
         f"(batch {s.batch_size} x accumulation {s.gradient_accumulation_steps} x seq-len "
         f"{s.seq_len}).",
-        f"Optimizer: AdamW (the trainer's defaults: weight decay 0.1 on matrices, betas 0.9/0.95,"
-        f" gradient clipping 1.0), peak learning rate {s.learning_rate:g}, {s.warmup_steps} "
-        "linear warmup steps then cosine decay to 10%.",
+        "Optimizer: AdamW (the trainer's defaults: weight decay 0.1 on matrices, betas 0.9/0.95,"
+        " gradient clipping 1.0), "
+        + (
+            f"peak learning rates {format_learning_rates(s.grid)} (every architecture at every "
+            "rate, same seeds; each row shows the architecture at its best rate)"
+            if s.sweep
+            else f"peak learning rate {s.learning_rate:g}"
+        )
+        + f", {s.warmup_steps} linear warmup steps then cosine decay to 10%.",
         f"Seeds: {', '.join(map(str, s.seed_list))}; validation on the same fixed "
         f"{s.eval_steps} batches every {s.eval_interval} steps and at the end.",
         f"Optimizations: amp {s.use_amp}, compile {s.use_compile}, gradient checkpointing "
@@ -624,6 +689,7 @@ class CompareOutcome:
     winners: list[Any]
     table: str
     nothing_to_do: bool = False
+    header: str = ""  # the baselines line printed above the table
 
     @property
     def exit_code(self) -> int:
@@ -656,55 +722,96 @@ def run_compare(
         doc = {"settings": s.to_dict(), "command": command, "created": time.time()}
         settings_path.write_text(json.dumps(doc, indent=2) + "\n")
     specs = plan_runs(s, out_dir)
-    for spec in specs:
-        spec.command = child_command(s, spec.architecture, spec.seed, spec.run_dir, resume=False)
+    grid = f" x {len(s.grid)} learning rates" if s.sweep else ""
     finished = {spec.name for spec in specs if resume and run_finished(spec.run_dir)}
     progress = CompareProgress(
         stream, len(specs), s.total_steps, runs_done=len(finished), mode="off" if quiet else None
     )
     say = say or progress.message
     say(
-        f"archlab compare: {len(s.architectures)} architectures x {s.seeds} seed(s) at "
+        f"archlab compare: {len(s.architectures)} architectures{grid} x {s.seeds} seed(s) at "
         f"{s.model_size}, {s.total_steps} steps of {s.tokens_per_step:,} tokens each, data "
         f"{s.data} -> {out_dir}"
     )
+    warning = warmup_warning(s.warmup_steps, s.total_steps)
+    if warning:
+        say(warning)
     returncodes: dict[str, tuple[int | None, str | None]] = {}
     for i, spec in enumerate(specs, start=1):
         prefix = f"[{i}/{len(specs)} {spec.name}]"
         if spec.name in finished:
             say(f"{prefix} already finished; skipped")
             continue
-        cont = resume and has_checkpoint(spec.run_dir)
-        if not cont and spec.run_dir.exists():
-            (spec.run_dir / "summary.json").unlink(missing_ok=True)  # stale failure record
-        spec.command = child_command(s, spec.architecture, spec.seed, spec.run_dir, resume=cont)
-        progress.note(f"{prefix} {'resuming' if cont else 'training'} ...")
-        t0 = time.monotonic()
-        progress.begin_run(prefix)
-        try:
-            rc, tail = run_child(spec, out_dir / "logs" / f"{spec.name}.log", progress, prefix)
-        except BaseException:  # interrupted: take the bars down before the message
-            progress.close()
-            raise
-        finally:
-            progress.end_run()
+        rc, tail = train_one(s, spec, out_dir / "logs", progress, prefix, say, resume)
         returncodes[spec.name] = (rc, tail)
-        res = read_run(spec.run_dir, spec.architecture, spec.seed, rc, tail)
-        if res.ok:
-            say(
-                f"{prefix} done in {time.monotonic() - t0:.1f} s: "
-                f"{res.tokens_per_s or 0:,.0f} tokens/s, final val loss {res.final_val_loss:.4f}"
-            )
-        else:
-            say(f"{prefix} FAILED: {res.error}")
     progress.close()
-    floor = meta.get("entropy_floor")
-    runs = []
-    for spec in specs:
-        rc, tail = returncodes.get(spec.name, (None, None))
-        runs.append(read_run(spec.run_dir, spec.architecture, spec.seed, rc, tail, floor))
-    outcome = write_outputs(s, out_dir, runs, meta, hardware_info(), command, specs)
-    return outcome
+    reference = load_reference(Path(s.data), meta)
+    runs = [
+        collect_run(spec, reference, *returncodes.get(spec.name, (None, None))) for spec in specs
+    ]
+    return write_outputs(s, out_dir, runs, meta, hardware_info(), command, specs, reference)
+
+
+def train_one(
+    s: CompareSettings,
+    spec: RunSpec,
+    log_dir: Path,
+    progress: CompareProgress,
+    prefix: str,
+    say: Callable[[str], None],
+    resume: bool,
+) -> tuple[int, str]:
+    """One run in its own process (continued from its checkpoint when resuming); its log
+    goes to ``log_dir/<name>.log``. Returns (return code, last meaningful stderr line)."""
+    cont = resume and has_checkpoint(spec.run_dir)
+    if not cont and spec.run_dir.exists():
+        (spec.run_dir / "summary.json").unlink(missing_ok=True)  # stale failure record
+    spec.command = child_command(
+        s, spec.architecture, spec.seed, spec.run_dir, resume=cont, learning_rate=spec.learning_rate
+    )
+    progress.note(f"{prefix} {'resuming' if cont else 'training'} ...")
+    t0 = time.monotonic()
+    progress.begin_run(prefix)
+    try:
+        rc, tail = run_child(spec, log_dir / f"{spec.name}.log", progress, prefix)
+    except BaseException:  # interrupted: take the bars down before the message
+        progress.close()
+        raise
+    finally:
+        progress.end_run()
+    res = read_run(spec.run_dir, spec.architecture, spec.seed, rc, tail)
+    if res.ok:
+        say(
+            f"{prefix} done in {time.monotonic() - t0:.1f} s: "
+            f"{res.tokens_per_s or 0:,.0f} tokens/s, final val loss {res.final_val_loss:.4f}"
+        )
+    else:
+        say(f"{prefix} FAILED: {res.error}")
+    return rc, tail
+
+
+def collect_run(
+    spec: RunSpec,
+    reference: Reference,
+    returncode: int | None = None,
+    stderr_tail: str | None = None,
+) -> RunResult:
+    """A run folder read back, with what the references add: its rate, bits per byte and
+    whether it learned (final val loss below the unigram baseline)."""
+    res = read_run(
+        spec.run_dir,
+        spec.architecture,
+        spec.seed,
+        returncode,
+        stderr_tail,
+        reference.entropy_floor,
+    )
+    if spec.learning_rate is not None:
+        res.learning_rate = spec.learning_rate
+    if res.ok:
+        res.bits_per_byte = reference.bits_per_byte(res.final_val_loss)
+        res.learned = reference.learned(res.final_val_loss)
+    return res
 
 
 def write_outputs(
@@ -715,29 +822,63 @@ def write_outputs(
     hardware: dict[str, Any],
     command: str,
     specs: list[RunSpec],
+    reference: Reference | None = None,
 ) -> CompareOutcome:
     from . import plots, report
 
-    archs = aggregate(runs, s.architectures)
+    reference = reference or Reference(entropy_floor=meta.get("entropy_floor"))
+    points = aggregate(runs, s.architectures, s.grid if s.sweep else None)
+    archs = best_points(points, s.architectures)
     wins = report.winners(archs)
-    table = report.markdown_table(archs)
+    table = report.markdown_table(archs, reference.unigram_entropy)
     data_meta = data_summary(Path(s.data), meta)
     settings = s.to_dict() | {"total_steps": s.total_steps, "tokens_per_step": s.tokens_per_step}
+    # the curves: each architecture at its (best) rate
     by_arch = {a.architecture: a.runs for a in archs}
-    floor = meta.get("entropy_floor")
     title = f"{', '.join(s.architectures)} at {s.model_size}"
+    lines = reference_lines(reference)
     for x, name in (("tokens", "loss_vs_tokens.png"), ("time", "loss_vs_time.png")):
         fig = plots.loss_figure(
-            by_arch, x=x, entropy_floor=floor, title=f"validation loss vs {x}: {title}"
+            by_arch,
+            x=x,
+            title=f"validation loss vs {x}: {title}" + (" (best rate each)" if s.sweep else ""),
+            references=lines,
         )
         plots.save_figure(fig, out_dir / name)
+    plot_list = [
+        ("loss_vs_tokens.png", "validation loss vs training tokens"),
+        ("loss_vs_time.png", "validation loss vs wall time"),
+    ]
+    if s.sweep:
+        fig = plots.lr_sweep_figure(
+            {a.architecture: a.grid for a in archs},
+            title=f"final validation loss vs learning rate: {title}",
+            references=lines,
+        )
+        plots.save_figure(fig, out_dir / "loss_vs_lr.png")
+        plot_list.append(("loss_vs_lr.png", "final validation loss vs learning rate"))
     report.write_results_json(
-        out_dir / "results.json", archs, runs, wins, settings, hardware, data_meta, command
+        out_dir / "results.json",
+        archs,
+        runs,
+        wins,
+        settings,
+        hardware,
+        data_meta,
+        command,
+        reference,
     )
     report.write_results_csv(out_dir / "results.csv", runs)
     children = {
         spec.name: shlex.join(
-            child_command(s, spec.architecture, spec.seed, spec.run_dir, resume=False)
+            child_command(
+                s,
+                spec.architecture,
+                spec.seed,
+                spec.run_dir,
+                resume=False,
+                learning_rate=spec.learning_rate,
+            )
         )
         for spec in specs
     }
@@ -750,14 +891,26 @@ def write_outputs(
         data_meta=data_meta,
         command=command,
         child_commands=children,
-        plots=[
-            ("loss_vs_tokens.png", "validation loss vs training tokens"),
-            ("loss_vs_time.png", "validation loss vs wall time"),
-        ],
+        plots=plot_list,
         protocol_notes=protocol_notes(s, meta),
+        reference=reference,
     )
     report.write_report(out_dir / "report.md", md)
-    return CompareOutcome(out_dir, runs, archs, wins, table)
+    return CompareOutcome(out_dir, runs, archs, wins, table, header=reference.header_line())
+
+
+def reference_lines(reference: Reference) -> list[tuple[str, float]]:
+    """(label, nats/token) of the horizontal reference lines in every loss plot."""
+    out = []
+    for key, label in (
+        ("unigram_entropy", "unigram"),
+        ("bigram_entropy", "bigram"),
+        ("entropy_floor", "entropy floor"),
+    ):
+        v = getattr(reference, key)
+        if v is not None:
+            out.append((label, v))
+    return out
 
 
 OUTPUT_FILES = (
@@ -767,12 +920,17 @@ OUTPUT_FILES = (
     "loss_vs_tokens.png",
     "loss_vs_time.png",
 )
+SWEEP_FILES = ("loss_vs_lr.png",)
+
+
+def output_files(s: CompareSettings) -> tuple[str, ...]:
+    return OUTPUT_FILES + (SWEEP_FILES if s.sweep else ())
 
 
 def comparison_finished(s: CompareSettings, out_dir: Path) -> bool:
     """Every planned run finished and every output file is there."""
     return all(run_finished(spec.run_dir) for spec in plan_runs(s, out_dir)) and all(
-        (out_dir / f).exists() for f in OUTPUT_FILES
+        (out_dir / f).exists() for f in output_files(s)
     )
 
 
@@ -788,8 +946,20 @@ def load_saved_settings(out_dir: Path) -> CompareSettings:
 
 def check_resume_flags(saved: CompareSettings, raw: dict[str, Any]) -> None:
     """Explicit flags given with --resume must agree with the saved protocol."""
+    rates = raw.get("learning_rates")
+    if rates is not None and (saved.learning_rates is None or list(rates) != saved.grid):
+        made = (
+            f"the grid {format_learning_rates(saved.grid)}"
+            if saved.sweep
+            else f"one learning rate ({saved.learning_rate:g}), no sweep"
+        )
+        raise UserError(
+            f"--resume: --learning-rates {format_learning_rates(list(rates))} differs from "
+            f"this comparison, made with {made} (compare.json); drop the flag or use a new "
+            "--out-dir"
+        )
     for key, value in raw.items():
-        if value is None or key == "data":
+        if value is None or key in ("data", "learning_rates"):
             continue
         if getattr(saved, key) != value:
             raise UserError(
@@ -805,6 +975,12 @@ __all__ = [
     "OUTPUT_FILES",
     "check_resume_flags",
     "child_command",
+    "collect_run",
+    "format_learning_rates",
+    "lr_tag",
+    "output_files",
+    "run_child",
+    "train_one",
     "comparison_finished",
     "data_summary",
     "load_saved_settings",

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..data.prepare import FIXED_LENGTH_TASKS
 from ..errors import UserError
 from ..progress import Progress
 
@@ -60,8 +61,9 @@ class EvalResult:
         if self.bits_per_byte is not None:
             out.append(f"Bits per byte: {self.bits_per_byte:.4f} ({self.bytes:,} bytes)")
         if self.accuracy is not None:
+            name = "MQAR" if self.task == "mqar" else "Selective-copy"
             out.append(
-                f"MQAR accuracy: {self.accuracy:.4f} per answer, {self.example_accuracy:.4f} "
+                f"{name} accuracy: {self.accuracy:.4f} per answer, {self.example_accuracy:.4f} "
                 f"per example ({self.examples:,} examples)"
             )
         return out
@@ -243,10 +245,10 @@ def run_eval(
         )
     tokens, mask = _split_arrays(data_dir, meta, split)
     task = meta.get("task", "lm")
-    if task == "mqar":
+    if task in FIXED_LENGTH_TASKS:
         T = int(meta["seq_len"])
         if seq_len is not None and seq_len != T:
-            raise UserError(f"--seq-len {seq_len}: the mqar examples have {T} tokens")
+            raise UserError(f"--seq-len {seq_len}: the {task} examples have {T} tokens")
     else:
         T = seq_len or run_summary.get("seq_len") or cfg.max_seq_len
     if cfg.uses_learned_positions and T > cfg.max_seq_len:
@@ -262,7 +264,7 @@ def run_eval(
         task=task,
         seq_len=T,
     )
-    if task == "mqar":
+    if task in FIXED_LENGTH_TASKS:
         assert mask is not None
         r = evaluate_mqar(model, tokens, mask, T, batch_size, device, mode)
         loss = r["nats"] / max(r["answers"], 1)

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from .results import Curve, RunResult  # noqa: E402
+from .results import ArchResult, Curve, RunResult  # noqa: E402
 
 COLORS = {
     "dense": "#1f77b4",
@@ -68,15 +68,40 @@ def ema(values: Sequence[float], alpha: float = 0.1) -> list[float]:
     return out
 
 
+REFERENCE_STYLES = {
+    "unigram": ("dimgray", "-."),
+    "bigram": ("gray", ":"),
+    "entropy floor": ("black", "--"),
+}
+
+
+def draw_references(ax, references: Sequence[tuple[str, float]]) -> None:
+    """Horizontal baselines (unigram, bigram, entropy floor), gid ``ref:<label>``."""
+    for i, (label, value) in enumerate(references):
+        if value is None or not math.isfinite(value):
+            continue
+        color, style = REFERENCE_STYLES.get(label, (f"C{i}", "--"))
+        ax.axhline(
+            value,
+            color=color,
+            linestyle=style,
+            linewidth=1.0,
+            gid=f"ref:{label}",
+            label=f"{label} ({value:.3f})",
+        )
+
+
 def loss_figure(
     runs_by_arch: dict[str, list[RunResult]],
     x: str,
     entropy_floor: float | None = None,
     title: str = "",
+    references: Sequence[tuple[str, float]] = (),
 ) -> Figure:
     """Validation loss (solid, one line per architecture, mean over seeds with a ±std band)
     and smoothed training loss (dotted, thin) against tokens (x="tokens") or seconds
-    (x="time")."""
+    (x="time"), with the data's baselines as horizontal lines (``references``: (label,
+    nats/token); ``entropy_floor`` alone is the older spelling of one such line)."""
     if x not in ("tokens", "time"):
         raise ValueError(f"x must be 'tokens' or 'time', got {x!r}")
     fig = Figure(figsize=(8, 5), dpi=100)
@@ -117,15 +142,10 @@ def loss_figure(
             lo = [m - s for m, s in zip(val.mean, val.std, strict=True)]
             hi = [m + s for m, s in zip(val.mean, val.std, strict=True)]
             ax.fill_between(vx, lo, hi, color=color, alpha=0.15, linewidth=0)
-    if entropy_floor is not None and math.isfinite(entropy_floor):
-        ax.axhline(
-            entropy_floor,
-            color="black",
-            linestyle="--",
-            linewidth=1.0,
-            gid="floor",
-            label=f"entropy floor ({entropy_floor:.3f})",
-        )
+    refs = list(references)
+    if entropy_floor is not None and not any(lab == "entropy floor" for lab, _ in refs):
+        refs.append(("entropy floor", entropy_floor))
+    draw_references(ax, refs)
     ax.set_xlabel("training tokens" if x == "tokens" else "wall time (s)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title or ("validation loss vs " + ("tokens" if x == "tokens" else "time")))
@@ -134,6 +154,59 @@ def loss_figure(
         ax.legend(
             loc="upper right", fontsize=8, title="solid: val, dotted: train (EMA)", title_fontsize=7
         )
+    fig.tight_layout()
+    return fig
+
+
+def lr_sweep_figure(
+    grid_by_arch: dict[str, list[ArchResult]],
+    title: str = "",
+    references: Sequence[tuple[str, float]] = (),
+) -> Figure:
+    """Final validation loss against the learning rate (log x), one line per architecture
+    (gid ``lr:<arch>``; mean over seeds, 95% interval as error bars), its best rate ringed
+    (gid ``best:<arch>``), with the data's baselines as horizontal lines."""
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (arch, points) in enumerate(grid_by_arch.items()):
+        pts = [
+            (p.learning_rate, p.stats["final_val_loss"])
+            for p in points
+            if p.learning_rate is not None
+            and p.stats.get("final_val_loss") is not None
+            and p.stats["final_val_loss"].mean is not None
+        ]
+        if not pts:
+            continue
+        pts.sort(key=lambda q: q[0])
+        color = color_of(arch, i)
+        xs = [lr for lr, _ in pts]
+        ys = [st.mean for _, st in pts]
+        ax.plot(xs, ys, color=color, marker="o", linewidth=2.0, gid=f"lr:{arch}", label=arch)
+        err = [st.ci95 or 0.0 for _, st in pts]
+        if any(err):
+            ax.errorbar(xs, ys, yerr=err, color=color, linestyle="none", capsize=3)
+        best = min(pts, key=lambda q: q[1].mean)
+        ax.plot(
+            [best[0]],
+            [best[1].mean],
+            marker="o",
+            markersize=11,
+            markerfacecolor="none",
+            markeredgecolor=color,
+            linestyle="none",
+            gid=f"best:{arch}",
+            label="_nolegend_",
+        )
+    draw_references(ax, references)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title or "final validation loss vs learning rate")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8, title="ringed: best rate", title_fontsize=7)
     fig.tight_layout()
     return fig
 

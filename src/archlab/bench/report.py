@@ -9,27 +9,34 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import stats
 from .hardware import hardware_lines
+from .reference import Reference
 from .results import ArchResult, RunResult, Stat
 
 TABLE_COLUMNS = (
     "Architecture",
+    "LR",
     "Params (total / active)",
     "Time (s)",
     "Tokens/s",
     "Peak memory (MiB)",
+    "Model memory (MiB)",
     "Final val loss",
+    "Bits/byte",
     "Gap to floor",
     "NaN/skipped",
     "Notes",
 )
+LEFT_ALIGNED = (0, 2, 11)  # text columns; numbers are right-aligned
 
 CSV_FIELDS = (
     "architecture",
+    "learning_rate",
     "seed",
     "status",
     "error",
@@ -40,7 +47,12 @@ CSV_FIELDS = (
     "train_time_s",
     "tokens_per_s",
     "peak_mem_bytes",
+    "mem_before_model_bytes",
+    "model_mem_bytes",
+    "memory_kind",
     "final_val_loss",
+    "bits_per_byte",
+    "learned",
     "last_eval_val_loss",
     "entropy_floor",
     "gap_to_floor",
@@ -59,9 +71,13 @@ def _fmt(stat: Stat | None, fmt: str, scale: float = 1.0, signed: bool = False) 
         return "-"
     spec = ("+" if signed else "") + fmt
     text = format(stat.mean / scale, spec)
-    if stat.n > 1:
-        text += " ± " + format((stat.std or 0.0) / scale, fmt)
+    if stat.n > 1:  # ± the half-width of the 95% confidence interval of the mean
+        text += " ± " + format((stat.ci95 or 0.0) / scale, fmt)
     return text
+
+
+def format_lr(lr: float | None) -> str:
+    return "-" if lr is None else f"{lr:g}"
 
 
 def _params(arch: ArchResult) -> str:
@@ -74,51 +90,59 @@ def _params(arch: ArchResult) -> str:
     return text
 
 
-def _notes(arch: ArchResult) -> str:
+def _notes(arch: ArchResult, unigram: float | None = None) -> str:
     resumed = [r for r in arch.ok_runs if r.resumed_from]
-    extra = ""
+    notes: list[str] = []
+    if arch.learned is False:
+        bad = arch.not_learned_seeds
+        which = "" if len(bad) == len(arch.ok_runs) else f" (seed {', '.join(map(str, bad))})"
+        ref = f" {unigram:.4f}" if unigram is not None else ""
+        notes.append(f"did not learn{which}: final val loss not below the unigram baseline{ref}")
+    if arch.at_edge and arch.learning_rate is not None:
+        notes.append(f"best at the edge ({format_lr(arch.learning_rate)}): widen the sweep")
     if resumed:
         seeds = ", ".join(str(r.seed) for r in resumed)
-        extra = f"resumed (seed {seeds}): time covers the last process only"
+        notes.append(f"resumed (seed {seeds}): time covers the last process only")
     if arch.status == "ok":
         n = len(arch.runs)
-        return "; ".join(t for t in (f"{n} seeds" if n > 1 else "", extra) if t)
+        return "; ".join(([f"{n} seeds"] if n > 1 else []) + notes)
     errs = "; ".join(arch.errors)
     if arch.status == "failed":
         return f"failed: {errs}"
-    return "; ".join(
-        t for t in (f"{len(arch.ok_runs)}/{len(arch.runs)} seeds ok", errs, extra) if t
-    )
+    return "; ".join([f"{len(arch.ok_runs)}/{len(arch.runs)} seeds ok", errs] + notes)
 
 
-def table_rows(archs: list[ArchResult]) -> list[list[str]]:
+def table_rows(archs: list[ArchResult], unigram: float | None = None) -> list[list[str]]:
     rows = []
     for a in archs:
         s = a.stats
         rows.append(
             [
                 a.architecture,
+                format_lr(a.learning_rate),
                 _params(a),
                 _fmt(s.get("train_time_s"), ".1f"),
                 _fmt(s.get("tokens_per_s"), ",.0f"),
                 _fmt(s.get("peak_mem_bytes"), ".1f", scale=MIB),
+                _fmt(s.get("model_mem_bytes"), ".1f", scale=MIB),
                 _fmt(s.get("final_val_loss"), ".4f"),
+                _fmt(s.get("bits_per_byte"), ".4f"),
                 _fmt(s.get("gap_to_floor"), ".4f", signed=True),
                 _fmt(s.get("nan_count"), ".0f") if a.ok_runs else "-",
-                _notes(a).replace("|", "/"),
+                _notes(a, unigram).replace("|", "/"),
             ]
         )
     return rows
 
 
-def markdown_table(archs: list[ArchResult]) -> str:
+def markdown_table(archs: list[ArchResult], unigram: float | None = None) -> str:
     """A GitHub-markdown table: readable in a terminal and in report.md."""
-    rows = [list(TABLE_COLUMNS)] + table_rows(archs)
+    rows = [list(TABLE_COLUMNS)] + table_rows(archs, unigram)
     widths = [max(len(r[i]) for r in rows) for i in range(len(TABLE_COLUMNS))]
     lines = []
     for k, row in enumerate(rows):
         cells = [
-            c.ljust(w) if i in (0, 1, 8) else c.rjust(w)
+            c.ljust(w) if i in LEFT_ALIGNED else c.rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -128,78 +152,138 @@ def markdown_table(archs: list[ArchResult]) -> str:
 
 
 # ---- winners ----------------------------------------------------------------------------
+CRITERIA = ("fastest", "least memory", "best loss", "most stable")
+
+
 @dataclass
 class Winner:
+    """One criterion's outcome. ``architecture`` is None when nobody wins (a tie, or no
+    candidate); ``tied`` then names the tied architectures; ``p_value`` is the Welch p the
+    decision rests on (None with one seed, where no significance can be claimed)."""
+
     criterion: str  # "fastest" | "least memory" | "best loss" | "most stable"
     architecture: str | None
     detail: str
+    tied: list[str] = field(default_factory=list)
+    p_value: float | None = None
+    kind: str = "winner"  # "winner" | "tie" | "unproven" | "none"
 
     def line(self) -> str:
+        if self.kind == "tie":
+            return f"{self.criterion}: tie: {', '.join(self.tied)} ({self.detail})"
         who = self.architecture or "none"
         return f"{self.criterion}: {who} ({self.detail})"
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "criterion": self.criterion,
+            "architecture": self.architecture,
+            "detail": self.detail,
+            "kind": self.kind,
+            "tied": self.tied,
+            "p_value": self.p_value,
+        }
+
+
+def _values(a: ArchResult, metric: str) -> list[float]:
+    stat = a.stats.get(metric)
+    return list(stat.values) if stat is not None else []
+
+
+def _significance_winner(
+    criterion: str,
+    cands: list[ArchResult],
+    metric: str,
+    lower_is_better: bool,
+    show: Any,
+    excluded: str,
+) -> Winner:
+    """Leader by mean; named only when Welch's test (p < 0.05) puts it ahead of every other
+    candidate; a tie otherwise; with one seed, named with "no significance can be claimed"."""
+    values = {a.architecture: _values(a, metric) for a in cands}
+    d = stats.decide(values, lower_is_better)
+    if d.kind == "none":
+        return Winner(criterion, None, "no data" + excluded, kind="none")
+    by_name = {a.architecture: a for a in cands}
+    what = show(by_name[d.leader].mean(metric))
+    sig = stats.describe(d)
+    if d.kind == "tie":
+        p = max(d.p_values[k] for k in d.tied[1:])
+        shown = ", ".join(f"{k} {show(by_name[k].mean(metric))}" for k in d.tied[1:])
+        detail = f"{d.leader} {what} vs {shown}: {sig}"
+        return Winner(criterion, None, detail + excluded, d.tied, p, "tie")
+    p = max(d.p_values.values()) if d.p_values else None
+    detail = what + (f"; {sig}" if sig else "")
+    return Winner(criterion, d.leader, detail + excluded, [], p, d.kind)
+
 
 def winners(archs: list[ArchResult]) -> list[Winner]:
-    """One winner per criterion among the architectures with at least one finished seed.
+    """One outcome per criterion among the architectures that finished a seed and learned
+    (a row whose final val loss is not below the unigram baseline wins nothing).
 
-    fastest: highest tokens/s. least memory: lowest peak memory. best loss: lowest final
-    validation loss. most stable: fewest NaN/skipped steps, ties broken by the lowest
-    training-loss roughness (std of step-to-step loss change over the second half).
+    fastest: highest tokens/s. least memory: lowest model memory (peak minus the process
+    before the model; the peak where that is unknown). best loss: lowest final validation
+    loss. These three name a winner only when it is significantly ahead (Welch's t-test over
+    seeds, p < 0.05); otherwise a tie with the p-value; with one seed no significance can be
+    claimed. most stable: fewest NaN/skipped steps, ties broken by the lowest training-loss
+    roughness (std of step-to-step loss change over the second half).
     """
     ok = [a for a in archs if a.ok_runs]
     if not ok:
+        return [Winner(c, None, "every run failed", kind="none") for c in CRITERIA]
+    cands = [a for a in ok if a.learned is not False]
+    dropped = [a.architecture for a in ok if a.learned is False]
+    excluded = f"; excluded, did not learn: {', '.join(dropped)}" if dropped else ""
+    if not cands:
         return [
-            Winner(c, None, "every run failed")
-            for c in ("fastest", "least memory", "best loss", "most stable")
+            Winner(c, None, "no run learned: none below the unigram baseline", kind="none")
+            for c in CRITERIA
         ]
 
-    def best(metric: str, highest: bool) -> ArchResult | None:
-        cands = [a for a in ok if a.mean(metric) is not None]
-        if not cands:
-            return None
-        key = (lambda a: -a.mean(metric)) if highest else (lambda a: a.mean(metric))
-        return min(cands, key=key)
-
-    out = []
-    a = best("tokens_per_s", highest=True)
-    out.append(
-        Winner(
-            "fastest",
-            a and a.architecture,
-            f"{a.mean('tokens_per_s'):,.0f} tokens/s" if a else "no data",
-        )
+    mem_metric = (
+        "model_mem_bytes"
+        if all(a.mean("model_mem_bytes") is not None for a in cands)
+        else "peak_mem_bytes"
     )
-    a = best("peak_mem_bytes", highest=False)
-    out.append(
-        Winner(
+    mem_label = "MiB model memory" if mem_metric == "model_mem_bytes" else "MiB peak"
+    out = [
+        _significance_winner(
+            "fastest", cands, "tokens_per_s", False, lambda v: f"{v:,.0f} tokens/s", excluded
+        ),
+        _significance_winner(
             "least memory",
-            a and a.architecture,
-            f"{a.mean('peak_mem_bytes') / MIB:.1f} MiB peak" if a else "no data",
-        )
-    )
-    a = best("final_val_loss", highest=False)
-    out.append(
-        Winner(
+            cands,
+            mem_metric,
+            True,
+            lambda v: f"{v / MIB:.1f} {mem_label}",
+            excluded,
+        ),
+        _significance_winner(
             "best loss",
-            a and a.architecture,
-            f"final val loss {a.mean('final_val_loss'):.4f}" if a else "no data",
-        )
-    )
+            cands,
+            "final_val_loss",
+            True,
+            lambda v: f"final val loss {v:.4f}",
+            excluded,
+        ),
+    ]
 
     def stability_key(x: ArchResult) -> tuple[float, float]:
         nan = x.mean("nan_count")
         rough = x.mean("roughness")
         return (math.inf if nan is None else nan, math.inf if rough is None else rough)
 
-    best_key = min(stability_key(x) for x in ok)
-    tied = [x.architecture for x in ok if stability_key(x) == best_key]
+    best_key = min(stability_key(x) for x in cands)
+    tied = [x.architecture for x in cands if stability_key(x) == best_key]
     nan, rough = best_key
     detail = f"{nan:.0f} NaN/skipped steps" if math.isfinite(nan) else "no NaN count"
     if math.isfinite(rough):
         detail += f", train-loss roughness {rough:.4f}"
+    detail += ", among the runs that learned" if dropped else ""
     if len(tied) > 1:
-        detail = "tie; " + detail
-    out.append(Winner("most stable", tied[0] if len(tied) == 1 else ", ".join(tied), detail))
+        out.append(Winner("most stable", None, detail + excluded, tied, None, "tie"))
+    else:
+        out.append(Winner("most stable", tied[0], detail + excluded))
     return out
 
 
@@ -213,18 +297,25 @@ def write_results_json(
     hardware: dict[str, Any],
     data_meta: dict[str, Any],
     command: str,
+    reference: Reference | None = None,
 ) -> None:
+    """Everything the report shows, plus the whole learning-rate grid and every run."""
+    reference = reference or Reference()
     doc = {
         "command": command,
         "settings": settings,
         "data": data_meta,
+        "baselines": reference.to_dict(),
         "hardware": hardware,
-        "table": {"columns": list(TABLE_COLUMNS), "rows": table_rows(archs)},
+        "table": {
+            "columns": list(TABLE_COLUMNS),
+            "header": reference.header_line(),
+            "rows": table_rows(archs, reference.unigram_entropy),
+        },
         "architectures": [a.to_dict() for a in archs],
-        "winners": [
-            {"criterion": w.criterion, "architecture": w.architecture, "detail": w.detail}
-            for w in wins
-        ],
+        "best_learning_rates": {a.architecture: a.learning_rate for a in archs},
+        "grid": [p.to_dict() | {"best": p is a} for a in archs for p in (a.grid or [a])],
+        "winners": [w.to_dict() for w in wins],
         "runs": [r.to_dict(curves=False) for r in runs],
     }
     _atomic_write(path, json.dumps(doc, indent=2, default=_json_default) + "\n")
@@ -266,12 +357,19 @@ def report_markdown(
     child_commands: dict[str, str],
     plots: list[tuple[str, str]],
     protocol_notes: list[str],
+    reference: Reference | None = None,
 ) -> str:
     """report.md: what was run, on what, with which settings, and what came out."""
+    reference = reference or Reference()
     lines = [f"# {title}", "", f"Run on {hardware['date']}.", "", "## Results", ""]
-    lines.append(markdown_table(archs))
+    lines += [reference.header_line(), ""]
+    lines.append(markdown_table(archs, reference.unigram_entropy))
     lines += ["", "Winners:", ""]
     lines += [f"- {w.line()}" for w in wins]
+    sweep = [a for a in archs if len(a.grid) > 1]
+    if sweep:
+        lines += ["", "### Learning-rate grid (final val loss; * the rate in the table)", ""]
+        lines += grid_table(archs)
     lines += ["", "## Plots", ""]
     lines += [f"![{caption}]({name})" for name, caption in plots]
     lines += ["", "## Protocol (identical for every architecture)", ""]
@@ -296,21 +394,58 @@ def report_markdown(
         "",
         "## How the numbers are measured",
         "",
-        "- Time: the trainer's wall time from the first step to the end, evaluations "
-        "included (summary.json `train_time_s`); tokens/s: the trainer's steady-state "
-        "training rate (the first step, which holds warm-up, and evaluations excluded).",
-        "- Peak memory: the trainer's peak (CUDA: max allocated; CPU: peak resident set of "
-        "the training process, which includes the interpreter and torch). Each architecture "
-        "ran in its own process, so the peak is its own.",
-        "- Final val loss: mean cross-entropy (nats/token) on the same fixed validation "
-        "batches for every architecture; gap to floor: final val loss minus the data's "
-        "entropy floor (meta.json `entropy_floor`), the lowest loss any model can reach.",
-        "- NaN/skipped: optimizer steps skipped because the loss or gradient was not finite.",
-        "- With several seeds a cell shows mean ± sample standard deviation over the seeds "
-        "that finished.",
+        *[f"- {line}" for line in COLUMN_NOTES],
         "",
     ]
     return "\n".join(lines)
+
+
+# One line per column of the table (and the cells' ±), printed under it in report.md.
+COLUMN_NOTES = (
+    "LR: the peak learning rate of the row; after a sweep (--learning-rates), the rate of "
+    "the grid with the lowest mean final val loss for that architecture.",
+    "Params: trainable parameters (total / active per token where they differ, MoE).",
+    "Time (s): the trainer's wall time from the first step to the end, evaluations "
+    "included (summary.json `train_time_s`).",
+    "Tokens/s: the steady-state training rate (the first step, which holds warm-up, and "
+    "evaluations excluded).",
+    "Peak memory (MiB): CPU: the peak resident set of the training process, interpreter "
+    "and torch runtime included; CUDA: torch.cuda.max_memory_allocated. Each run has its "
+    "own process, so the peak is its own.",
+    "Model memory (MiB): the peak minus what the process held just before the model was "
+    "built (CPU: RSS; CUDA: allocated): the model's own share (weights, gradients, "
+    "optimizer state, activations).",
+    "Final val loss: mean cross-entropy (nats/token) on the same fixed validation batches "
+    "for every architecture.",
+    "Bits/byte: the final val loss in bits per UTF-8 byte of validation text (nats / ln 2 "
+    "/ bytes per token of the val split): independent of the tokenizer.",
+    "Gap to floor: final val loss minus the data's entropy floor (meta.json "
+    "`entropy_floor`), the lowest loss any model can reach on generated data.",
+    "NaN/skipped: optimizer steps skipped because the loss or gradient was not finite.",
+    "Notes: 'did not learn' when the final val loss is not below the unigram baseline "
+    "(such a row wins nothing); 'best at the edge' when the best rate is the lowest or "
+    "highest of the grid.",
+    "±: with several seeds a cell shows the mean ± the half-width of its 95% confidence "
+    "interval (Student t over the seeds that finished); winners need Welch's t-test p < 0.05.",
+)
+
+
+def grid_table(archs: list[ArchResult]) -> list[str]:
+    """Markdown lines: one row per architecture, one column per learning rate."""
+    rates = sorted({p.learning_rate for a in archs for p in a.grid if p.learning_rate})
+    head = "| Architecture | " + " | ".join(format_lr(r) for r in rates) + " |"
+    lines = [head, "|" + "---|" * (len(rates) + 1)]
+    for a in archs:
+        cells = []
+        by_rate = {p.learning_rate: p for p in a.grid}
+        for r in rates:
+            p = by_rate.get(r)
+            cell = _fmt(p.stats.get("final_val_loss"), ".4f") if p is not None else "-"
+            if p is not None and p.learned is False and cell != "-":
+                cell += " (did not learn)"
+            cells.append(cell + (" *" if p is a else ""))
+        lines.append(f"| {a.architecture} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_report(path: Path, text: str) -> None:

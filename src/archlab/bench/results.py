@@ -23,7 +23,9 @@ METRICS = (
     "train_time_s",
     "tokens_per_s",
     "peak_mem_bytes",
+    "model_mem_bytes",
     "final_val_loss",
+    "bits_per_byte",
     "gap_to_floor",
     "nan_count",
     "roughness",
@@ -48,6 +50,7 @@ class RunResult:
     architecture: str
     seed: int
     run_dir: str
+    learning_rate: float | None = None  # the peak rate this run trained at
     status: str = "failed"  # "ok" | "failed"
     error: str | None = None
     returncode: int | None = None
@@ -57,8 +60,13 @@ class RunResult:
     tokens_seen: int | None = None
     train_time_s: float | None = None
     tokens_per_s: float | None = None
-    peak_mem_bytes: float | None = None
+    peak_mem_bytes: float | None = None  # CPU: peak RSS of the process; CUDA: max allocated
+    mem_before_model_bytes: float | None = None  # the same measure just before the model
+    model_mem_bytes: float | None = None  # peak minus that: the model's own share
+    memory_kind: str | None = None  # "cpu_peak_rss" | "cuda_max_allocated" | ...
     final_val_loss: float | None = None
+    bits_per_byte: float | None = None  # final val loss in bits per byte of text
+    learned: bool | None = None  # final val loss below the unigram baseline (None: unknown)
     last_eval_val_loss: float | None = None  # from metrics.jsonl, for cross-checking
     entropy_floor: float | None = None
     gap_to_floor: float | None = None
@@ -90,22 +98,34 @@ class Stat:
     n: int
     values: list[float]
 
+    ci95: float | None = None  # half-width of the 95% confidence interval (n >= 2)
+
     @classmethod
     def of(cls, values: list[float | None]) -> Stat:
+        from .stats import ci95_halfwidth
+
         vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
         if not vals:
             return cls(None, None, 0, [])
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return cls(statistics.fmean(vals), std, len(vals), vals)
+        return cls(statistics.fmean(vals), std, len(vals), vals, ci95_halfwidth(vals))
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a best point sits inside its own grid
 class ArchResult:
-    """All seeds of one architecture."""
+    """All seeds of one architecture at one learning rate (a point of the grid).
+
+    After a sweep, the row of an architecture is its best point; ``grid`` then holds every
+    point of that architecture (the best included) and ``at_edge`` says whether the best
+    rate is the lowest or highest of the grid.
+    """
 
     architecture: str
     runs: list[RunResult]
     stats: dict[str, Stat] = field(default_factory=dict)
+    learning_rate: float | None = None
+    grid: list[ArchResult] = field(default_factory=list)
+    at_edge: bool = False
 
     @property
     def ok_runs(self) -> list[RunResult]:
@@ -122,6 +142,19 @@ class ArchResult:
     def errors(self) -> list[str]:
         return [f"seed {r.seed}: {r.error}" for r in self.runs if not r.ok]
 
+    @property
+    def learned(self) -> bool | None:
+        """False when a finished seed did not go below the unigram baseline; None when
+        nothing finished or there is no baseline to check against."""
+        checks = [r.learned for r in self.ok_runs]
+        if not checks or all(c is None for c in checks):
+            return None
+        return all(c is not False for c in checks)
+
+    @property
+    def not_learned_seeds(self) -> list[int]:
+        return [r.seed for r in self.ok_runs if r.learned is False]
+
     def mean(self, metric: str) -> float | None:
         stat = self.stats.get(metric)
         return None if stat is None else stat.mean
@@ -129,12 +162,15 @@ class ArchResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "architecture": self.architecture,
+            "learning_rate": self.learning_rate,
             "status": self.status,
+            "learned": self.learned,
             "seeds": [r.seed for r in self.runs],
             "ok_seeds": [r.seed for r in self.ok_runs],
             "errors": self.errors,
             "run_dirs": [r.run_dir for r in self.runs],
             "stats": {k: asdict(v) for k, v in self.stats.items()},
+            "best_at_edge_of_grid": self.at_edge,
         }
 
 
@@ -222,11 +258,17 @@ def read_run(
             "train_time_s",
             "tokens_per_s",
             "peak_mem_bytes",
+            "mem_before_model_bytes",
+            "model_mem_bytes",
             "final_val_loss",
             "nan_count",
             "mfu",
         ):
             setattr(res, key, _number(summary.get(key)))
+        res.memory_kind = summary.get("memory_kind")
+        lr = (summary.get("train_config") or {}).get("learning_rate")
+        if isinstance(lr, (int, float)):
+            res.learning_rate = float(lr)
         res.entropy_floor = summary.get("entropy_floor", entropy_floor)
         res.resumed_from = summary.get("resumed_from")
         res.status = summary.get("status", "failed")
@@ -274,12 +316,48 @@ def _failure_line(returncode: int | None, stderr_tail: str | None, no_summary: b
     return "no summary.json written" if no_summary else "failed"
 
 
-def aggregate(runs: list[RunResult], order: list[str]) -> list[ArchResult]:
-    """Group runs by architecture (in ``order``) with mean and std over the ok seeds."""
+def aggregate(
+    runs: list[RunResult], order: list[str], learning_rates: list[float] | None = None
+) -> list[ArchResult]:
+    """Group runs by architecture (in ``order``) with mean and std over the ok seeds.
+
+    With ``learning_rates`` (a sweep) there is one point per (architecture, rate), in
+    ``order`` then rate order, each run matched by its ``learning_rate``.
+    """
     out: list[ArchResult] = []
     for arch in order:
-        mine = [r for r in runs if r.architecture == arch]
-        ok = [r for r in mine if r.ok]
-        stats = {m: Stat.of([getattr(r, m) for r in ok]) for m in METRICS}
-        out.append(ArchResult(architecture=arch, runs=mine, stats=stats))
+        for lr in learning_rates or [None]:
+            mine = [
+                r for r in runs if r.architecture == arch and (lr is None or r.learning_rate == lr)
+            ]
+            ok = [r for r in mine if r.ok]
+            stats = {m: Stat.of([getattr(r, m) for r in ok]) for m in METRICS}
+            rate = lr if lr is not None else (mine[0].learning_rate if mine else None)
+            out.append(ArchResult(architecture=arch, runs=mine, stats=stats, learning_rate=rate))
+    return out
+
+
+def best_points(points: list[ArchResult], order: list[str]) -> list[ArchResult]:
+    """Each architecture at its best learning rate: the lowest mean final validation loss
+    among its points with a finished seed (a point that learned beats one that did not).
+
+    The returned row carries ``grid`` (all of the architecture's points, rate order) and
+    ``at_edge`` (the best rate is the lowest or highest of a grid of two or more rates).
+    """
+    out: list[ArchResult] = []
+    for arch in order:
+        mine = sorted(
+            (p for p in points if p.architecture == arch),
+            key=lambda p: p.learning_rate if p.learning_rate is not None else 0.0,
+        )
+        if not mine:
+            continue
+        scored = [p for p in mine if p.mean("final_val_loss") is not None]
+        if scored:
+            best = min(scored, key=lambda p: (p.learned is False, p.mean("final_val_loss")))
+        else:
+            best = mine[len(mine) // 2]
+        best.grid = mine
+        best.at_edge = bool(scored) and len(mine) >= 2 and (best is mine[0] or best is mine[-1])
+        out.append(best)
     return out

@@ -36,7 +36,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("bench", help="speed/memory sweeps: scaling, generate")
+    p = subparsers.add_parser(
+        "bench", help="speed/memory sweeps (scaling, generate) and the recall probe (recall)"
+    )
     sub = p.add_subparsers(
         dest="bench_command", metavar="BENCH", required=True, parser_class=type(p)
     )
@@ -62,6 +64,14 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--new-tokens", type=int, default=16, help="timed decoding steps per point")
     g.add_argument("--warmup", type=int, default=3)
+    from .bench_recall import add_arguments as add_recall_arguments
+
+    r = sub.add_parser(
+        "recall",
+        help="associative recall (Zoology MQAR) or selective copying (MAD): accuracy per "
+        "architecture x d_model x pairs, 2-layer models, best learning rate per cell",
+    )
+    add_recall_arguments(r)
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +113,10 @@ def _rerun(kind: str, args: argparse.Namespace, lists: dict[str, str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "recall":
+        from .bench_recall import run as run_recall
+
+        return run_recall(args)
     from ..bench.options import parse_architectures, parse_int_list, parse_sizes, timestamped_dir
     from ..fsutil import ensure_writable_dir
 

@@ -50,7 +50,14 @@ def register(subparsers: Any) -> None:
     g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (16)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=None, help="(1)")
     g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (1e-3)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="(10%% of the steps)")
+    g.add_argument(
+        "--learning-rates",
+        default=None,
+        help="a sweep, e.g. 3e-4,1e-3,3e-3: every architecture trains at every rate (same "
+        "seeds) and is reported at its best; the whole grid goes to results.json/csv and "
+        "loss_vs_lr.png",
+    )
+    g.add_argument("--warmup-steps", type=int, default=None, help="(5%% of the steps, at most 100)")
     g.add_argument("--eval-interval", type=int, default=None, help="(an eighth of the steps)")
     g.add_argument("--eval-steps", type=int, default=None, help="validation batches (4)")
     g.add_argument("--log-interval", type=int, default=None, help="(a hundredth of the steps)")
@@ -117,11 +124,17 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..bench import compare
-    from ..bench.options import parse_architectures, parse_sizes, timestamped_dir
+    from ..bench.options import (
+        parse_architectures,
+        parse_learning_rates,
+        parse_sizes,
+        timestamped_dir,
+    )
     from ..errors import UserError
     from ..fsutil import ensure_writable_dir, lock_folder
 
     raw: dict[str, Any] = {k: getattr(args, k) for k in SETTING_KEYS}
+    raw["learning_rates"] = parse_learning_rates(args.learning_rates)
     if args.architectures is not None:
         raw["architectures"] = parse_architectures(args.architectures)
     if args.model_size is not None:
@@ -200,15 +213,15 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
         settings, out_dir, resume=args.resume, meta=meta, quiet=args.quiet
     )
     print()
+    print(outcome.header)
     print(outcome.table)
     print()
     for w in outcome.winners:
         print(f"Winner, {w.line()}")
     print()
-    print(
-        f"Report: {out_dir / 'report.md'} (results.json, results.csv, loss_vs_tokens.png, "
-        "loss_vs_time.png, one run folder per architecture)"
-    )
+    files = ", ".join(f for f in compare.output_files(settings) if f != "report.md")
+    per = "(architecture, learning rate)" if settings.sweep else "architecture"
+    print(f"Report: {out_dir / 'report.md'} ({files}, one run folder per {per})")
     if outcome.exit_code:
         print("archlab compare: every run failed", file=sys.stderr)
     return outcome.exit_code

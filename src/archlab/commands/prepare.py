@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 SOURCES_HELP = (
-    "a built-in source (stories, python, rustgpt, rustgpt-chat, mqar, tinystories) "
+    "a built-in source (stories, python, rustgpt, rustgpt-chat, mqar, selective-copy, "
+    "tinystories) "
     "or a local .txt/.jsonl/.parquet file, folder or glob"
 )
 
@@ -68,6 +69,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--mqar-power-a", type=float, help="power-law parameter of query distances (default 0.01)"
     )
+    c = p.add_argument_group("selective-copy (MAD's selective copying)")
+    c.add_argument("--sc-vocab-size", type=int, help="vocabulary incl. noise and delimiter (16)")
+    c.add_argument("--sc-tokens", type=int, help="data tokens to copy per sequence (default 8)")
+    c.add_argument("--sc-seq-len", type=int, help="sequence length (default 64)")
+    c.add_argument("--sc-train-examples", type=int, help="training sequences (default 20000)")
+    c.add_argument("--sc-val-examples", type=int, help="validation sequences (default 1000)")
     p.add_argument(
         "--force", action="store_true", help="rebuild even when the output is up to date"
     )
@@ -108,6 +115,11 @@ def run(args: argparse.Namespace) -> int:
         "mqar_train_examples": args.mqar_train_examples,
         "mqar_val_examples": args.mqar_val_examples,
         "mqar_power_a": args.mqar_power_a,
+        "sc_vocab_size": args.sc_vocab_size,
+        "sc_tokens": args.sc_tokens,
+        "sc_seq_len": args.sc_seq_len,
+        "sc_train_examples": args.sc_train_examples,
+        "sc_val_examples": args.sc_val_examples,
     }
     out = prepare_dataset(
         source,

@@ -162,7 +162,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     g = p.add_argument_group("optimizer")
     g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (3e-4)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps (100)")
+    g.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="linear warmup steps (5%% of the run, at most 100)",
+    )
     g.add_argument(
         "--weight-decay", type=float, default=None, help="AdamW decay of weight matrices (0.1)"
     )

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .prepare import data_files_ok, load_meta
+from .prepare import FIXED_LENGTH_TASKS, data_files_ok, load_meta
 from .tokenizer import TextTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100
@@ -63,7 +63,9 @@ class TokenDataset:
         self._mask = None
         if self.meta["has_mask"] and self.num_tokens:
             self._mask = np.memmap(self.dir / f"{split}_mask.bin", dtype=np.uint8, mode="r")
-        self.fixed_seq_len: int | None = int(self.meta["seq_len"]) if self.task == "mqar" else None
+        self.fixed_seq_len: int | None = (
+            int(self.meta["seq_len"]) if self.task in FIXED_LENGTH_TASKS else None
+        )
         self._tokenizer: TextTokenizer | None = None
 
     @property
@@ -93,17 +95,17 @@ class TokenDataset:
                 f"batch_size and seq_len must be positive, got {batch_size}, {seq_len}"
             )
         n_total = batch_size * world
-        if self.task == "mqar":
+        if self.task in FIXED_LENGTH_TASKS:
             assert self.fixed_seq_len is not None
             if seq_len != self.fixed_seq_len:
                 raise UserError(
-                    f"--seq-len {seq_len}: the mqar data in {self.dir} has sequences of "
+                    f"--seq-len {seq_len}: the {self.task} data in {self.dir} has sequences of "
                     f"{self.fixed_seq_len} tokens; pass --seq-len {self.fixed_seq_len}"
                 )
             example = self.fixed_seq_len + 1
             n_examples = self.num_tokens // example
             if n_examples < 1:
-                raise UserError(f"{self.dir}: the {self.split} split has no mqar examples")
+                raise UserError(f"{self.dir}: the {self.split} split has no {self.task} examples")
             idx = torch.randint(0, n_examples, (n_total,), generator=g)
             starts = idx * example
         else:

@@ -58,6 +58,15 @@ _MQAR_OPTIONS = {
     "mqar_val_examples": "num_val",
     "mqar_power_a": "power_a",
 }
+_SC_OPTIONS = {
+    "sc_vocab_size": "vocab_size",
+    "sc_tokens": "num_tokens",
+    "sc_seq_len": "seq_len",
+    "sc_train_examples": "num_train",
+    "sc_val_examples": "num_val",
+}
+# Tasks whose examples are whole, fixed-length rows (the loader and eval read them aligned).
+FIXED_LENGTH_TASKS = ("mqar", "selective-copy")
 
 
 def log(msg: str, verbose: bool) -> None:
@@ -319,16 +328,41 @@ def prepare_dataset(
     bpe or word for rustgpt). ``source_options``: ``num_stories``, ``stories_grammar``,
     ``doc_separator``, ``text_field``, ``errors`` and, for mqar, ``mqar_vocab_size``,
     ``mqar_pairs``, ``mqar_seq_len``, ``mqar_train_examples``, ``mqar_val_examples``,
-    ``mqar_power_a``. ``wait_for_lock``: wait for another process preparing the same folder
-    (False: refuse with FolderBusy, as ``archlab prepare`` does).
+    ``mqar_power_a``; for selective-copy, ``sc_vocab_size``, ``sc_tokens``, ``sc_seq_len``,
+    ``sc_train_examples``, ``sc_val_examples``. ``wait_for_lock``: wait for another process
+    preparing the same folder (False: refuse with FolderBusy, as ``archlab prepare`` does).
     """
     mqar_opts = {k: source_options.pop(k) for k in list(source_options) if k in _MQAR_OPTIONS}
+    sc_opts = {k: source_options.pop(k) for k in list(source_options) if k in _SC_OPTIONS}
     unknown = set(source_options) - set(SourceOptions.__dataclass_fields__)
     if unknown:
         raise TypeError(f"prepare_dataset: unknown options {sorted(unknown)}")
     if max_tokens is not None and max_tokens < 2:
         raise UserError(f"--max-tokens must be at least 2 (got {max_tokens})")
     source = str(source)
+    if source != "selective-copy":
+        given = [k for k, v in sc_opts.items() if v is not None]
+        if given:
+            raise UserError(
+                f"--{given[0].replace('_', '-')} applies to the selective-copy source only"
+            )
+    if source == "selective-copy":
+        given = [k for k, v in mqar_opts.items() if v is not None]
+        if given:
+            raise UserError(f"--{given[0].replace('_', '-')} applies to the mqar source only")
+        return _prepare_selective_copy(
+            out_dir,
+            tokenizer,
+            vocab_size,
+            seed,
+            val_fraction,
+            max_tokens,
+            force,
+            verbose,
+            sc_opts,
+            source_options,
+            wait_for_lock,
+        )
     if source == "mqar":
         return _prepare_mqar(
             out_dir,
@@ -802,6 +836,106 @@ def _prepare_mqar(
     return out
 
 
+def _prepare_selective_copy(
+    out_dir: Any,
+    tokenizer: str | None,
+    vocab_size: int | None,
+    seed: int,
+    val_fraction: float | None,
+    max_tokens: int | None,
+    force: bool,
+    verbose: bool,
+    sc_opts: dict[str, Any],
+    source_options: dict[str, Any],
+    wait_for_lock: bool = True,
+) -> Path:
+    """MAD's selective copying as prepared data, in the same aligned format as mqar."""
+    from . import selective_copy
+
+    for flag, value in (
+        ("--tokenizer", tokenizer),
+        ("--vocab-size (use --sc-vocab-size)", vocab_size),
+        ("--val-fraction (use --sc-val-examples)", val_fraction),
+        ("--max-tokens (use --sc-train-examples)", max_tokens),
+    ):
+        if value is not None:
+            raise UserError(f"{flag} does not apply to the selective-copy source")
+    for k, v in source_options.items():
+        if v is not None:
+            raise UserError(f"--{k.replace('_', '-')} does not apply to the selective-copy source")
+    kw = {_SC_OPTIONS[k]: v for k, v in sc_opts.items() if v is not None}
+    cfg = selective_copy.SelectiveCopyConfig(**kw).validate()
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "source": "selective-copy",
+        "selective_copy": cfg.to_dict(),
+        "seed": seed,
+    }
+    digest = _digest(settings)
+    name = (
+        "selective-copy"
+        if cfg == selective_copy.SelectiveCopyConfig()
+        else f"selective-copy-v{cfg.vocab_size}-k{cfg.num_tokens}-len{cfg.seq_len}"
+    )
+    out = Path(out_dir) if out_dir is not None else Path("data") / name
+    with _locked(out, wait_for_lock, verbose):
+        if not force and _up_to_date(out, digest):
+            log(f"{out} is up to date (same settings); reusing it", verbose)
+            return out
+        _check_replaceable(out)
+        log(f"preparing selective-copy -> {out}", verbose)
+        t0 = time.time()
+
+        def build(tmp: Path) -> None:
+            tok = selective_copy.tokenizer(cfg.vocab_size)
+            dtype = np.uint16 if cfg.vocab_size <= 2**16 else np.uint32
+            counts = {}
+            for split, n, s in (
+                ("train", cfg.num_train, seed),
+                ("val", cfg.num_val, seed + 1_000_003),
+            ):
+                tokens, mask = selective_copy.generate(cfg, n, s)
+                tokens.astype(dtype).tofile(tmp / f"{split}.bin")
+                mask.tofile(tmp / f"{split}_mask.bin")
+                counts[split] = (tokens.size, n, int(mask.sum()))
+            tok.save(tmp / "tokenizer.json")
+            _write_meta(
+                tmp,
+                {
+                    "task": "selective-copy",
+                    "source": "selective-copy",
+                    "source_spec": "selective-copy",
+                    "name": name,
+                    "tokenizer": tok.kind,
+                    "vocab_size": tok.vocab_size,
+                    "eot_id": tok.eot_id,
+                    "special_tokens": tok.special_tokens,
+                    "dtype": np.dtype(dtype).name,
+                    "seq_len": cfg.seq_len,
+                    "example_tokens": cfg.seq_len + 1,
+                    "num_tokens_to_copy": cfg.num_tokens,
+                    "selective_copy": cfg.to_dict(),
+                    "train_tokens": counts["train"][0],
+                    "val_tokens": counts["val"][0],
+                    "train_docs": counts["train"][1],
+                    "val_docs": counts["val"][1],
+                    "train_loss_tokens": counts["train"][2],
+                    "val_loss_tokens": counts["val"][2],
+                    "has_mask": True,
+                    "split": "generated",
+                    "entropy_floor": None,
+                    "metric": "accuracy",
+                    "hash": digest,
+                    "settings": settings,
+                    "seed": seed,
+                    "prepare_seconds": round(time.time() - t0, 3),
+                },
+            )
+
+        _atomic_build(out, build)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # resolve_data: what --data means for train / compare / eval
 # --------------------------------------------------------------------------------------
@@ -869,6 +1003,11 @@ def describe(out: Path, meta: dict[str, Any] | None = None) -> str:
     ]
     if m["has_mask"]:
         parts.append(f"{m.get('train_loss_tokens', 0):,} train tokens count for the loss (mask)")
+    if m.get("task") == "selective-copy":
+        parts.append(
+            f"selective copying: {m['num_tokens_to_copy']} tokens to copy, sequences of "
+            f"{m['seq_len']} tokens, metric accuracy"
+        )
     if m.get("task") == "mqar":
         parts.append(
             f"MQAR: {m['num_kv_pairs']} pairs, sequences of {m['seq_len']} tokens, metric accuracy"

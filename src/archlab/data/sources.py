@@ -17,7 +17,15 @@ from typing import Any
 
 from ..errors import UserError
 
-BUILTIN_SOURCES = ("stories", "python", "rustgpt", "rustgpt-chat", "mqar", "tinystories")
+BUILTIN_SOURCES = (
+    "stories",
+    "python",
+    "rustgpt",
+    "rustgpt-chat",
+    "mqar",
+    "selective-copy",
+    "tinystories",
+)
 CHAT_FORMAT = {"user": "User:", "assistant": "Assistant:", "end": "</s>"}
 DEFAULT_NUM_STORIES = 30_000  # ~2.7M train + ~0.3M val BPE tokens at vocab 4096
 

@@ -1,4 +1,8 @@
-"""Registry: architecture name -> block factory; build_model(cfg) -> LanguageModel."""
+"""build_model(cfg) -> LanguageModel: the registry's block factory in the shared skeleton.
+
+Names no architecture: ``registry.py`` lists the architecture modules, each of which declares
+its own :class:`~archlab.models.spec.ArchitectureSpec`.
+"""
 
 from __future__ import annotations
 
@@ -6,50 +10,20 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from . import registry
 from .lm import InferenceCache, LanguageModel
-
-
-def _block_factory(cfg: ModelConfig):
-    arch = cfg.architecture
-    if cfg.preset == "rustgpt":
-        if arch == "dense":
-            from .rustgpt import RustGPTBlock
-
-            return RustGPTBlock
-        from .hypermixer_rustgpt import RustGPTHyperMixerBlock
-
-        return RustGPTHyperMixerBlock
-    if arch == "dense":
-        from .dense import DenseBlock
-
-        return DenseBlock
-    if arch == "hypermixer":
-        from .hypermixer import HyperMixerBlock
-
-        return HyperMixerBlock
-    if arch == "mamba":
-        from .mamba import MambaBlock
-
-        return MambaBlock
-    if arch == "moe":
-        from .moe import MoEBlock
-
-        return MoEBlock
-    if arch == "hybrid":
-        from .hybrid import hybrid_block
-
-        return hybrid_block
-    raise AssertionError(arch)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> LanguageModel:
     """Build a validated model; ``device="meta"`` counts parameters without allocating."""
     cfg.validate()
-    factory = _block_factory(cfg)
+    spec = registry.get(cfg.architecture)
+    factory = spec.rustgpt_block if cfg.preset == "rustgpt" else spec.block
+    assert factory is not None  # validate() refuses the preset for specs without its block
     if device is not None:
         with torch.device(device):
-            return LanguageModel(cfg, factory)
-    return LanguageModel(cfg, factory)
+            return LanguageModel(cfg, factory, spec)
+    return LanguageModel(cfg, factory, spec)
 
 
 def count_parameters(cfg: ModelConfig) -> tuple[int, int]:

@@ -7,6 +7,8 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .attention import CausalSelfAttention
 from .layers import make_mlp, make_norm
+from .rustgpt import RustGPTBlock
+from .spec import ATTENTION_FIELDS, MLP_FLAGS, ArchitectureSpec, check_attention_heads
 
 
 class DenseBlock(nn.Module):
@@ -21,3 +23,15 @@ class DenseBlock(nn.Module):
         x = x + self.mixer(self.norm1(x), state, pos)
         x = x + self.ffn(self.norm2(x))
         return x, {}
+
+
+SPEC = ArchitectureSpec(
+    name="dense",
+    aliases=("transformer",),
+    display_name="Transformer",
+    block=DenseBlock,
+    fields=("n_heads", *MLP_FLAGS),
+    summary_fields=ATTENTION_FIELDS,
+    validate=check_attention_heads,
+    rustgpt_block=RustGPTBlock,
+)

@@ -14,7 +14,14 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig
 from .attention import CausalSelfAttention
 from .layers import make_mlp, make_norm
-from .mamba import MambaMixer
+from .mamba import SSM_FIELDS, SSM_FLAGS, MambaMixer, check_ssm
+from .spec import (
+    ATTENTION_FIELDS,
+    MLP_FLAGS,
+    ArchitectureSpec,
+    SummaryField,
+    check_attention_heads,
+)
 
 
 class HybridMambaBlock(nn.Module):
@@ -60,3 +67,28 @@ def hybrid_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
             f"(d_model {cfg.d_model} / n_heads {cfg.n_heads} = {cfg.d_model // cfg.n_heads})"
         )
     return HybridAttentionBlock(cfg, layer_idx)
+
+
+def _validate(cfg: ModelConfig) -> None:
+    check_attention_heads(cfg, always_rope=True)  # the attention layers always use RoPE
+    check_ssm(cfg)
+    if cfg.local_window < 1:
+        raise ConfigError(f"--hybrid-local-window: must be >= 1 (got {cfg.local_window})")
+
+
+SPEC = ArchitectureSpec(
+    name="hybrid",
+    display_name="Hybrid (Mamba + Sliding-Window Attention)",
+    block=hybrid_block,
+    fields=("n_heads", *MLP_FLAGS, *SSM_FLAGS, "local_window"),
+    norm="rmsnorm",  # as in Samba
+    learned_positions=False,  # Mamba layers carry position; attention layers use RoPE
+    # an even number of layers: as many Mamba as attention layers
+    size_override=lambda base: dict(n_layers=base["n_layers"] + base["n_layers"] % 2),
+    summary_fields=(
+        *ATTENTION_FIELDS,
+        *SSM_FIELDS,
+        SummaryField("local_window", "Local Attention Window", lambda c: c.local_window),
+    ),
+    validate=_validate,
+)

@@ -52,7 +52,10 @@ Because GELU sits between the prefix sum and the read-out, S_t cannot be folded 
 linear attention: every position needs its own d' x d matrix.  Materialising all of them costs
 B*T*d'*d floats (1 GiB at B=8, T=4096, d=128, d'=64), so :func:`causal_hypermix` processes
 positions in chunks carrying S, and its custom backward recomputes each chunk instead of
-storing it.  Peak memory is O(B*C*d'*d + B*(T/C)*d'*d) for chunk length C.
+storing it.  Peak memory is O(B*C*d'*d + B*(T/C)*d'*d) for chunk length C.  On CPU a fused
+numba kernel (``kernels/hypermix_cpu.py``) does the same in one pass over time with each
+column block of S_t in registers, no (B, C, d', d) tensor at all; the chunked torch version
+remains for GPUs and as the fallback.
 
 Position information.  Without it the hypernetworks see only content and the summary S_t is
 a bag of the prefix tokens.  As in the official code (idiap/hypermixing), fixed sinusoidal
@@ -71,13 +74,16 @@ branch a fixed one).  ``cfg.extra["hypermixer_tied"]`` ties h1 and h2 and
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
+from .hypermixer_rustgpt import RustGPTHyperMixerBlock
 from .layers import make_mlp, make_norm
+from .spec import MLP_FLAGS, ArchitectureSpec, SummaryField
 
 # Two ways to get S_t for every position of a chunk of length C, both exact:
 #  - "matmul" (small C): S = (tril * w1)^T X as one batched matmul; C flops per element of S
@@ -198,6 +204,38 @@ class _CausalHyperMix(torch.autograd.Function):
         return dw1, dx, dw2, carry, None, None
 
 
+HYPERMIX_IMPLS = ("fused", "chunked")
+
+
+def resolve_hypermix_impl(device: torch.device, impl: str | None = None) -> str:
+    """``impl``, else $ARCHLAB_HYPERMIX, else fused on CPU when its kernel loads, else chunked."""
+    from .kernels import fused_available, kernel_notice
+
+    choice = impl or os.environ.get("ARCHLAB_HYPERMIX", "").strip().lower() or None
+    if choice is not None and choice not in HYPERMIX_IMPLS:
+        raise ValueError(
+            f"ARCHLAB_HYPERMIX={choice!r}: expected one of {', '.join(HYPERMIX_IMPLS)}"
+        )
+    if choice == "chunked" or device.type != "cpu":
+        return "chunked"
+    if fused_available("hypermix"):
+        return "fused"
+    kernel_notice("hypermix", "HyperMixing: fused CPU kernel unavailable, using the chunked mixer")
+    return "chunked"
+
+
+def _fused_ready(dtype: torch.dtype) -> bool:
+    from .kernels import disable_fused, hypermix_cpu, kernel_notice
+
+    try:
+        hypermix_cpu.warm_up(dtype)
+    except Exception as exc:  # a numba that cannot compile here: never fail training
+        disable_fused("hypermix", exc)
+        kernel_notice("hypermix", "HyperMixing: fused CPU kernel failed, using the chunked mixer")
+        return False
+    return True
+
+
 def causal_hypermix(
     w1: Tensor,
     x: Tensor,
@@ -205,20 +243,32 @@ def causal_hypermix(
     s0: Tensor | None = None,
     start: int = 0,
     chunk: int | None = None,
+    impl: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Causal HyperMixing read-out.  w1, w2: (B, T, M); x: (B, T, D); s0: (B, M, D).
 
     Returns out (B, T, D) with out_t = w2_t · GELU(S_t / (start + t + 1)) and the final
     running sum S (B, M, D) (no gradient) to continue from.  Computed in at least float32.
+    On CPU the fused numba kernel runs (``kernels/hypermix_cpu.py``); ``impl="chunked"`` (or
+    ``ARCHLAB_HYPERMIX=chunked``) forces the chunked torch version, whose chunk length is
+    ``chunk``.
     """
     B, T, M = w1.shape
     D = x.shape[-1]
     dtype = torch.promote_types(x.dtype, torch.float32)
     if s0 is None:
         s0 = x.new_zeros(B, M, D, dtype=dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w1, x, w2, s0))
+    if resolve_hypermix_impl(x.device, impl) == "fused" and _fused_ready(dtype):
+        from .kernels import hypermix_cpu
+
+        with torch.autocast("cpu", enabled=False):
+            out, s = hypermix_cpu.fused_hypermix(
+                w1.to(dtype), x.to(dtype), w2.to(dtype), s0.to(dtype), start, needs_grad
+            )
+        return out.to(x.dtype), s
     chunk = chunk or _auto_chunk(x, M)
     args = (w1.to(dtype), x.to(dtype), w2.to(dtype), s0.to(dtype), start, chunk)
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (w1, x, w2, s0))
     if needs_grad:
         out, s = _CausalHyperMix.apply(*args)
     else:  # inference / decoding: no chunk-boundary states kept
@@ -289,6 +339,10 @@ class CausalHyperMixing(nn.Module):
         self.out_norm = make_norm(cfg) if use_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.chunk_size: int | None = None  # None: automatic (see _auto_chunk)
+        self._pe_table: Tensor | None = None  # cached sinusoidal positions (not a parameter)
+        from .kernels._numba import WeightCache
+
+        self._step_weights = WeightCache()  # decode kernel's views of the weights
 
     @torch.no_grad()
     def special_init(self) -> None:
@@ -299,8 +353,14 @@ class CausalHyperMixing(nn.Module):
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> Tensor:
         B, T, D = x.shape
+        pe = self._positions(pos, T, D, x.device).to(x.dtype)  # (T, D)
+        if state is not None and T == 1 and "S" in state:
+            out = self._fused_step(x[:, 0], pe[0], state, pos)
+            if out is not None:
+                out = out.unsqueeze(1)
+                return self.drop(self.out_norm(out) if self.out_norm is not None else out)
         # hypernetwork input: token + absolute position; the mixed values stay x
-        hyp_in = x + sinusoidal_positions(pos, T, D, x.device).to(x.dtype)  # (B, T, D)
+        hyp_in = x + pe  # (B, T, D)
         w1 = self.hyper_w1(hyp_in)  # (B, T, M)
         w2 = w1 if self.hyper_w2 is None else self.hyper_w2(hyp_in)  # (B, T, M)
         s0, start = None, 0
@@ -315,6 +375,49 @@ class CausalHyperMixing(nn.Module):
             out = self.out_norm(out)
         return self.drop(out)
 
+    def _positions(self, pos: int, T: int, D: int, device: torch.device) -> Tensor:
+        """Rows pos .. pos+T-1 of a cached sinusoidal table (bit-identical to computing them:
+        the same float32 positions times the same frequencies), grown by doubling."""
+        table = self._pe_table
+        if table is None or table.device != device or table.shape[0] < pos + T:
+            n = max(pos + T, 2 * (table.shape[0] if table is not None else 0), 256)
+            table = self._pe_table = sinusoidal_positions(0, n, D, device)
+        return table[pos : pos + T]
+
+    def _fused_step(self, x: Tensor, pe: Tensor, state: dict, pos: int) -> Tensor | None:
+        """One decode token through the fused CPU kernel (both hypernetworks, the running-sum
+        update and the read-out in one call); None when it does not apply."""
+        from .kernels import disable_fused, fused_available, hypermix_cpu, kernel_notice
+
+        dtype = x.dtype
+        S = state["S"]
+        nets = [self.hyper_w1] + ([] if self.hyper_w2 is None else [self.hyper_w2])
+        if (
+            x.device.type != "cpu"
+            or dtype not in (torch.float32, torch.float64)
+            or S.dtype != dtype
+            or any(p.dtype != dtype for p in self.parameters())
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            or not fused_available("hypermix_step")
+        ):
+            return None
+        if state["count"] != pos:
+            raise ValueError(f"hypermixer decode state holds {state['count']} tokens, not {pos}")
+
+        S = S.contiguous()  # updated in place
+        params = tuple(self.parameters())
+        weights = self._step_weights.get(params, lambda: hypermix_cpu.hyper_step_weights(nets, x))
+        try:
+            out = hypermix_cpu.hyper_step(
+                x.contiguous(), pe.contiguous(), weights, len(nets) == 1, S, pos
+            )
+        except Exception as exc:  # compile failure: the torch path from now on
+            disable_fused("hypermix_step", exc)
+            kernel_notice("hypermix_step", "HyperMixer decode: fused step unavailable")
+            return None
+        state["S"], state["count"] = S, pos + 1
+        return out
+
 
 class HyperMixerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
@@ -328,3 +431,25 @@ class HyperMixerBlock(nn.Module):
         x = x + self.mixer(self.norm1(x), state, pos)
         x = x + self.ffn(self.norm2(x))
         return x, {}
+
+
+SPEC = ArchitectureSpec(
+    name="hypermixer",
+    display_name="HyperMixer",
+    block=HyperMixerBlock,
+    fields=(*MLP_FLAGS, "hypernetwork_hidden_dim"),
+    # token mixing (~0.5 d^2) + MLP (8 d^2) per block: add layers to match dense's 12 d^2
+    size_override=lambda base: dict(n_layers=max(1, round(base["n_layers"] * 12 / 8.6))),
+    summary_fields=(
+        SummaryField(
+            "hypernetwork_hidden_dim", "Hypernetwork Hidden Dim", lambda c: c.resolved_hyper_hidden
+        ),
+        SummaryField(
+            "mixing_dim",
+            "Token-Mixing Dim",
+            lambda c: c.resolved_mixing_dim,
+            when=lambda c: c.preset != "rustgpt",  # the seed's mixer mixes over positions
+        ),
+    ),
+    rustgpt_block=RustGPTHyperMixerBlock,
+)

@@ -22,8 +22,10 @@ class RMSNorm(nn.Module):
 
 
 def uses_rmsnorm(cfg: ModelConfig) -> bool:
-    """RMSNorm when asked, and always for Mamba and the hybrid (as in Mamba and Samba)."""
-    return cfg.use_rmsnorm or cfg.architecture in ("mamba", "hybrid")
+    """RMSNorm when asked, and always where the architecture's spec says so (Mamba, Samba)."""
+    from .registry import get
+
+    return cfg.use_rmsnorm or get(cfg.architecture).norm == "rmsnorm"
 
 
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:

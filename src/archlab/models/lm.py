@@ -17,10 +17,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import DISPLAY_NAMES, ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
 from .layers import make_norm, uses_rmsnorm
+from .spec import ArchitectureSpec
 
 BlockFactory = Callable[[ModelConfig, int], nn.Module]
+
+# Summary lines every architecture shares (its own come from its spec's summary_fields).
+COMMON_LABELS = {
+    "positions": "Positions",
+    "norm": "Normalization",
+    "mlp": "Feed-Forward",
+    "bias": "Biases",
+    "tied_embeddings": "Tied Embeddings",
+}
 
 
 @dataclass
@@ -32,9 +42,16 @@ class InferenceCache:
 
 
 class LanguageModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, block_factory: BlockFactory) -> None:
+    def __init__(
+        self, cfg: ModelConfig, block_factory: BlockFactory, spec: ArchitectureSpec | None = None
+    ) -> None:
         super().__init__()
+        if spec is None:
+            from .registry import get
+
+            spec = get(cfg.architecture)
         self.cfg = cfg
+        self.spec = spec  # what the architecture declares (summary fields, positions, ...)
         self.rustgpt = cfg.preset == "rustgpt"
         self.gradient_checkpointing = False
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -155,49 +172,28 @@ class LanguageModel(nn.Module):
         return stack
 
     def summary_dict(self) -> dict[str, Any]:
-        cfg = self.cfg
+        cfg, spec = self.cfg, self.spec
         d: dict[str, Any] = {
             "architecture": cfg.architecture,
-            "architecture_type": DISPLAY_NAMES[cfg.architecture],
+            "architecture_type": spec.display_name,
             "preset": cfg.preset,
             "embedding_dim": cfg.d_model,
-            # Mamba has no MLP: its hidden width is the expanded inner dimension
-            "hidden_dim": cfg.d_inner if cfg.architecture == "mamba" else cfg.ffn_hidden,
+            "hidden_dim": spec.hidden_dim(cfg) if spec.hidden_dim else cfg.ffn_hidden,
             "num_layers": cfg.n_layers,
             "max_seq_len": cfg.max_seq_len,
             "vocab_size": cfg.vocab_size,
         }
-        arch = cfg.architecture
-        if arch in ("dense", "moe", "hybrid"):
-            d["num_heads"] = cfg.n_heads
-        if arch == "hypermixer":
-            d["hypernetwork_hidden_dim"] = cfg.resolved_hyper_hidden
-            if not self.rustgpt:
-                d["mixing_dim"] = cfg.resolved_mixing_dim
-        if arch in ("mamba", "hybrid"):
-            d.update(
-                state_size=cfg.state_size,
-                conv_size=cfg.conv_size,
-                expand=cfg.expand,
-                dt_rank=cfg.resolved_dt_rank,
-            )
-        if arch == "moe":
-            d.update(
-                num_experts=cfg.num_experts,
-                top_k=cfg.top_k,
-                expert_hidden_dim=cfg.expert_ffn_hidden,
-                capacity_factor=cfg.capacity_factor,
-            )
-        if arch == "hybrid":
-            d["local_window"] = cfg.local_window
+        for f in spec.summary_fields:
+            if f.when is None or f.when(cfg):
+                d[f.key] = f.value(cfg)
         if not self.rustgpt:
             d["positions"] = (
                 "learned"
                 if cfg.uses_learned_positions
-                else ("rope" if cfg.use_rope and arch != "mamba" else "none (recurrent)")
+                else ("rope" if cfg.use_rope and spec.rope else "none (recurrent)")
             )
             d["norm"] = "RMSNorm" if uses_rmsnorm(cfg) else "LayerNorm"
-            if arch != "mamba":
+            if spec.has_mlp:
                 d["mlp"] = "SwiGLU" if cfg.mlp == "swiglu" else "GELU"
             d["bias"] = cfg.bias
             d["tied_embeddings"] = cfg.tie_weights
@@ -217,25 +213,7 @@ class LanguageModel(nn.Module):
             f"Number of Layers: {d['num_layers']}",
             f"Max Sequence Length: {d['max_seq_len']}",
         ]
-        labels = {
-            "num_heads": "Attention Heads",
-            "hypernetwork_hidden_dim": "Hypernetwork Hidden Dim",
-            "mixing_dim": "Token-Mixing Dim",
-            "state_size": "State Size",
-            "conv_size": "Conv Size",
-            "expand": "Expand",
-            "dt_rank": "dt Rank",
-            "num_experts": "Number of Experts",
-            "top_k": "Experts per Token (top-k)",
-            "expert_hidden_dim": "Expert Hidden Dim",
-            "capacity_factor": "Capacity Factor",
-            "local_window": "Local Attention Window",
-            "positions": "Positions",
-            "norm": "Normalization",
-            "mlp": "Feed-Forward",
-            "bias": "Biases",
-            "tied_embeddings": "Tied Embeddings",
-        }
+        labels = {f.key: f.label for f in self.spec.summary_fields} | COMMON_LABELS
         for key, label in labels.items():
             if key in d:
                 lines.append(f"{label}: {d[key]}")

@@ -9,7 +9,7 @@ The mixer follows the reference ``Mamba`` module of state-spaces/mamba with its 
     y      = selective_scan(x, delta, A = -exp(A_log), B, C, D) * SiLU(z)
     out    = out_proj(y)                      d_inner -> d, no bias
 
-Training runs the chunked scan of ``scan.py`` (or the ``mamba_ssm`` CUDA kernels when they are
+Training runs ``scan.selective_scan`` (on CPU the fused numba kernel, else the chunked scan; or the ``mamba_ssm`` CUDA kernels when they are
 installed and the tensors are on CUDA); decoding keeps, per layer,
 {"conv": (B, d_inner, conv_size - 1) last conv inputs, "ssm": (B, d_inner, N) state}: chunks of
 T > 1 tokens run the scan from the carried state, single tokens take one recurrent step.
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .layers import make_norm
 from .scan import selective_scan, selective_step
+from .spec import ArchitectureSpec, SummaryField
 
 # dt initialisation of the reference: dt ~ log-uniform in [DT_MIN, DT_MAX], floored.
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4
@@ -76,6 +77,9 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(di, cfg.d_model, bias=False)
         self.out_proj.residual_scale = True  # type: ignore[attr-defined]
         self.special_init()
+        from .kernels._numba import WeightCache
+
+        self._step_weights = WeightCache()  # decode kernel's views of the weights
 
     @torch.no_grad()
     def special_init(self) -> None:
@@ -99,22 +103,30 @@ class MambaMixer(nn.Module):
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         """x (B, T, d_model) -> (B, T, d_model); ``state`` (a dict) is read and updated."""
         T = x.shape[1]
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, d_inner) each
+        xz = self.in_proj(x)  # (B, T, 2 d_inner)
         if state is not None and T == 1:
-            return self.out_proj(self._step(xi[:, 0], z[:, 0], state).unsqueeze(1))
+            y = self._fused_step(xz[:, 0], state)
+            if y is None:
+                xi, z = xz[:, 0].chunk(2, dim=-1)
+                y = self._step(xi, z, state)
+            return self.out_proj(y.unsqueeze(1))
+        xi, z = xz.chunk(2, dim=-1)  # (B, T, d_inner) each
         scan_fn, conv_fn = _cuda_kernels() if x.is_cuda and state is None else (None, None)
         xc = self._conv(xi, state, conv_fn)  # (B, T, d_inner), after SiLU
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.state_size, self.state_size], -1)
         A = self._A()  # (d_inner, N)
         if scan_fn is not None:
             y = self._cuda_scan(scan_fn, xc, dt, A, B, C, z)
-        elif state is None:
-            y = selective_scan(xc, self.dt_proj(dt), A, B, C, self.D, z, delta_softplus=True)
-        else:
-            y, state["ssm"] = selective_scan(
-                xc, self.dt_proj(dt), A, B, C, self.D, z, delta_softplus=True,
-                initial_state=state.get("ssm"), return_last_state=True,
-            )  # fmt: skip
+        else:  # dt_proj's bias is added inside the scan (the fused kernel does it in place)
+            delta = F.linear(dt, self.dt_proj.weight)  # (B, T, d_inner)
+            bias = self.dt_proj.bias
+            if state is None:
+                y = selective_scan(xc, delta, A, B, C, self.D, z, bias, delta_softplus=True)
+            else:
+                y, state["ssm"] = selective_scan(
+                    xc, delta, A, B, C, self.D, z, bias, delta_softplus=True,
+                    initial_state=state.get("ssm"), return_last_state=True,
+                )  # fmt: skip
         return self.out_proj(y)
 
     def _conv(self, xi: Tensor, state: dict | None, conv_fn: Callable | None) -> Tensor:
@@ -136,6 +148,43 @@ class MambaMixer(nn.Module):
             state["conv"] = full[..., full.shape[-1] - (K - 1) :]
             out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
         return F.silu(out).transpose(1, 2)
+
+    def _fused_step(self, xz: Tensor, state: dict) -> Tensor | None:
+        """One decode token through the fused CPU kernel (conv, projections, scan step and gate
+        in one call); None when it does not apply (GPU, autograd, mixed dtypes, no numba)."""
+        from .kernels import disable_fused, fused_available, kernel_notice, scan_cpu
+
+        dtype = xz.dtype
+        params = (self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight, self.A_log)
+        if (
+            xz.device.type != "cpu"
+            or dtype not in (torch.float32, torch.float64)
+            or any(p.dtype != dtype for p in params)
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            or not fused_available("scan_step")
+        ):
+            return None
+        Bsz, K = xz.shape[0], self.conv_size
+        conv = state.get("conv")
+        conv = xz.new_zeros(Bsz, self.d_inner, K - 1) if conv is None else conv.to(dtype)
+        h = state.get("ssm")
+        h = xz.new_zeros(Bsz, self.d_inner, self.state_size) if h is None else h.to(dtype)
+        conv, h = conv.contiguous(), h.contiguous()  # updated in place by the kernel
+        try:
+            y = scan_cpu.mamba_step(
+                xz.contiguous(), conv, h,
+                self._step_weights.get(params + (self.conv1d.bias, self.dt_proj.bias, self.D),
+                    lambda: scan_cpu.mamba_step_weights(
+                        self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
+                        self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
+                    )),
+            )  # fmt: skip
+        except Exception as exc:  # compile failure: the torch step from now on
+            disable_fused("scan_step", exc)
+            kernel_notice("scan_step", "Mamba decode: fused step unavailable, using torch ops")
+            return None
+        state["conv"], state["ssm"] = conv, h
+        return y
 
     def _step(self, xi: Tensor, z: Tensor, state: dict) -> Tensor:
         """One token: xi, z (B, d_inner) -> y (B, d_inner); updates state in place."""
@@ -185,3 +234,57 @@ class MambaBlock(nn.Module):
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
         return x + self.drop(self.mixer(self.norm1(x), state)), {}
+
+
+SSM_FLAGS = ("state_size", "conv_size", "expand")
+SSM_FIELDS = (
+    SummaryField("state_size", "State Size", lambda c: c.state_size),
+    SummaryField("conv_size", "Conv Size", lambda c: c.conv_size),
+    SummaryField("expand", "Expand", lambda c: c.expand),
+    SummaryField("dt_rank", "dt Rank", lambda c: c.resolved_dt_rank),
+)
+
+
+def check_ssm(cfg: ModelConfig) -> None:
+    """The selective-SSM shape flags (shared with the hybrid)."""
+    for flag, value in (
+        ("--state-size", cfg.state_size),
+        ("--conv-size", cfg.conv_size),
+        ("--expand", cfg.expand),
+    ):
+        if value <= 0:
+            raise ConfigError(f"{flag}: must be a positive number (got {value})")
+    if cfg.dt_rank < 0:
+        raise ConfigError(f"--dt-rank: must be >= 0 (got {cfg.dt_rank})")
+
+
+def _validate(cfg: ModelConfig) -> None:
+    if cfg.mlp != "gelu":
+        raise ConfigError(
+            f"--mlp {cfg.mlp}: mamba blocks have no MLP (the mixer is the whole block); "
+            "SwiGLU applies to dense, moe, hybrid and hypermixer"
+        )
+    if cfg.bias:
+        raise ConfigError(
+            "--bias: mamba blocks have no attention or MLP linears (projections are "
+            "bias-free as in Mamba); --bias applies to dense, moe, hybrid and hypermixer"
+        )
+    check_ssm(cfg)
+
+
+SPEC = ArchitectureSpec(
+    name="mamba",
+    aliases=("ssm",),
+    display_name="Mamba",
+    block=MambaBlock,
+    fields=SSM_FLAGS,
+    norm="rmsnorm",
+    learned_positions=False,
+    rope=False,
+    # a Mamba block has ~6 d^2 parameters, half a dense block: twice the layers (as in its paper)
+    size_override=lambda base: dict(n_layers=2 * base["n_layers"]),
+    # Mamba has no MLP: its hidden width is the expanded inner dimension
+    hidden_dim=lambda c: c.d_inner,
+    summary_fields=SSM_FIELDS,
+    validate=_validate,
+)

@@ -51,9 +51,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
 from .attention import CausalSelfAttention
 from .layers import make_mlp, make_norm
+from .spec import (
+    ATTENTION_FIELDS,
+    MLP_FLAGS,
+    ArchitectureSpec,
+    SummaryField,
+    check_attention_heads,
+)
 
 
 @dataclass
@@ -187,3 +194,35 @@ class MoEBlock(nn.Module):
         x = x + self.mixer(self.norm1(x), state, pos)
         y, aux = self.ffn(self.norm2(x))
         return x + y, aux
+
+
+def _validate(cfg: ModelConfig) -> None:
+    check_attention_heads(cfg)
+    if cfg.num_experts <= 0:
+        raise ConfigError(f"--num-experts: must be a positive number (got {cfg.num_experts})")
+    if cfg.top_k <= 0:
+        raise ConfigError(f"--expert-capacity: must be a positive number (got {cfg.top_k})")
+    if cfg.top_k > cfg.num_experts:
+        raise ConfigError(
+            f"--expert-capacity: top_k {cfg.top_k} exceeds --num-experts {cfg.num_experts}"
+        )
+    if cfg.capacity_factor < 0:
+        raise ConfigError(
+            f"--capacity-factor: must be >= 0 (got {cfg.capacity_factor}; 0 disables)"
+        )
+
+
+SPEC = ArchitectureSpec(
+    name="moe",
+    display_name="MixtureOfExperts",
+    block=MoEBlock,
+    fields=("n_heads", *MLP_FLAGS, "num_experts", "top_k", "capacity_factor"),
+    summary_fields=(
+        *ATTENTION_FIELDS,
+        SummaryField("num_experts", "Number of Experts", lambda c: c.num_experts),
+        SummaryField("top_k", "Experts per Token (top-k)", lambda c: c.top_k),
+        SummaryField("expert_hidden_dim", "Expert Hidden Dim", lambda c: c.expert_ffn_hidden),
+        SummaryField("capacity_factor", "Capacity Factor", lambda c: c.capacity_factor),
+    ),
+    validate=_validate,
+)

@@ -33,17 +33,34 @@ a large vectorised op; the sequential loop does fewer passes but T small ops per
 every per-step state for autograd (5-6x the memory measured in benchmarks/bench_layers.py).
 
 `selective_scan_sequential` is the step-by-step reference (autograd through a loop over time).
+
+Implementations. :func:`selective_scan` dispatches: on CPU it runs the fused numba kernel of
+``kernels/scan_cpu.py`` (one pass over time, state in registers; 20-40x the chunked scan, see
+``benchmarks/bench_layers.py``), falling back to the chunked scan above with a one-line notice
+when numba is missing or the kernel fails to compile; elsewhere (CUDA without mamba_ssm, MPS) the
+chunked scan. ``ARCHLAB_SCAN=fused|chunked|sequential`` forces one (``fused`` falls back to
+chunked off CPU), as does the ``impl`` argument.
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["default_chunk_size", "selective_scan", "selective_scan_sequential", "selective_step"]
+__all__ = [
+    "SCAN_IMPLS",
+    "default_chunk_size",
+    "resolve_scan_impl",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_sequential",
+    "selective_step",
+]
+SCAN_IMPLS = ("fused", "chunked", "sequential")
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -250,7 +267,83 @@ class _ChunkedSelectiveScan(torch.autograd.Function):
         return du, ddelta, dA, _time_major(dB, T), _time_major(dC, T), dh0, None
 
 
+def resolve_scan_impl(device: torch.device, impl: str | None = None) -> str:
+    """The implementation a scan on ``device`` runs: ``impl``, else $ARCHLAB_SCAN, else the
+    fastest available (fused on CPU when its kernel loads, chunked otherwise)."""
+    from .kernels import fused_available, kernel_notice
+
+    choice = impl or os.environ.get("ARCHLAB_SCAN", "").strip().lower() or None
+    if choice is not None and choice not in SCAN_IMPLS:
+        raise ValueError(f"ARCHLAB_SCAN={choice!r}: expected one of {', '.join(SCAN_IMPLS)}")
+    if choice in ("chunked", "sequential"):
+        return choice
+    if device.type != "cpu":
+        return "chunked"
+    if fused_available("scan"):
+        return "fused"
+    kernel_notice("scan", "selective scan: fused CPU kernel unavailable, using the chunked scan")
+    return "chunked"
+
+
+def _fused_ready(warm_up, dtype: torch.dtype) -> bool:
+    """Compile (or load) the fused kernels for ``dtype`` once; on failure disable them."""
+    from .kernels import disable_fused, kernel_notice
+
+    try:
+        warm_up(dtype)
+    except Exception as exc:  # a numba that cannot compile here: never fail training
+        disable_fused("scan", exc)
+        kernel_notice("scan", "selective scan: fused CPU kernel failed, using the chunked scan")
+        return False
+    return True
+
+
 def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_last_state: bool = False,
+    chunk_size: int | None = None,
+    impl: str | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Selective scan by the implementation :func:`resolve_scan_impl` picks; shapes and
+    arguments as :func:`selective_scan_chunked` (``chunk_size`` only matters to that one).
+
+    Returns out (B, T, D) in u's dtype, and with ``return_last_state`` also h_T (B, D, N) in the
+    compute dtype (float32, or float64 for float64 inputs).
+    """
+    if u.shape[1] == 0:
+        raise ValueError("selective_scan: empty sequence")
+    which = resolve_scan_impl(u.device, impl)
+    if which == "fused":
+        from .kernels import scan_cpu
+
+        dtype = _compute_dtype(delta)
+        if _fused_ready(scan_cpu.warm_up, dtype):
+            out, last = scan_cpu.fused_selective_scan(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, dtype
+            )
+            out = out.to(u.dtype)
+            return (out, last) if return_last_state else out
+        which = "chunked"
+    if which == "sequential":
+        return selective_scan_sequential(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state
+        )
+    return selective_scan_chunked(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state,
+        chunk_size,
+    )  # fmt: skip
+
+
+def selective_scan_chunked(
     u: Tensor,
     delta: Tensor,
     A: Tensor,

@@ -39,7 +39,7 @@ class TrainConfig:
     # optimiser and schedule
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
-    warmup_steps: int = 100
+    warmup_steps: int | None = None  # None: 5% of the run, at most 100 (optim.default_warmup_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -108,7 +108,7 @@ class TrainConfig:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio: must be in [0, 1] (got {self.min_lr_ratio})")
         for flag, value in (
-            ("--warmup-steps", self.warmup_steps),
+            ("--warmup-steps", 0 if self.warmup_steps is None else self.warmup_steps),
             ("--eval-interval", self.eval_interval),
             ("--checkpoint-interval", self.checkpoint_interval),
         ):

@@ -167,6 +167,28 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def current_memory_bytes(device: torch.device) -> int | None:
+    """What the process holds now, measured like peak_memory_bytes: CUDA allocated by
+    tensors, CPU resident set size (Linux /proc; None where it cannot be read)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    if device.type == "mps":
+        return int(torch.mps.driver_allocated_memory())
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def memory_kind(device: torch.device) -> str:
+    """What peak_mem_bytes measures on this device, for reports."""
+    return {"cuda": "cuda_max_allocated", "mps": "mps_driver_allocated"}.get(
+        device.type, "cpu_peak_rss"
+    )
+
+
 def format_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":

@@ -62,6 +62,29 @@ def build_optimizer(
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=1e-8)
 
 
+# Default warmup when none is given: a fraction of the run, capped. A fixed 100 steps (the
+# old default) left a 30- or 100-step run with its learning rate still rising at the end.
+DEFAULT_WARMUP_FRACTION = 0.05
+DEFAULT_WARMUP_CAP = 100
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """5% of the run, at least 1 step (runs of 2+ steps), at most 100: 100 steps -> 5."""
+    if total_steps <= 1:
+        return 0
+    return min(DEFAULT_WARMUP_CAP, max(1, round(DEFAULT_WARMUP_FRACTION * total_steps)))
+
+
+def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
+    """One line when warmup covers more than half of the run (the rate barely peaks)."""
+    if total_steps > 0 and warmup_steps > total_steps / 2:
+        return (
+            f"warning: --warmup-steps {warmup_steps} covers more than half of the run's "
+            f"{total_steps} steps: the learning rate is still rising for most of it"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class WarmupCosineSchedule:
     """Linear warmup from lr/warmup to lr, then cosine decay to lr * min_lr_ratio.

@@ -1,5 +1,9 @@
 """The training loop: one run from a TrainConfig and a model spec to a run folder.
 
+Parts that live beside it: ``model_spec.py`` (what the user asked for), ``device.py``
+(device, AMP dtype), ``run_state.py`` (RNG states, the shared batch generator),
+``stop.py`` (SIGINT/SIGTERM), ``checkpoint.py``, ``optim.py``, ``metrics.py``, ``progress.py``.
+
 ``run_training`` resolves the data, builds (or restores) the model, and trains it with
 AdamW under a warmup + cosine schedule, gradient accumulation, clipping, optional AMP,
 torch.compile and gradient checkpointing, data parallelism under torchrun, a non-finite
@@ -30,9 +34,9 @@ import math
 import os
 import random
 import signal
-import threading
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +49,12 @@ from ..config import (
     ConfigError,
     ModelConfig,
     canonical_architecture,
-    check_fields_apply,
-    preset_config,
 )
 from ..errors import FileSystemError, FolderBusy, Interrupted, UserError
 from ..fsutil import FolderLock, ensure_writable_dir, lock_folder
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
+from .device import amp_dtype, pick_device
 from .distributed import (
     all_reduce_max,
     all_reduce_sum,
@@ -64,13 +67,23 @@ from .flops import flops_per_token, measured_peak_flops, mfu
 from .metrics import (
     MetricsWriter,
     check_logging_backends,
+    current_memory_bytes,
     format_bytes,
+    memory_kind,
     peak_memory_bytes,
     reset_peak_memory,
     write_json_atomic,
 )
-from .optim import WarmupCosineSchedule, build_optimizer
+from .model_spec import ModelSpec
+from .optim import (
+    WarmupCosineSchedule,
+    build_optimizer,
+    default_warmup_steps,
+    warmup_warning,
+)
 from .progress import TrainProgress
+from .run_state import GlobalBatchSampler, _rng_state, _set_rng_state
+from .stop import StopRequest
 
 IGNORE_INDEX = -100
 
@@ -102,59 +115,6 @@ class TrainingDiverged(UserError):
 
 
 @dataclass
-class ModelSpec:
-    """What the user asked for; becomes a ModelConfig once the data's vocabulary is known."""
-
-    architecture: str | None = None  # None: dense, or the checkpoint's
-    model_size: str | None = None
-    preset: str | None = None
-    overrides: dict[str, Any] = field(default_factory=dict)  # explicit ModelConfig fields
-
-    def build(self, data_vocab: int) -> ModelConfig:
-        kw = {k: v for k, v in self.overrides.items() if v is not None}
-        check_fields_apply(
-            self.architecture or "dense", self.preset, list(kw), model_size=self.model_size
-        )
-        vocab = kw.pop("vocab_size", None)
-        if vocab is not None and vocab < data_vocab:
-            raise ConfigError(
-                f"--vocab-size: {vocab} is smaller than the data's vocabulary ({data_vocab})"
-            )
-        return preset_config(
-            self.architecture or "dense",
-            model_size=self.model_size,
-            preset=self.preset,
-            vocab_size=vocab or data_vocab,
-            **kw,
-        )
-
-    def check_fits(self, cfg: ModelConfig, source: str) -> None:
-        """Explicit model flags must agree with a checkpoint's config (--init-from/--resume)."""
-        given = [k for k, v in self.overrides.items() if v is not None]
-        check_fields_apply(
-            cfg.architecture,
-            self.preset or cfg.preset,
-            given,
-            self.model_size if self.preset else None,
-        )
-        if (
-            self.architecture is not None
-            and canonical_architecture(self.architecture) != cfg.architecture
-        ):
-            raise ConfigError(
-                f"--architecture {self.architecture} does not fit {source} ({cfg.architecture})"
-            )
-        if self.preset is not None and self.preset != cfg.preset:
-            raise ConfigError(f"--preset {self.preset} does not fit {source} (preset {cfg.preset})")
-        for key, value in self.overrides.items():
-            if value is not None and getattr(cfg, key) != value:
-                flag = "--" + key.replace("_", "-")
-                raise ConfigError(
-                    f"{flag} {value} does not fit {source} ({key} = {getattr(cfg, key)})"
-                )
-
-
-@dataclass
 class DebugHooks:
     """Test-only fault injection (hidden CLI flags): poison steps, kill the process."""
 
@@ -162,154 +122,6 @@ class DebugHooks:
     sigkill_at_step: int | None = None  # SIGKILL self right after this step (and its checkpoint)
     step_delay_s: float = 0.0  # sleep after every step (lets a test signal a run mid-way)
     save_delay_s: float = 0.0  # sleep inside every checkpoint write (a test aborts a save)
-
-
-# ---- stop signals ----------------------------------------------------------------------------
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-# A repeat of the stop signal this soon after the first is the same request delivered twice
-# (a terminal's Ctrl-C reaches the whole process group, and torchrun or `archlab compare`
-# forward it again); a later one aborts.
-REPEAT_WINDOW_S = 1.0
-
-
-class StopRequest:
-    """SIGINT / SIGTERM handler: the first asks the loop to stop after the current optimizer
-    step and save; a second one (after REPEAT_WINDOW_S) aborts at once.
-
-    An abort raises Interrupted wherever the process is, also inside a checkpoint write:
-    the atomic write then removes its temporary folder and the previous checkpoint stays.
-    """
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
-        self.signum: int | None = None
-        self.at = 0.0
-        self.aborting = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers live on the main thread; an embedding caller keeps its own
-        for sig in STOP_SIGNALS:
-            if signal.getsignal(sig) is signal.SIG_IGN:
-                continue  # e.g. SIGINT in a shell's background job: the launcher wants it ignored
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        now = time.monotonic()
-        t = self.trainer
-        if self.signum is None:
-            self.signum, self.at = signum, now
-            if t.dist.is_main:
-                # os.write, not print: the handler may interrupt a print to stderr
-                os.write(
-                    2,
-                    f"archlab train: {name}: finishing the current step, then saving a "
-                    f"checkpoint (send {name} again to abort without saving)\n".encode(),
-                )
-            return
-        if now - self.at < REPEAT_WINDOW_S or self.aborting:
-            return  # a duplicate, or the abort is already unwinding (let its cleanup finish)
-        self.aborting = True
-        last = ckpt_mod.latest_checkpoint(t.run_dir) if t.run_dir is not None else None
-        raise Interrupted(
-            f"aborted by a second {name}; "
-            + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written"),
-            signum,
-        )
-
-
-# ---- devices, precision ----------------------------------------------------------------------
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available (try --device cpu)")
-        return torch.device("cuda", local_rank)
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: MPS is not available on this machine (try --device cpu)")
-    return torch.device(name)
-
-
-def amp_dtype(device: torch.device) -> tuple[torch.dtype, bool]:
-    """(autocast dtype, needs a gradient scaler): bf16 where the device supports it, else fp16."""
-    if device.type == "cuda":
-        bf16 = torch.cuda.is_bf16_supported()
-    elif device.type == "cpu":
-        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    else:  # mps: bf16 from macOS 14
-        bf16 = bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
-    return (torch.bfloat16, False) if bf16 else (torch.float16, True)
-
-
-def _rng_state() -> dict[str, Any]:
-    """Python, numpy and torch generator states as tensors and primitives (weights_only-safe)."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "name": str(np_state[0]),
-            "keys": torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        (
-            n["name"],
-            n["keys"].numpy().astype(np.uint32),
-            n["pos"],
-            n["has_gauss"],
-            n["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError):
-            torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---- batches ---------------------------------------------------------------------------------
-class GlobalBatchSampler:
-    """One shared generator (same seed on every rank) drawing each step's global micro-batches.
-
-    The dataset (built with this rank and the world size) draws ``batch_size * world_size``
-    window starts from the generator and gathers only this rank's slice of them.
-    """
-
-    def __init__(self, dataset, batch_size: int, seq_len: int, seed: int) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.generator = torch.Generator()
-        self.generator.manual_seed(seed)
-
-    def next(self) -> tuple[Tensor, Tensor]:
-        """(x, y) of this rank: (B, T) LongTensors on the host."""
-        return self.dataset.get_batch(self.batch_size, self.seq_len, self.generator)
 
 
 # ---- the run -------------------------------------------------------------------------------
@@ -472,6 +284,11 @@ class Trainer:
             )
         self.total_steps = cfg.total_steps(self.seq_len, self.dist.world_size)
         self.tokens_per_step = cfg.tokens_per_step(self.seq_len, self.dist.world_size)
+        if cfg.warmup_steps is None:  # resolved once and stored, so a resume keeps it
+            cfg.warmup_steps = default_warmup_steps(self.total_steps)
+        warning = warmup_warning(cfg.warmup_steps, self.total_steps)
+        if warning and self.dist.is_main and self.progress:  # --quiet: errors only
+            print(warning, file=sys.stderr)
 
         # 5. Datasets and samplers.
         self.train_ds = TokenDataset(self.data_dir, "train", self.dist.rank, self.dist.world_size)
@@ -491,6 +308,9 @@ class Trainer:
         np.random.seed(cfg.seed)
         from ..models import build_model
 
+        # The process's memory before the model exists (interpreter, torch, data maps): the
+        # report subtracts it so the memory column is the model's own (CPU RSS is mostly torch).
+        self.mem_before_model = current_memory_bytes(self.device)
         self.model = build_model(self.model_cfg)
         if source_ckpt is not None:
             ckpt_mod.load_weights(self.model, source_ckpt)
@@ -1105,6 +925,11 @@ class Trainer:
             "train_time_s": train_time,
             "tokens_per_s": tokens_per_s,
             "peak_mem_bytes": peak_mem,
+            "mem_before_model_bytes": self.mem_before_model,
+            "model_mem_bytes": max(0, peak_mem - self.mem_before_model)
+            if self.mem_before_model is not None
+            else None,
+            "memory_kind": memory_kind(self.device),
             "final_val_loss": val_loss,
             "nan_count": self.nan_count,
             "mfu": run_mfu,
@@ -1152,7 +977,12 @@ class Trainer:
             + ")",
             f"Steps: {s['steps']} ({s['tokens_seen']:,} tokens)",
             f"Training time: {s['train_time_s']:.1f} s",
-            f"Peak memory: {format_bytes(s['peak_mem_bytes'])}",
+            f"Peak memory: {format_bytes(s['peak_mem_bytes'])}"
+            + (
+                f" ({format_bytes(s['model_mem_bytes'])} over the process before the model)"
+                if s.get("model_mem_bytes") is not None
+                else ""
+            ),
             f"Final validation loss: {s['final_val_loss']:.4f}"
             + (f" (entropy floor {floor:.4f})" if isinstance(floor, (int, float)) else ""),
             f"Tokens/s: {s['tokens_per_s']:,.0f}",

@@ -1,0 +1,41 @@
+"""Fused CPU kernels (numba) for the recurrent mixers, and their availability switch.
+
+    scan_cpu.py      Mamba's selective scan, forward and backward, plus the decode step
+    hypermix_cpu.py  HyperMixing's causal mixer, forward and backward, plus the decode step
+
+Each kernel is optional: :func:`fused_available` says whether it can run (numba imports and the
+kernel has not failed to compile in this process); callers fall back to the torch
+implementations, printing :func:`kernel_notice` once. ``ARCHLAB_KERNELS=off`` disables all of
+them (the torch paths then run everywhere, as without numba).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._numba import IMPORT_ERROR, NUMBA, notice_once
+
+__all__ = ["disable_fused", "fused_available", "kernel_notice"]
+
+_failed: dict[str, str] = {}
+
+
+def fused_available(name: str) -> bool:
+    """True when kernel ``name`` ("scan", "hypermix") may be used in this process."""
+    if os.environ.get("ARCHLAB_KERNELS", "").strip().lower() in ("off", "0", "none"):
+        return False
+    return NUMBA and name not in _failed
+
+
+def kernel_notice(name: str, message: str) -> None:
+    """One line on stderr, once per process and kernel, saying why the fallback runs."""
+    if os.environ.get("ARCHLAB_KERNELS", "").strip().lower() in ("off", "0", "none"):
+        why = "ARCHLAB_KERNELS=off"
+    else:
+        why = _failed.get(name) or IMPORT_ERROR or "unknown reason"
+    notice_once(name, f"archlab: {message} ({why})")
+
+
+def disable_fused(name: str, exc: BaseException) -> None:
+    """Mark kernel ``name`` unusable after it raised (typically a numba compile error)."""
+    _failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]

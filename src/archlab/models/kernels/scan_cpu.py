@@ -1,0 +1,451 @@
+"""Fused CPU selective scan (numba): one pass over time, the state in registers.
+
+Same math and layout as :mod:`archlab.models.scan` (u, delta, z (B, T, D); B, C (B, T, N);
+A (D, N); states (B, D, N)), but the whole layer (softplus(delta + bias), exp(delta A), the
+recurrence, <C, h>, D u and the SiLU gate) is one kernel call forward and one backward instead of
+hundreds of small torch ops.
+
+Work split: one work item is (batch b, block of ``_LANES`` consecutive channels). Its state
+h (N, lanes) stays in L1/registers; the inner loop runs over the channels of the block (16 float32
+lanes = one AVX-512 vector), the loop above it over the N states, the outer loop over time. Items
+are independent, so they run in parallel (``prange``) over B x D / lanes. Sums over channels
+(dB, dC) are reduced inside an item and written per channel block; the few blocks are summed in
+torch afterwards.
+
+Memory: forward saves the state entering every ``_CHUNK``-step chunk, (B, T / chunk, D, N) - 1/64
+of the (B, T, D, N) states - and the pre-gate output (B, T, D). The backward pass walks the chunks
+in reverse: it recomputes one chunk's states and decays from its checkpoint into a per-item buffer
+(chunk x N x lanes, 64 KiB in float32) and runs the adjoint recurrence backwards over it.
+Flops per (b, t, d, n): forward 1 exp + 4, backward 1 exp + ~16; bytes per (b, t, d): ~20 read
+and written forward, ~40 backward; everything of size N lives in cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._numba import NUMBA, kernel, parallel_for
+
+__all__ = ["available", "fused_selective_scan", "mamba_step", "mamba_step_weights", "warm_up"]
+
+_LANES = 16  # channels per work item: one AVX-512 float32 vector
+_CHUNK = 64  # time steps between state checkpoints
+
+
+def available() -> bool:
+    return NUMBA
+
+
+if NUMBA:
+    from ._numba import vexp, vsoftplus
+
+    @kernel
+    def _scan_fwd(lo, hi, u, dlt, At, Bm, Cm, Dv, z, bias, h0, flags, K, out, pre, last, ckpt):
+        """Forward. flags = (has_D, has_z, softplus, has_h0). At is A transposed, (N, D).
+
+        Every loop with transcendental math or the N-loop runs over all ``_LANES`` lanes of
+        local arrays (constant trip count: whole vectors); lanes past D hold zeros (A = 0,
+        delta u = 0, so their state stays 0) and are never written back."""
+        Bsz, T, D = u.shape
+        N = At.shape[0]
+        nblk = (D + _LANES - 1) // _LANES
+        has_D, has_z, softplus, has_h0 = flags[0], flags[1], flags[2], flags[3]
+        one = np.ones(1, dtype=u.dtype)[0]
+        h = np.zeros((N, _LANES), dtype=u.dtype)
+        Ab = np.zeros((N, _LANES), dtype=u.dtype)  # A of the block
+        bl = np.zeros(_LANES, dtype=u.dtype)
+        Dl = np.zeros(_LANES, dtype=u.dtype)
+        dv = np.zeros(_LANES, dtype=u.dtype)
+        uv = np.zeros(_LANES, dtype=u.dtype)
+        zv = np.zeros(_LANES, dtype=u.dtype)
+        du = np.zeros(_LANES, dtype=u.dtype)
+        y = np.zeros(_LANES, dtype=u.dtype)
+        ov = np.zeros(_LANES, dtype=u.dtype)
+        pv = np.zeros(_LANES, dtype=u.dtype)
+        for item in range(lo, hi):
+            b = item // nblk
+            d0 = (item % nblk) * _LANES
+            w = min(_LANES, D - d0)
+            h[:, :] = 0.0
+            Ab[:, :] = 0.0
+            for arr in (bl, Dl, dv, uv, zv):
+                arr[:] = 0.0
+            for n in range(N):
+                for j in range(w):
+                    Ab[n, j] = At[n, d0 + j]
+                    if has_h0:
+                        h[n, j] = h0[b, d0 + j, n]
+            for j in range(w):
+                bl[j] = bias[d0 + j]
+                if has_D:
+                    Dl[j] = Dv[d0 + j]
+            for t in range(T):
+                if t % K == 0:
+                    c = t // K
+                    for n in range(N):
+                        for j in range(w):
+                            ckpt[b, c, d0 + j, n] = h[n, j]
+                for j in range(w):
+                    dv[j] = dlt[b, t, d0 + j]
+                    uv[j] = u[b, t, d0 + j]
+                    if has_z:
+                        zv[j] = z[b, t, d0 + j]
+                for j in range(_LANES):
+                    v = dv[j] + bl[j]
+                    if softplus:
+                        v = vsoftplus(v)
+                    du[j] = v * uv[j]
+                    dv[j] = v
+                    y[j] = 0.0
+                for n in range(N):  # hot loop
+                    bn = Bm[b, t, n]
+                    cn = Cm[b, t, n]
+                    for j in range(_LANES):
+                        hv = vexp(dv[j] * Ab[n, j]) * h[n, j] + du[j] * bn
+                        h[n, j] = hv
+                        y[j] += cn * hv
+                for j in range(_LANES):
+                    o = y[j] + Dl[j] * uv[j]
+                    pv[j] = o
+                    if has_z:
+                        o = o * zv[j] / (one + vexp(-zv[j]))
+                    ov[j] = o
+                for j in range(w):
+                    pre[b, t, d0 + j] = pv[j]
+                    out[b, t, d0 + j] = ov[j]
+            for n in range(N):
+                for j in range(w):
+                    last[b, d0 + j, n] = h[n, j]
+
+    @kernel
+    def _scan_bwd(
+        lo, hi, u, dlt, At, Bm, Cm, Dv, z, bias, flags, K, ckpt, pre, gout, glast,
+        du_out, ddlt, dA_b, dB_blk, dC_blk, dD_b, dz, dbias_b, dh0,
+    ):  # fmt: skip
+        """Backward. flags = (has_D, has_z, softplus, has_h0, has_glast); writes every grad.
+
+        dA_b (B, N, D), dD_b and dbias_b (B, D) are per-batch partial sums; dB_blk, dC_blk
+        (nblk, B, T, N) per channel block. Lanes as in the forward kernel.
+        """
+        Bsz, T, D = u.shape
+        N = At.shape[0]
+        nblk = (D + _LANES - 1) // _LANES
+        nck = (T + K - 1) // K
+        has_D, has_z, softplus, has_glast = flags[0], flags[1], flags[2], flags[4]
+        one = np.ones(1, dtype=u.dtype)[0]
+        zero = np.zeros(1, dtype=u.dtype)[0]
+        g = np.zeros((N, _LANES), dtype=u.dtype)  # dL/dh_t, carried backwards
+        Ab = np.zeros((N, _LANES), dtype=u.dtype)
+        hs = np.zeros((K + 1, N, _LANES), dtype=u.dtype)  # h_{t0-1} .. h_{t1-1}
+        As = np.zeros((K, N, _LANES), dtype=u.dtype)  # exp(delta A) of the chunk
+        dts = np.zeros((K, _LANES), dtype=u.dtype)
+        DU = np.zeros((K, _LANES), dtype=u.dtype)  # delta u of the chunk
+        US = np.zeros((K, _LANES), dtype=u.dtype)  # u of the chunk
+        sig = np.zeros((K, _LANES), dtype=u.dtype)  # d softplus / d input
+        dA = np.zeros((N, _LANES), dtype=u.dtype)
+        bl = np.zeros(_LANES, dtype=u.dtype)
+        Dl = np.zeros(_LANES, dtype=u.dtype)
+        dv = np.zeros(_LANES, dtype=u.dtype)
+        gov = np.zeros(_LANES, dtype=u.dtype)
+        zv = np.zeros(_LANES, dtype=u.dtype)
+        pv = np.zeros(_LANES, dtype=u.dtype)
+        dzv = np.zeros(_LANES, dtype=u.dtype)
+        dDl = np.zeros(_LANES, dtype=u.dtype)
+        dbl = np.zeros(_LANES, dtype=u.dtype)
+        dy = np.zeros(_LANES, dtype=u.dtype)
+        ddu = np.zeros(_LANES, dtype=u.dtype)  # dL/d(delta u)
+        ddt = np.zeros(_LANES, dtype=u.dtype)  # dL/d delta through the decays
+        guv = np.zeros(_LANES, dtype=u.dtype)
+        gdv = np.zeros(_LANES, dtype=u.dtype)
+        for item in range(lo, hi):
+            b = item // nblk
+            blk = item % nblk
+            d0 = blk * _LANES
+            w = min(_LANES, D - d0)
+            for arr2 in (g, Ab, dA):
+                arr2[:, :] = 0.0
+            for arr in (bl, Dl, dv, gov, zv, pv, dDl, dbl):
+                arr[:] = 0.0
+            hs[:, :, :] = 0.0
+            US[:, :] = 0.0
+            for n in range(N):
+                for j in range(w):
+                    Ab[n, j] = At[n, d0 + j]
+                    if has_glast:
+                        g[n, j] = glast[b, d0 + j, n]
+            for j in range(w):
+                bl[j] = bias[d0 + j]
+                if has_D:
+                    Dl[j] = Dv[d0 + j]
+            for c in range(nck - 1, -1, -1):
+                t0 = c * K
+                L = min(T, t0 + K) - t0
+                for n in range(N):
+                    for j in range(w):
+                        hs[0, n, j] = ckpt[b, c, d0 + j, n]
+                for i in range(L):  # recompute the chunk's states and decays
+                    t = t0 + i
+                    for j in range(w):
+                        dv[j] = dlt[b, t, d0 + j]
+                        US[i, j] = u[b, t, d0 + j]
+                    for j in range(_LANES):
+                        v = dv[j] + bl[j]
+                        s = one
+                        if softplus:
+                            e = vexp(v)
+                            s = one if v > 20.0 else e / (one + e)
+                            v = vsoftplus(v)
+                        dts[i, j] = v
+                        sig[i, j] = s
+                        DU[i, j] = v * US[i, j]
+                    for n in range(N):
+                        bn = Bm[b, t, n]
+                        for j in range(_LANES):
+                            a = vexp(dts[i, j] * Ab[n, j])
+                            As[i, n, j] = a
+                            hs[i + 1, n, j] = a * hs[i, n, j] + DU[i, j] * bn
+                for i in range(L - 1, -1, -1):  # adjoint recurrence, backwards in time
+                    t = t0 + i
+                    for j in range(w):
+                        gov[j] = gout[b, t, d0 + j]
+                        if has_z:
+                            zv[j] = z[b, t, d0 + j]
+                            pv[j] = pre[b, t, d0 + j]
+                    for j in range(_LANES):
+                        go = gov[j]
+                        if has_z:
+                            zz = zv[j]
+                            sz = one / (one + vexp(-zz))
+                            dzv[j] = go * pv[j] * sz * (one + zz * (one - sz))
+                            go = go * zz * sz
+                        dy[j] = go
+                        dDl[j] += go * US[i, j]
+                        ddu[j] = 0.0
+                        ddt[j] = 0.0
+                    for n in range(N):  # hot loop
+                        bn = Bm[b, t, n]
+                        cn = Cm[b, t, n]
+                        acc_c = zero
+                        acc_b = zero
+                        for j in range(_LANES):
+                            gv = g[n, j] + cn * dy[j]  # dL/dh_t
+                            acc_c += dy[j] * hs[i + 1, n, j]
+                            acc_b += gv * DU[i, j]
+                            ddu[j] += gv * bn
+                            a = As[i, n, j]
+                            ga = gv * hs[i, n, j] * a  # dL/d(delta A)
+                            dA[n, j] += ga * dts[i, j]
+                            ddt[j] += ga * Ab[n, j]
+                            g[n, j] = gv * a  # dL/dh_{t-1} through the recurrence
+                        dC_blk[blk, b, t, n] = acc_c
+                        dB_blk[blk, b, t, n] = acc_b
+                    for j in range(_LANES):
+                        guv[j] = ddu[j] * dts[i, j] + dy[j] * Dl[j]
+                        gd = (ddt[j] + ddu[j] * US[i, j]) * sig[i, j]
+                        gdv[j] = gd
+                        dbl[j] += gd
+                    for j in range(w):
+                        du_out[b, t, d0 + j] = guv[j]
+                        ddlt[b, t, d0 + j] = gdv[j]
+                        if has_z:
+                            dz[b, t, d0 + j] = dzv[j]
+            for n in range(N):
+                for j in range(w):
+                    dh0[b, d0 + j, n] = g[n, j]
+                    dA_b[b, n, d0 + j] = dA[n, j]
+            for j in range(w):
+                dD_b[b, d0 + j] = dDl[j]
+                dbias_b[b, d0 + j] = dbl[j]
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().numpy()
+
+
+class _FusedScan(torch.autograd.Function):
+    """(u, delta, A, B, C, D, z, delta_bias, h0) -> (out, h_T); all in one dtype, contiguous."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus):  # type: ignore[override]
+        Bsz, T, Dm = u.shape
+        N = A.shape[1]
+        dtype = u.dtype
+        At = A.t().contiguous()  # (N, D)
+        dummy = u.new_zeros(1, 1, 1)
+        Dv = D if D is not None else u.new_zeros(Dm)
+        bias = delta_bias if delta_bias is not None else u.new_zeros(Dm)
+        flags = np.array([D is not None, z is not None, softplus, h0 is not None, False])
+        K = _CHUNK
+        out = torch.empty_like(u)
+        pre = torch.empty_like(u)  # y + D u, before the gate (needed for dz)
+        last = torch.empty(Bsz, Dm, N, dtype=dtype)
+        ckpt = torch.empty(Bsz, -(-T // K), Dm, N, dtype=dtype)
+        parallel_for(
+            _scan_fwd, Bsz * -(-Dm // _LANES), Bsz * T * Dm * N,
+            _np(u), _np(delta), _np(At), _np(B), _np(C), _np(Dv),
+            _np(z if z is not None else dummy), _np(bias),
+            _np(h0 if h0 is not None else u.new_zeros(1, 1, 1)), flags, K,
+            _np(out), _np(pre), _np(last), _np(ckpt),
+        )  # fmt: skip
+        ctx.save_for_backward(u, delta, At, B, C, Dv, z, bias, ckpt, pre)
+        ctx.flags, ctx.K = flags, K
+        ctx.has = (D is not None, z is not None, delta_bias is not None, h0 is not None)
+        return out, last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gout, glast):  # type: ignore[override]
+        u, delta, At, B, C, Dv, z, bias, ckpt, pre = ctx.saved_tensors
+        Bsz, T, Dm = u.shape
+        N = At.shape[0]
+        nblk = -(-Dm // _LANES)
+        flags = ctx.flags.copy()
+        flags[4] = glast is not None
+        gout = gout.contiguous() if gout is not None else torch.zeros_like(u)
+        dummy = u.new_zeros(1, 1, 1)
+        du, ddelta, dz = torch.empty_like(u), torch.empty_like(u), torch.empty_like(u)
+        dA_b = u.new_empty(Bsz, N, Dm)
+        dB_blk, dC_blk = u.new_empty(nblk, Bsz, T, N), u.new_empty(nblk, Bsz, T, N)
+        dD_b, dbias_b = u.new_empty(Bsz, Dm), u.new_empty(Bsz, Dm)
+        dh0 = u.new_empty(Bsz, Dm, N)
+        parallel_for(
+            _scan_bwd, Bsz * nblk, Bsz * T * Dm * N,
+            _np(u), _np(delta), _np(At), _np(B), _np(C), _np(Dv),
+            _np(z if z is not None else dummy), _np(bias), flags, ctx.K, _np(ckpt), _np(pre),
+            _np(gout), _np(glast.contiguous() if glast is not None else dummy),
+            _np(du), _np(ddelta), _np(dA_b), _np(dB_blk), _np(dC_blk), _np(dD_b), _np(dz),
+            _np(dbias_b), _np(dh0),
+        )  # fmt: skip
+        has_D, has_z, has_bias, has_h0 = ctx.has
+        return (
+            du, ddelta, dA_b.sum(0).t(), dB_blk.sum(0), dC_blk.sum(0),
+            dD_b.sum(0) if has_D else None, dz if has_z else None,
+            dbias_b.sum(0) if has_bias else None, dh0 if has_h0 else None, None,
+        )  # fmt: skip
+
+
+_warm: set[torch.dtype] = set()
+
+
+def _compile_both(dtype: torch.dtype) -> None:
+    """Compile (or load from numba's cache) both kernels for ``dtype`` on a tiny problem, so a
+    compile failure shows before training starts and never in the middle of a backward pass."""
+    if dtype in _warm:
+        return
+    if not NUMBA:
+        raise RuntimeError("numba is not available")
+    g = torch.Generator().manual_seed(0)
+    u, dl, z = (torch.randn(1, 2, 3, generator=g, dtype=dtype) for _ in range(3))
+    Bm, Cm = (torch.randn(1, 2, 2, generator=g, dtype=dtype) for _ in range(2))
+    A, D = -torch.ones(3, 2, dtype=dtype), torch.ones(3, dtype=dtype)
+    h0 = torch.zeros(1, 3, 2, dtype=dtype)
+    args = [u, dl, A, Bm, Cm, D, z, D, h0]
+    for t in args:
+        t.requires_grad_(True)
+    with torch.enable_grad():
+        out, last = _FusedScan.apply(*args, True)
+        (out.sum() + last.sum()).backward()
+    _warm.add(dtype)
+
+
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile (or load) both kernels for ``dtype`` once; raises on failure. Runs outside
+    inference mode (generation runs under it) so the tiny backward pass can be taken."""
+    if dtype in _warm:
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        _compile_both(dtype)
+
+
+def fused_selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    initial_state: Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Fused scan in ``dtype`` (float32 or float64); returns (out (B, T, D), h_T (B, D, N))."""
+
+    def prep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    with torch.autocast("cpu", enabled=False):
+        return _FusedScan.apply(
+            prep(u), prep(delta), prep(A), prep(B), prep(C), prep(D), prep(z),
+            prep(delta_bias), prep(initial_state), bool(delta_softplus),
+        )  # fmt: skip
+
+
+# ---- single-token decode: the whole mixer between in_proj and out_proj in one call ----------
+if NUMBA:
+
+    @kernel
+    def _mamba_step(lo, hi, xz, conv, cw, cb, xw, dtw, dtb, A_log, Dv, h, y):
+        """One token for batch rows [lo, hi): causal conv + SiLU, x_proj, dt_proj + softplus,
+        the recurrent update of h (B, di, N) and the gated read-out into y (B, di).
+
+        xz (B, 2 di) is in_proj's output; conv (B, di, K - 1) holds the last conv inputs and is
+        shifted in place, h updated in place."""
+        di = Dv.shape[0]
+        K = cw.shape[1]
+        R = dtw.shape[1]
+        N = A_log.shape[1]
+        P = xw.shape[0]  # R + 2 N
+        one = np.ones(1, dtype=xz.dtype)[0]
+        zero = np.zeros(1, dtype=xz.dtype)[0]
+        xc = np.empty(di, dtype=xz.dtype)
+        proj = np.empty(P, dtype=xz.dtype)
+        for b in range(lo, hi):
+            for d in range(di):
+                acc = cb[d] + cw[d, K - 1] * xz[b, d]
+                for k in range(K - 1):
+                    acc += cw[d, k] * conv[b, d, k]
+                for k in range(K - 2):
+                    conv[b, d, k] = conv[b, d, k + 1]
+                if K > 1:
+                    conv[b, d, K - 2] = xz[b, d]
+                xc[d] = acc / (one + vexp(-acc))
+            for p in range(P):
+                acc = zero
+                for d in range(di):
+                    acc += xw[p, d] * xc[d]
+                proj[p] = acc
+            for d in range(di):
+                v = dtb[d]
+                for r in range(R):
+                    v += dtw[d, r] * proj[r]
+                delta = v if v > 20.0 else np.log1p(vexp(v))
+                du = delta * xc[d]
+                acc = Dv[d] * xc[d]
+                for n in range(N):
+                    a = vexp(-vexp(A_log[d, n]) * delta)
+                    hn = a * h[b, d, n] + du * proj[R + n]
+                    h[b, d, n] = hn
+                    acc += proj[R + N + n] * hn
+                zz = xz[b, di + d]
+                y[b, d] = acc * zz / (one + vexp(-zz))
+
+
+def mamba_step(xz: Tensor, conv: Tensor, ssm: Tensor, weights: tuple) -> Tensor:
+    """Decode step of MambaMixer after in_proj: returns y (B, di); conv and ssm updated in place.
+
+    ``weights``: numpy arrays (conv weight (di, K), conv bias, x_proj weight, dt_proj weight,
+    dt_proj bias, A_log, D), see :func:`mamba_step_weights`. One dtype, contiguous, CPU."""
+    y = xz.new_empty(xz.shape[0], weights[-1].shape[0])
+    xa, ca, sa = _np(xz), _np(conv), _np(ssm)
+    _mamba_step(0, xz.shape[0], xa, ca, *weights, sa, _np(y))
+    return y
+
+
+def mamba_step_weights(conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D) -> tuple:
+    """The decode kernel's weight arrays (numpy views of detached, contiguous parameters)."""
+    ts = (conv_w.reshape(conv_w.shape[0], -1), conv_b, x_proj_w, dt_w, dt_b, A_log, D)
+    return tuple(_np(t.detach().contiguous()) for t in ts)

@@ -1,0 +1,83 @@
+"""What an architecture declares about itself: one ArchitectureSpec at the end of its module.
+
+The skeleton (``lm.py``), the configuration (``config.py``) and the CLI know no architecture by
+name; they ask the registry (``registry.py``) for the spec and read these fields. A spec is data
+plus a few small functions of the config, so that adding an architecture is one new module that
+ends with ``SPEC = ArchitectureSpec(...)`` and one line in ``registry.MODULES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..config import ConfigError, ModelConfig
+
+BlockFactory = Callable[[ModelConfig, int], nn.Module]
+
+
+@dataclass(frozen=True)
+class SummaryField:
+    """One line the architecture adds to ``archlab summary`` (key in --json, label in text)."""
+
+    key: str
+    label: str
+    value: Callable[[ModelConfig], Any]
+    # Shown only when this returns True (e.g. a field the rustgpt preset's block lacks).
+    when: Callable[[ModelConfig], bool] | None = None
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Everything the rest of the package needs to know about one architecture."""
+
+    name: str  # the --architecture value and config.json's "architecture"
+    display_name: str  # the summary's "Architecture Type:" line
+    block: BlockFactory  # (cfg, layer_idx) -> block; see lm.py for the block contract
+    aliases: tuple[str, ...] = ()
+    # Config fields (flags) this architecture uses among those only some use; a flag outside
+    # it would change nothing and is refused (config.check_fields_apply).
+    fields: tuple[str, ...] = ()
+    # Default norm: "rmsnorm" forces RMSNorm (as in Mamba/Samba); "layernorm" honours
+    # --use-rmsnorm.
+    norm: str = "layernorm"
+    # Positions: learned_positions=False means the blocks carry position themselves (no
+    # embedding table even without --use-rope); rope=False means --use-rope has no effect.
+    learned_positions: bool = True
+    rope: bool = True
+    # Change to the dense size preset's shape that keeps parameter counts comparable.
+    size_override: Callable[[dict[str, int]], dict[str, Any]] | None = None
+    # "Hidden Dimension" in the summary (default: the MLP's hidden width as built).
+    hidden_dim: Callable[[ModelConfig], int] | None = None
+    summary_fields: tuple[SummaryField, ...] = ()
+    # Architecture-specific checks, raising ConfigError naming the flag.
+    validate: Callable[[ModelConfig], None] | None = None
+    # The block of the seed's rustgpt preset, for the architectures that define it.
+    rustgpt_block: BlockFactory | None = None
+
+    @property
+    def has_mlp(self) -> bool:
+        return "mlp" in self.fields
+
+
+# ---- pieces several architectures share ------------------------------------------------
+ATTENTION_FIELDS = (SummaryField("num_heads", "Attention Heads", lambda c: c.n_heads),)
+MLP_FLAGS = ("d_ff", "mlp", "bias")
+
+
+def check_attention_heads(cfg: ModelConfig, always_rope: bool = False) -> None:
+    """d_model must split into heads; RoPE needs an even head dimension."""
+    if cfg.preset == "rustgpt":
+        return
+    if cfg.d_model % cfg.n_heads:
+        raise ConfigError(
+            f"--n-heads: d_model {cfg.d_model} is not divisible by n_heads {cfg.n_heads}"
+        )
+    if (cfg.use_rope or always_rope) and cfg.head_dim % 2:
+        flag = "--n-heads" if always_rope else "--use-rope"
+        raise ConfigError(
+            f"{flag}: head dimension {cfg.head_dim} must be even for rotary embeddings"
+        )

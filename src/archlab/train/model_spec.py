@@ -1,0 +1,67 @@
+"""ModelSpec: the model a user asked for, before the data's vocabulary (or a checkpoint) fixes it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import (
+    ConfigError,
+    ModelConfig,
+    canonical_architecture,
+    check_fields_apply,
+    preset_config,
+)
+
+
+@dataclass
+class ModelSpec:
+    """What the user asked for; becomes a ModelConfig once the data's vocabulary is known."""
+
+    architecture: str | None = None  # None: dense, or the checkpoint's
+    model_size: str | None = None
+    preset: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)  # explicit ModelConfig fields
+
+    def build(self, data_vocab: int) -> ModelConfig:
+        kw = {k: v for k, v in self.overrides.items() if v is not None}
+        check_fields_apply(
+            self.architecture or "dense", self.preset, list(kw), model_size=self.model_size
+        )
+        vocab = kw.pop("vocab_size", None)
+        if vocab is not None and vocab < data_vocab:
+            raise ConfigError(
+                f"--vocab-size: {vocab} is smaller than the data's vocabulary ({data_vocab})"
+            )
+        return preset_config(
+            self.architecture or "dense",
+            model_size=self.model_size,
+            preset=self.preset,
+            vocab_size=vocab or data_vocab,
+            **kw,
+        )
+
+    def check_fits(self, cfg: ModelConfig, source: str) -> None:
+        """Explicit model flags must agree with a checkpoint's config (--init-from/--resume)."""
+        given = [k for k, v in self.overrides.items() if v is not None]
+        check_fields_apply(
+            cfg.architecture,
+            self.preset or cfg.preset,
+            given,
+            self.model_size if self.preset else None,
+        )
+        if (
+            self.architecture is not None
+            and canonical_architecture(self.architecture) != cfg.architecture
+        ):
+            raise ConfigError(
+                f"--architecture {self.architecture} does not fit {source} ({cfg.architecture})"
+            )
+        if self.preset is not None and self.preset != cfg.preset:
+            raise ConfigError(f"--preset {self.preset} does not fit {source} (preset {cfg.preset})")
+        for key, value in self.overrides.items():
+            if value is not None and getattr(cfg, key) != value:
+                flag = "--" + key.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} {value} does not fit {source} ({key} = {getattr(cfg, key)})"
+                )

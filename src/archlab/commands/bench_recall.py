@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any
 
@@ -74,21 +73,9 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_float_list(text: str, flag: str) -> list[float]:
-    from ..errors import UserError
-
-    try:
-        values = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise UserError(f"{flag}: expected comma-separated numbers (got {text!r})") from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise UserError(f"{flag}: expected positive numbers (got {text!r})")
-    return sorted(set(values))
-
-
 def raw_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The user's explicit values (None = unset), keyed like RecallSettings."""
-    from ..bench.options import parse_architectures, parse_int_list
+    from ..bench.options import parse_architectures, parse_int_list, parse_learning_rates
 
     raw: dict[str, Any] = {
         key: getattr(args, key)
@@ -122,7 +109,7 @@ def raw_settings(args: argparse.Namespace) -> dict[str, Any]:
     raw["d_models"] = parse_int_list(args.d_models, "--d-models") if args.d_models else None
     raw["kv_pairs"] = parse_int_list(args.kv_pairs, "--kv-pairs") if args.kv_pairs else None
     raw["learning_rates"] = (
-        parse_float_list(args.learning_rates, "--learning-rates") if args.learning_rates else None
+        sorted(parse_learning_rates(args.learning_rates)) if args.learning_rates else None
     )
     return raw
 

@@ -110,6 +110,13 @@ class MambaMixer(nn.Module):
                 xi, z = xz[:, 0].chunk(2, dim=-1)
                 y = self._step(xi, z, state)
             return self.out_proj(y.unsqueeze(1))
+        if state is None and self._inner_ready(xz):  # CPU training: one fused node
+            from .kernels.mamba_cpu import mamba_inner
+
+            c, dtp = self.conv1d, self.dt_proj
+            y = mamba_inner(xz, c.weight, c.bias, self.x_proj.weight, dtp.weight, dtp.bias,
+                            self.A_log, self.D)  # fmt: skip
+            return self.out_proj(y)
         xi, z = xz.chunk(2, dim=-1)  # (B, T, d_inner) each
         scan_fn, conv_fn = _cuda_kernels() if x.is_cuda and state is None else (None, None)
         xc = self._conv(xi, state, conv_fn)  # (B, T, d_inner), after SiLU
@@ -128,6 +135,30 @@ class MambaMixer(nn.Module):
                     initial_state=state.get("ssm"), return_last_state=True,
                 )  # fmt: skip
         return self.out_proj(y)
+
+    def _inner_ready(self, xz: Tensor) -> bool:
+        """True when the fused CPU node (kernels/mamba_cpu.py) applies: CPU, the fused scan
+        selected (ARCHLAB_SCAN), one float32/float64 dtype, and its kernels compiled."""
+        from .kernels import disable_fused, fused_available, kernel_notice
+        from .scan import resolve_scan_impl
+
+        if (
+            xz.device.type != "cpu"
+            or xz.dtype not in (torch.float32, torch.float64)
+            or any(p.dtype != xz.dtype for p in self.parameters())
+            or resolve_scan_impl(xz.device) != "fused"
+            or not fused_available("mamba_inner")
+        ):
+            return False
+        from .kernels.mamba_cpu import warm_up_inner
+
+        try:
+            warm_up_inner(xz.dtype)
+        except Exception as exc:  # compile failure: the op-by-op graph from now on
+            disable_fused("mamba_inner", exc)
+            kernel_notice("mamba_inner", "Mamba: fused conv kernels unavailable, using torch ops")
+            return False
+        return True
 
     def _conv(self, xi: Tensor, state: dict | None, conv_fn: Callable | None) -> Tensor:
         """Causal depthwise conv + SiLU over (B, T, d_inner); keeps the last inputs in state."""
@@ -152,7 +183,7 @@ class MambaMixer(nn.Module):
     def _fused_step(self, xz: Tensor, state: dict) -> Tensor | None:
         """One decode token through the fused CPU kernel (conv, projections, scan step and gate
         in one call); None when it does not apply (GPU, autograd, mixed dtypes, no numba)."""
-        from .kernels import disable_fused, fused_available, kernel_notice, scan_cpu
+        from .kernels import disable_fused, fused_available, kernel_notice, mamba_cpu
 
         dtype = xz.dtype
         params = (self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight, self.A_log)
@@ -171,10 +202,10 @@ class MambaMixer(nn.Module):
         h = xz.new_zeros(Bsz, self.d_inner, self.state_size) if h is None else h.to(dtype)
         conv, h = conv.contiguous(), h.contiguous()  # updated in place by the kernel
         try:
-            y = scan_cpu.mamba_step(
+            y = mamba_cpu.mamba_step(
                 xz.contiguous(), conv, h,
                 self._step_weights.get(params + (self.conv1d.bias, self.dt_proj.bias, self.D),
-                    lambda: scan_cpu.mamba_step_weights(
+                    lambda: mamba_cpu.mamba_step_weights(
                         self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
                         self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
                     )),

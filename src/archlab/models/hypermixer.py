@@ -392,12 +392,18 @@ class CausalHyperMixing(nn.Module):
         dtype = x.dtype
         S = state["S"]
         nets = [self.hyper_w1] + ([] if self.hyper_w2 is None else [self.hyper_w2])
+        # the kernel's parameters, listed directly: self.parameters() walks the module tree,
+        # which cost more per decode step than the kernel itself
+        params = tuple(
+            p for net in nets for lin in (net.fc, net.proj) for p in (lin.weight, lin.bias)
+            if p is not None
+        )  # fmt: skip
         if (
             x.device.type != "cpu"
             or dtype not in (torch.float32, torch.float64)
             or S.dtype != dtype
-            or any(p.dtype != dtype for p in self.parameters())
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            or any(p.dtype != dtype for p in params)
+            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
             or not fused_available("hypermix_step")
         ):
             return None
@@ -405,7 +411,6 @@ class CausalHyperMixing(nn.Module):
             raise ValueError(f"hypermixer decode state holds {state['count']} tokens, not {pos}")
 
         S = S.contiguous()  # updated in place
-        params = tuple(self.parameters())
         weights = self._step_weights.get(params, lambda: hypermix_cpu.hyper_step_weights(nets, x))
         try:
             out = hypermix_cpu.hyper_step(

@@ -103,13 +103,13 @@ class MambaMixer(nn.Module):
     def forward(self, x: Tensor, state: dict | None = None) -> Tensor:
         """x (B, T, d_model) -> (B, T, d_model); ``state`` (a dict) is read and updated."""
         T = x.shape[1]
-        xz = self.in_proj(x)  # (B, T, 2 d_inner)
         if state is not None and T == 1:
-            y = self._fused_step(xz[:, 0], state)
-            if y is None:
-                xi, z = xz[:, 0].chunk(2, dim=-1)
-                y = self._step(xi, z, state)
-            return self.out_proj(y.unsqueeze(1))
+            out = self._fused_step(x[:, 0], state)  # in_proj .. out_proj in one kernel call
+            if out is not None:
+                return out.unsqueeze(1)
+            xi, z = self.in_proj(x[:, 0]).chunk(2, dim=-1)
+            return self.out_proj(self._step(xi, z, state).unsqueeze(1))
+        xz = self.in_proj(x)  # (B, T, 2 d_inner)
         if state is None and self._inner_ready(xz):  # CPU training: one fused node
             from .kernels.mamba_cpu import mamba_inner
 
@@ -180,42 +180,41 @@ class MambaMixer(nn.Module):
             out = F.conv1d(full, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)
         return F.silu(out).transpose(1, 2)
 
-    def _fused_step(self, xz: Tensor, state: dict) -> Tensor | None:
-        """One decode token through the fused CPU kernel (conv, projections, scan step and gate
-        in one call); None when it does not apply (GPU, autograd, mixed dtypes, no numba)."""
+    def _fused_step(self, x: Tensor, state: dict) -> Tensor | None:
+        """One decode token x (B, d_model) through the fused CPU kernel (in_proj, conv,
+        projections, scan step, gate and out_proj in one call); None when it does not apply
+        (GPU, autograd, mixed dtypes, no numba)."""
         from .kernels import disable_fused, fused_available, kernel_notice, mamba_cpu
 
-        dtype = xz.dtype
-        params = (self.conv1d.weight, self.x_proj.weight, self.dt_proj.weight, self.A_log)
+        dtype = x.dtype
         if (
-            xz.device.type != "cpu"
+            x.device.type != "cpu"
             or dtype not in (torch.float32, torch.float64)
-            or any(p.dtype != dtype for p in params)
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+            or self.A_log.dtype != dtype
+            or (torch.is_grad_enabled() and self.A_log.requires_grad)
             or not fused_available("scan_step")
         ):
             return None
-        Bsz, K = xz.shape[0], self.conv_size
+        c, dtp = self.conv1d, self.dt_proj  # the parameters in mamba_step_weights' order
+        params = (self.in_proj.weight, c.weight, c.bias, self.x_proj.weight, dtp.weight,
+                  dtp.bias, self.A_log, self.D, self.out_proj.weight)  # fmt: skip
+        if any(p.dtype != dtype for p in params):
+            return None
+        Bsz, K = x.shape[0], self.conv_size
         conv = state.get("conv")
-        conv = xz.new_zeros(Bsz, self.d_inner, K - 1) if conv is None else conv.to(dtype)
+        conv = x.new_zeros(Bsz, self.d_inner, K - 1) if conv is None else conv.to(dtype)
         h = state.get("ssm")
-        h = xz.new_zeros(Bsz, self.d_inner, self.state_size) if h is None else h.to(dtype)
+        h = x.new_zeros(Bsz, self.d_inner, self.state_size) if h is None else h.to(dtype)
         conv, h = conv.contiguous(), h.contiguous()  # updated in place by the kernel
         try:
-            y = mamba_cpu.mamba_step(
-                xz.contiguous(), conv, h,
-                self._step_weights.get(params + (self.conv1d.bias, self.dt_proj.bias, self.D),
-                    lambda: mamba_cpu.mamba_step_weights(
-                        self.conv1d.weight, self.conv1d.bias, self.x_proj.weight,
-                        self.dt_proj.weight, self.dt_proj.bias, self.A_log, self.D,
-                    )),
-            )  # fmt: skip
+            weights = self._step_weights.get(params, lambda: mamba_cpu.mamba_step_weights(*params))
+            out = mamba_cpu.mamba_step(x.contiguous(), conv, h, weights)
         except Exception as exc:  # compile failure: the torch step from now on
             disable_fused("scan_step", exc)
             kernel_notice("scan_step", "Mamba decode: fused step unavailable, using torch ops")
             return None
         state["conv"], state["ssm"] = conv, h
-        return y
+        return out
 
     def _step(self, xi: Tensor, z: Tensor, state: dict) -> Tensor:
         """One token: xi, z (B, d_inner) -> y (B, d_inner); updates state in place."""

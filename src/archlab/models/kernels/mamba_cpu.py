@@ -194,34 +194,43 @@ def warm_up_inner(dtype: torch.dtype) -> None:
     _warm.add(dtype)
 
 
-# ---- single-token decode: the whole mixer between in_proj and out_proj in one call ----------
+# ---- single-token decode: the whole mixer, in_proj to out_proj, in one call ----------------
 if NUMBA:
 
     @kernel
-    def _mamba_step(lo, hi, xz, conv, cw, cb, xw, dtw, dtb, A_log, Dv, h, y):
-        """One token for batch rows [lo, hi): causal conv + SiLU, x_proj, dt_proj + softplus,
-        the recurrent update of h (B, di, N) and the gated read-out into y (B, di).
+    def _mamba_step(lo, hi, x, inw, conv, cw, cb, xw, dtw, dtb, A, Dv, outw, h, out):
+        """One token for batch rows [lo, hi): in_proj, causal conv + SiLU, x_proj, dt_proj +
+        softplus, the recurrent update of h (B, di, N), the gated read-out and out_proj into
+        out (B, d_model). A = -exp(A_log) (di, N).
 
-        xz (B, 2 di) is in_proj's output; conv (B, di, K - 1) holds the last conv inputs and is
-        shifted in place, h updated in place."""
+        x (B, d_model) is the normalised block input; conv (B, di, K - 1) holds the last conv
+        inputs and is shifted in place, h updated in place."""
         di = Dv.shape[0]
+        dm = x.shape[1]
         K = cw.shape[1]
         R = dtw.shape[1]
-        N = A_log.shape[1]
+        N = A.shape[1]
         P = xw.shape[0]  # R + 2 N
-        one = np.ones(1, dtype=xz.dtype)[0]
-        zero = np.zeros(1, dtype=xz.dtype)[0]
-        xc = np.empty(di, dtype=xz.dtype)
-        proj = np.empty(P, dtype=xz.dtype)
+        one = np.ones(1, dtype=x.dtype)[0]
+        zero = np.zeros(1, dtype=x.dtype)[0]
+        xz = np.empty(2 * di, dtype=x.dtype)
+        xc = np.empty(di, dtype=x.dtype)
+        y = np.empty(di, dtype=x.dtype)
+        proj = np.empty(P, dtype=x.dtype)
         for b in range(lo, hi):
+            for o in range(2 * di):
+                acc = zero
+                for c in range(dm):
+                    acc += inw[o, c] * x[b, c]
+                xz[o] = acc
             for d in range(di):
-                acc = cb[d] + cw[d, K - 1] * xz[b, d]
+                acc = cb[d] + cw[d, K - 1] * xz[d]
                 for k in range(K - 1):
                     acc += cw[d, k] * conv[b, d, k]
                 for k in range(K - 2):
                     conv[b, d, k] = conv[b, d, k + 1]
                 if K > 1:
-                    conv[b, d, K - 2] = xz[b, d]
+                    conv[b, d, K - 2] = xz[d]
                 xc[d] = acc / (one + vexp(-acc))
             for p in range(P):
                 acc = zero
@@ -236,26 +245,31 @@ if NUMBA:
                 du = delta * xc[d]
                 acc = Dv[d] * xc[d]
                 for n in range(N):
-                    a = vexp(-vexp(A_log[d, n]) * delta)
-                    hn = a * h[b, d, n] + du * proj[R + n]
+                    hn = vexp(A[d, n] * delta) * h[b, d, n] + du * proj[R + n]
                     h[b, d, n] = hn
                     acc += proj[R + N + n] * hn
-                zz = xz[b, di + d]
-                y[b, d] = acc * zz / (one + vexp(-zz))
+                zz = xz[di + d]
+                y[d] = acc * zz / (one + vexp(-zz))
+            for o in range(dm):
+                acc = zero
+                for d in range(di):
+                    acc += outw[o, d] * y[d]
+                out[b, o] = acc
 
 
-def mamba_step(xz: Tensor, conv: Tensor, ssm: Tensor, weights: tuple) -> Tensor:
-    """Decode step of MambaMixer after in_proj: returns y (B, di); conv and ssm updated in place.
+def mamba_step(x: Tensor, conv: Tensor, ssm: Tensor, weights: tuple) -> Tensor:
+    """Decode step of MambaMixer: x (B, d_model) -> (B, d_model); conv and ssm updated in place.
 
-    ``weights``: numpy arrays (conv weight (di, K), conv bias, x_proj weight, dt_proj weight,
-    dt_proj bias, A_log, D), see :func:`mamba_step_weights`. One dtype, contiguous, CPU."""
-    y = xz.new_empty(xz.shape[0], weights[-1].shape[0])
-    xa, ca, sa = _np(xz), _np(conv), _np(ssm)
-    _mamba_step(0, xz.shape[0], xa, ca, *weights, sa, _np(y))
-    return y
+    ``weights``: numpy arrays from :func:`mamba_step_weights`. One dtype, contiguous, CPU."""
+    out = x.new_empty(x.shape)
+    _mamba_step(0, x.shape[0], _np(x), weights[0], _np(conv), *weights[1:], _np(ssm), _np(out))
+    return out
 
 
-def mamba_step_weights(conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D) -> tuple:
-    """The decode kernel's weight arrays (numpy views of detached, contiguous parameters)."""
-    ts = (conv_w.reshape(conv_w.shape[0], -1), conv_b, x_proj_w, dt_w, dt_b, A_log, D)
+def mamba_step_weights(in_w, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D, out_w) -> tuple:
+    """The decode kernel's weight arrays: (in_proj, conv (di, K), conv bias, x_proj, dt_proj,
+    dt_proj bias, A = -exp(A_log), D) and out_proj last (numpy, detached, contiguous)."""
+    with torch.no_grad():
+        A = -torch.exp(A_log)
+    ts = (in_w, conv_w.reshape(conv_w.shape[0], -1), conv_b, x_proj_w, dt_w, dt_b, A, D, out_w)
     return tuple(_np(t.detach().contiguous()) for t in ts)

@@ -123,3 +123,24 @@ def test_hybrid_exact_parameter_count():
 def test_odd_head_dimension_is_a_config_error():
     with pytest.raises(ConfigError, match="--n-heads"):
         build_model(_cfg(d_model=30, n_heads=2))  # head dim 15 cannot take RoPE
+
+
+@pytest.mark.parametrize("T,W", [(700, 64), (129, 32), (96, 32)])
+def test_blocked_window_attention_equals_masked_attention(T, W):
+    """The blocked full-sequence pass == one SDPA over the (T, T) sliding-window mask,
+    values and all gradients, including a final partial block and a non-zero start position."""
+    from archlab.models.attention import CausalSelfAttention
+    from archlab.models.hybrid import BlockedWindowAttention
+
+    cfg = preset_config("hybrid", "nano", vocab_size=40, d_model=32, max_seq_len=T, local_window=W)
+    torch.manual_seed(0)
+    blocked = BlockedWindowAttention(cfg, window=W, use_rope=True).double()
+    masked = CausalSelfAttention(cfg, window=W, use_rope=True).double()
+    masked.load_state_dict(blocked.state_dict())
+    x = torch.randn(2, T, 32, dtype=torch.float64, requires_grad=True)
+    outs = []
+    for mod in (blocked, masked):
+        y = mod(x, pos=3)
+        outs.append([y, *torch.autograd.grad(y.sin().sum(), [x, *mod.parameters()])])
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

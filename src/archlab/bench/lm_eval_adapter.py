@@ -242,7 +242,7 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
         """New tokens for equal-length prompts decoded together from one cache.
 
         A row stops at end-of-text or once its text contains a stop string; greedy unless
-        ``settings`` has ``do_sample`` (then temperature, top_k, top_p as in generate.py).
+        ``settings`` has ``do_sample`` (then temperature, top_k, top_p as in generate/sampling.py).
         """
         from ..generate import SamplingParams, sample_token
 

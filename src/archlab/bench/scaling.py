@@ -28,7 +28,8 @@ from typing import Any
 
 from ..config import ModelConfig, preset_config
 from ..errors import UserError
-from .scaling_report import MODES
+
+MODES = ("fwd", "fwd_bwd")  # a forward pass (no grad); a training step's forward+backward
 
 
 @dataclass

@@ -15,14 +15,10 @@ import math
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..models import registry
-
-if TYPE_CHECKING:
-    from .scaling import Point, ScalingSettings
-
-MODES = ("fwd", "fwd_bwd")
+from .scaling import MODES, Point, ScalingSettings
 
 
 def challengers() -> tuple[str, ...]:
@@ -53,17 +49,12 @@ class Crossover:
 
     def describe(self) -> str:
         what = "forward" if self.mode == "fwd" else "forward+backward"
+        head = f"{self.architecture} vs {registry.REFERENCE} ({what}, {self.model_size})"
         if self.kind == "none":
-            return f"{self.architecture} vs {registry.REFERENCE} ({what}, {self.model_size}): none in range"
+            return f"{head}: none in range"
         if self.kind == "throughout":
-            return (
-                f"{self.architecture} vs {registry.REFERENCE} ({what}, {self.model_size}): cheaper at every "
-                f"measured T (from T={self.seq_len:.0f})"
-            )
-        return (
-            f"{self.architecture} vs {registry.REFERENCE} ({what}, {self.model_size}): cheaper from "
-            f"T ~ {self.seq_len:.0f}"
-        )
+            return f"{head}: cheaper at every measured T (from T={self.seq_len:.0f})"
+        return f"{head}: cheaper from T ~ {self.seq_len:.0f}"
 
 
 def crossover(

@@ -452,14 +452,8 @@ SPEC = ArchitectureSpec(
         ),
     ),
     rustgpt_block=RustGPTHyperMixerBlock,
-    # the mixer adds sinusoidal positions to the hypernetworks' input; --use-rope only drops
-    # the learned table (HyperMixer has no attention to rotate)
-    positions=lambda c: (
-        "learned + sinusoidal (hypernetwork input)"
-        if c.uses_learned_positions
-        else "sinusoidal (hypernetwork input)"
-    ),
-    # the running d' x d matrix S of the causal token mixing, per layer
-    state_elements=lambda c, i, seq_len: c.resolved_mixing_dim * c.d_model,
+    # sinusoidal positions enter the hypernetworks; --use-rope only drops the learned table
+    positions=lambda c: f"{'learned + ' if c.uses_learned_positions else ''}sinusoidal (mixer)",
+    state_elements=lambda c, i, seq_len: c.resolved_mixing_dim * c.d_model,  # running S (d' x d)
     linear_in_length=True,
 )

@@ -387,41 +387,9 @@ class CausalHyperMixing(nn.Module):
     def _fused_step(self, x: Tensor, pe: Tensor, state: dict, pos: int) -> Tensor | None:
         """One decode token through the fused CPU kernel (both hypernetworks, the running-sum
         update and the read-out in one call); None when it does not apply."""
-        from .kernels import disable_fused, fused_available, hypermix_cpu, kernel_notice
+        from .kernels.hypermix_cpu import fused_decode_step
 
-        dtype = x.dtype
-        S = state["S"]
-        nets = [self.hyper_w1] + ([] if self.hyper_w2 is None else [self.hyper_w2])
-        # the kernel's parameters, listed directly: self.parameters() walks the module tree,
-        # which cost more per decode step than the kernel itself
-        params = tuple(
-            p for net in nets for lin in (net.fc, net.proj) for p in (lin.weight, lin.bias)
-            if p is not None
-        )  # fmt: skip
-        if (
-            x.device.type != "cpu"
-            or dtype not in (torch.float32, torch.float64)
-            or S.dtype != dtype
-            or any(p.dtype != dtype for p in params)
-            or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
-            or not fused_available("hypermix_step")
-        ):
-            return None
-        if state["count"] != pos:
-            raise ValueError(f"hypermixer decode state holds {state['count']} tokens, not {pos}")
-
-        S = S.contiguous()  # updated in place
-        weights = self._step_weights.get(params, lambda: hypermix_cpu.hyper_step_weights(nets, x))
-        try:
-            out = hypermix_cpu.hyper_step(
-                x.contiguous(), pe.contiguous(), weights, len(nets) == 1, S, pos
-            )
-        except Exception as exc:  # compile failure: the torch path from now on
-            disable_fused("hypermix_step", exc)
-            kernel_notice("hypermix_step", "HyperMixer decode: fused step unavailable")
-            return None
-        state["S"], state["count"] = S, pos + 1
-        return out
+        return fused_decode_step(self, x, pe, state, pos)
 
 
 class HyperMixerBlock(nn.Module):

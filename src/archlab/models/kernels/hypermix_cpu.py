@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ._numba import NUMBA, kernel, parallel_for
 
-__all__ = ["fused_hypermix", "hyper_step", "hyper_step_weights", "warm_up"]
+__all__ = ["fused_decode_step", "fused_hypermix", "hyper_step", "hyper_step_weights", "warm_up"]
 
 # channels per work item: 64 (four AVX-512 vectors) so the backward's sums over channels (dw1,
 # dw2) take one horizontal reduction per four vectors. Thread CPU time at T = 1024, B = 8, M = 64,
@@ -314,3 +314,41 @@ def hyper_step_weights(nets: list, ref: Tensor) -> tuple:
         pb = net.proj.bias if net.proj.bias is not None else ref.new_zeros(net.proj.out_features)
         out += [_np(t.detach().contiguous()) for t in (net.fc.weight, fb, net.proj.weight, pb)]
     return tuple(out)
+
+
+def fused_decode_step(mixer, x: Tensor, pe: Tensor, state: dict, pos: int) -> Tensor | None:
+    """Decode step of a ``CausalHyperMixing`` module: x (B, D), pe (D,); ``state`` {"S",
+    "count"} updated. None when the kernel does not apply (GPU, autograd, mixed dtypes, no
+    numba, or it failed to compile: then with a one-line notice, the torch path from then on)."""
+    from . import disable_fused, fused_available, kernel_notice
+
+    dtype = x.dtype
+    S = state["S"]
+    nets = [mixer.hyper_w1] + ([] if mixer.hyper_w2 is None else [mixer.hyper_w2])
+    # the kernel's parameters, listed directly: mixer.parameters() walks the module tree,
+    # which cost more per decode step than the kernel itself
+    params = tuple(
+        p for net in nets for lin in (net.fc, net.proj) for p in (lin.weight, lin.bias)
+        if p is not None
+    )  # fmt: skip
+    if (
+        x.device.type != "cpu"
+        or dtype not in (torch.float32, torch.float64)
+        or S.dtype != dtype
+        or any(p.dtype != dtype for p in params)
+        or (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        or not fused_available("hypermix_step")
+    ):
+        return None
+    if state["count"] != pos:
+        raise ValueError(f"hypermixer decode state holds {state['count']} tokens, not {pos}")
+    S = S.contiguous()  # updated in place
+    weights = mixer._step_weights.get(params, lambda: hyper_step_weights(nets, x))
+    try:
+        out = hyper_step(x.contiguous(), pe.contiguous(), weights, len(nets) == 1, S, pos)
+    except Exception as exc:  # compile failure: the torch path from now on
+        disable_fused("hypermix_step", exc)
+        kernel_notice("hypermix_step", "HyperMixer decode: fused step unavailable")
+        return None
+    state["S"], state["count"] = S, pos + 1
+    return out

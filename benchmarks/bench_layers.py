@@ -7,7 +7,8 @@ the same shapes from a config (random init, nothing downloaded):
     ours:       dense, hypermixer, mamba, moe, hybrid   (the ``nano`` preset shape of each
                 architecture: layer counts differ so that parameter counts match)
     mamba-chunked / hypermixer-chunked: ours with the torch chunked scan / mixer instead of the
-                fused numba kernels (ARCHLAB_SCAN=chunked, ARCHLAB_HYPERMIX=chunked)
+                fused numba kernels (ARCHLAB_SCAN=chunked, ARCHLAB_HYPERMIX=chunked; for
+                Mamba that is also the op-by-op mixer graph instead of the fused CPU node)
     mamba-seq:  our Mamba with the sequential reference scan instead of the fused one
     hf-mamba:   MambaForCausalLM, same layers/state/conv/expand as our mamba (on CPU it runs its
                 slow sequential path; the CUDA kernels are not installed)
@@ -211,6 +212,7 @@ def _make_step(name: str, T: int, args: argparse.Namespace) -> tuple[Callable[[]
                 return selective_scan_sequential(*a, **kw)
 
             mamba_mod.selective_scan = sequential  # this subprocess only
+            os.environ["ARCHLAB_SCAN"] = "sequential"  # and not the fused CPU mixer node
         model = build_model(_ours_config(name.split("-")[0], T, args))
         logits_of = model
     model.train()

@@ -221,3 +221,20 @@ def test_fused_under_inference_mode_first_use(monkeypatch):
         out = selective_scan(**x, delta_softplus=True)
     assert kernels.fused_available("scan")
     torch.testing.assert_close(out, selective_scan_sequential(**x, delta_softplus=True))
+
+
+def test_fused_threads_split_is_bit_identical():
+    """Several threads taking pieces of the work (kernels/_numba.parallel_for) give exactly the
+    single-thread result, forward and backward (every item writes only its own outputs)."""
+    x = _inputs(5, 100, 130, 16, torch.float32)  # 5 x 3 items of 64 channels, > 1 piece each
+    old = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            results.append(_run(lambda **k: selective_scan(**k, impl="fused"), x))
+    finally:
+        torch.set_num_threads(old)
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.equal(a, b)

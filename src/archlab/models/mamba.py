@@ -9,8 +9,11 @@ The mixer follows the reference ``Mamba`` module of state-spaces/mamba with its 
     y      = selective_scan(x, delta, A = -exp(A_log), B, C, D) * SiLU(z)
     out    = out_proj(y)                      d_inner -> d, no bias
 
-Training runs ``scan.selective_scan`` (on CPU the fused numba kernel, else the chunked scan; or the ``mamba_ssm`` CUDA kernels when they are
-installed and the tensors are on CUDA); decoding keeps, per layer,
+Training on CPU runs everything between in_proj and out_proj as one fused autograd node
+(``kernels/mamba_cpu.py``: conv + SiLU kernels, the fused scan, saving only in_proj's output and
+recomputing the rest in the backward); elsewhere, or with ``ARCHLAB_SCAN=chunked|sequential``,
+the op-by-op graph with ``scan.selective_scan`` (or the ``mamba_ssm`` CUDA kernels when they are
+installed and the tensors are on CUDA). Decoding keeps, per layer,
 {"conv": (B, d_inner, conv_size - 1) last conv inputs, "ssm": (B, d_inner, N) state}: chunks of
 T > 1 tokens run the scan from the carried state, single tokens take one recurrent step.
 """

@@ -17,6 +17,7 @@ speed).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -97,10 +98,13 @@ _MIN_WORK_PER_THREAD = 1 << 16  # inner-loop elements below which a thread is no
 
 
 def parallel_for(fn: Callable, n_items: int, work: int, *args: Any) -> None:
-    """Run ``fn(lo, hi, *args)`` over ``[0, n_items)`` split into torch.get_num_threads() ranges.
+    """Run ``fn(lo, hi, *args)`` over ``[0, n_items)`` on torch.get_num_threads() threads.
 
     ``work`` (inner-loop elements in all) keeps small calls such as decode steps on the calling
-    thread: handing ~1e4 elements to another thread costs more than it saves.
+    thread: handing ~1e4 elements to another thread costs more than it saves. The range is cut
+    into ~4 pieces per thread that the threads take in turn from a shared counter, so a thread
+    the OS does not schedule (a shared machine) delays nothing: the others take its pieces.
+    Every item writes only its own outputs, so the result does not depend on who ran what.
     """
     global _pool, _pool_size, _pool_pid
     threads = max(1, min(torch.get_num_threads(), n_items, work // _MIN_WORK_PER_THREAD))
@@ -110,9 +114,16 @@ def parallel_for(fn: Callable, n_items: int, work: int, *args: Any) -> None:
     if _pool is None or _pool_size < threads or _pool_pid != os.getpid():
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="archlab-kernel")
         _pool_size, _pool_pid = threads, os.getpid()
-    bounds = [n_items * i // threads for i in range(threads + 1)]
-    futures = [_pool.submit(fn, bounds[i], bounds[i + 1], *args) for i in range(1, threads)]
-    fn(bounds[0], bounds[1], *args)  # the calling thread takes the first range
+    pieces = min(n_items, 4 * threads)
+    bounds = [n_items * i // pieces for i in range(pieces + 1)]
+    counter = itertools.count()  # next() on it is atomic under the GIL
+
+    def worker() -> None:
+        while (i := next(counter)) < pieces:
+            fn(bounds[i], bounds[i + 1], *args)
+
+    futures = [_pool.submit(worker) for _ in range(threads - 1)]
+    worker()  # the calling thread works too
     for f in futures:
         f.result()
 

@@ -38,5 +38,7 @@ def test_ctrl_c_during_startup_is_one_line(delay):
 
 def test_ctrl_c_while_a_library_user_imports_archlab_still_raises():
     res = _interrupt_after([sys.executable, "-c", "import archlab"], 0.25)
+    # the exception reaches the caller (a Ctrl-C inside numpy's C import can surface as an
+    # ImportError chained to it); only the command turns it into one line and exit 130
     assert res.returncode != 130
-    assert "KeyboardInterrupt" in res.stderr
+    assert "Traceback" in res.stderr and "interrupted while starting" not in res.stderr

@@ -121,10 +121,12 @@ def prepare_text(
 
 
 def _file_digest(p: Path) -> str:
+    """A given tokenizer.json enters the settings hash by content, not by path."""
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def _tokenizer_setting(spec: str, vocab_size: int | None, src: Source) -> dict[str, Any]:
+    """--tokenizer / --vocab-size checked and resolved into what the settings hash holds."""
     if spec in TOKENIZER_KINDS:
         if spec == "char" and vocab_size is not None:
             raise UserError(
@@ -224,6 +226,7 @@ def _collect(
 def _train_tokenizer(
     src: Source, docs: list[Doc], spec: str, setting: dict[str, Any], verbose: bool
 ) -> TextTokenizer:
+    """The tokenizer the data is encoded with, fitted on the training split only."""
     if "file" in setting:
         return load_tokenizer(setting["file"])
     train_texts = (d.text for d in docs if d.split == "train")
@@ -254,6 +257,8 @@ def _build_lm(
     max_tokens: int | None,
     verbose: bool,
 ) -> dict[str, Any]:
+    """Read, split, fit the tokenizer and write the token files (+ masks) into ``tmp``;
+    returns meta.json's data keys (counts, entropy floor, timings)."""
     t0 = time.perf_counter()
     docs, split_mode = _collect(src, seed, vf, max_tokens, verbose)
     t1 = time.perf_counter()

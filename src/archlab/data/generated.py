@@ -56,6 +56,7 @@ class GeneratedTask:
     config_class: str  # its config dataclass
     folder_name: Callable[[Any], str]  # a non-default config -> folder name
     extra_meta: Callable[[Any], dict[str, Any]]  # meta.json keys of this task only
+    summary: Callable[[dict[str, Any]], str]  # meta.json -> its clause in `prepare`'s summary
 
 
 def _mqar() -> ModuleType:
@@ -87,6 +88,9 @@ TASKS: dict[str, GeneratedTask] = {
         config_class="MQARConfig",
         folder_name=lambda c: f"mqar-v{c.vocab_size}-kv{c.num_kv_pairs}-len{c.seq_len}",
         extra_meta=lambda c: {"num_kv_pairs": c.num_kv_pairs, "mqar": c.to_dict()},
+        summary=lambda m: (
+            f"MQAR: {m['num_kv_pairs']} pairs, sequences of {m['seq_len']} tokens, metric accuracy"
+        ),
     ),
     "selective-copy": GeneratedTask(
         name="selective-copy",
@@ -103,6 +107,10 @@ TASKS: dict[str, GeneratedTask] = {
         config_class="SelectiveCopyConfig",
         folder_name=lambda c: f"selective-copy-v{c.vocab_size}-k{c.num_tokens}-len{c.seq_len}",
         extra_meta=lambda c: {"num_tokens_to_copy": c.num_tokens, "selective_copy": c.to_dict()},
+        summary=lambda m: (
+            f"selective copying: {m['num_tokens_to_copy']} tokens to copy, sequences of "
+            f"{m['seq_len']} tokens, metric accuracy"
+        ),
     ),
 }
 

@@ -142,15 +142,8 @@ def describe(out: Path, meta: dict[str, Any] | None = None) -> str:
     ]
     if m["has_mask"]:
         parts.append(f"{m.get('train_loss_tokens', 0):,} train tokens count for the loss (mask)")
-    if m.get("task") == "selective-copy":
-        parts.append(
-            f"selective copying: {m['num_tokens_to_copy']} tokens to copy, sequences of "
-            f"{m['seq_len']} tokens, metric accuracy"
-        )
-    if m.get("task") == "mqar":
-        parts.append(
-            f"MQAR: {m['num_kv_pairs']} pairs, sequences of {m['seq_len']} tokens, metric accuracy"
-        )
+    if m.get("task") in TASKS:
+        parts.append(TASKS[m["task"]].summary(m))
     if m.get("unigram_entropy") is not None and m.get("bigram_entropy") is not None:
         parts.append(
             f"baselines on val: unigram {m['unigram_entropy']:.4f}, "

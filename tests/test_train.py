@@ -223,6 +223,30 @@ def test_resume_refuses_changed_settings_and_missing_checkpoints(tmp_path, char_
     assert summary(run)["status"] == "ok"  # the refused commands left the run alone
 
 
+def test_resume_refuses_a_model_size_that_does_not_fit(tmp_path, char_data, capsys):
+    """--model-size with --resume used to be ignored silently; now it must match the run."""
+    run = tmp_path / "run"
+    assert train("--model-size", "nano", "--data", char_data, "--seq-len", "16", "--batch-size",
+                 "2", "--steps-per-epoch", "2", "--out-dir", run) == 0  # fmt: skip
+    before = sorted(p.name for p in ck.list_checkpoints(run))
+    capsys.readouterr()
+    assert train("--resume", run, "--model-size", "micro") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--model-size micro does not fit checkpoint" in err and "d_model = 128" in err
+    assert "\n" not in err
+    assert sorted(p.name for p in ck.list_checkpoints(run)) == before
+    # the size the run was built with fits (compare --resume passes it to every child)
+    assert train("--resume", run, "--model-size", "nano", "--steps-per-epoch", "3") == 0
+    assert summary(run)["steps"] == 3
+    # a run built from explicit shapes is not "nano"
+    small = tmp_path / "small"
+    assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--batch-size", "2",
+                 "--steps-per-epoch", "2", "--out-dir", small) == 0  # fmt: skip
+    capsys.readouterr()
+    assert train("--resume", small, "--model-size", "nano") == 2
+    assert "--model-size nano does not fit checkpoint" in capsys.readouterr().err
+
+
 def test_resume_from_a_corrupt_checkpoint_fails_clearly(tmp_path, char_data, capsys):
     run = tmp_path / "run"
     assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--batch-size", "2",

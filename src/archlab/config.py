@@ -286,6 +286,20 @@ _SEED_SIZES = ("tiny", "medium", "large")
 DEFAULT_VOCAB = {"nano": 4096, "micro": 4096, "tiny": 32000, "medium": 32000, "large": 32000}
 
 
+def size_fields(architecture: str, model_size: str) -> dict[str, Any]:
+    """The shape a size preset fixes for an architecture (its layers, widths, context)."""
+    if model_size not in MODEL_SIZES:
+        raise ConfigError(
+            f"--model-size: unknown size {model_size!r} (allowed: {', '.join(MODEL_SIZES)})"
+        )
+    base = dict(_DENSE_SIZES[model_size])
+    fields: dict[str, Any] = dict(base, tie_weights=model_size not in _SEED_SIZES)
+    override = _spec(canonical_architecture(architecture)).size_override
+    if override is not None:
+        fields.update(override(base))
+    return fields
+
+
 def preset_config(
     architecture: str,
     model_size: str | None = None,

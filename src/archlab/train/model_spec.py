@@ -11,6 +11,7 @@ from ..config import (
     canonical_architecture,
     check_fields_apply,
     preset_config,
+    size_fields,
 )
 
 
@@ -59,6 +60,18 @@ class ModelSpec:
             )
         if self.preset is not None and self.preset != cfg.preset:
             raise ConfigError(f"--preset {self.preset} does not fit {source} (preset {cfg.preset})")
+        if self.model_size is not None and self.preset is None:
+            if cfg.preset is not None:
+                raise ConfigError(
+                    f"--model-size {self.model_size} does not fit {source} (preset {cfg.preset})"
+                )
+            given = {k for k, v in self.overrides.items() if v is not None}
+            for key, value in size_fields(cfg.architecture, self.model_size).items():
+                if key not in given and getattr(cfg, key) != value:
+                    raise ConfigError(
+                        f"--model-size {self.model_size} does not fit {source} "
+                        f"({key} = {getattr(cfg, key)}, {self.model_size} has {value})"
+                    )
         for key, value in self.overrides.items():
             if value is not None and getattr(cfg, key) != value:
                 flag = "--" + key.replace("_", "-")

@@ -1,0 +1,42 @@
+"""Ctrl-C while archlab starts (importing torch takes seconds) is one line, not a traceback."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+
+def _interrupt_after(cmd: list[str], delay: float) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a runner started as a background job ignores SIGINT, and so would its children
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("delay", [0.25, 0.7])
+def test_ctrl_c_during_startup_is_one_line(delay):
+    res = _interrupt_after([sys.executable, "-m", "archlab", "summary"], delay)
+    assert res.returncode == 130, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "interrupted" in lines[0]
+    if delay < 0.5:  # torch is still importing (~1.5-2.5 s)
+        assert lines[0] == "archlab: interrupted while starting; nothing was changed"
+
+
+def test_ctrl_c_while_a_library_user_imports_archlab_still_raises():
+    res = _interrupt_after([sys.executable, "-c", "import archlab"], 0.25)
+    assert res.returncode != 130
+    assert "KeyboardInterrupt" in res.stderr

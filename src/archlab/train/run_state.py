@@ -154,6 +154,13 @@ class GlobalBatchSampler:
         self.generator = torch.Generator()
         self.generator.manual_seed(seed)
 
+    def position(self) -> Tensor:
+        """The data position: the generator's state (saved as ``data_rng``)."""
+        return self.generator.get_state()
+
+    def seek(self, position: Tensor) -> None:
+        self.generator.set_state(position)
+
     def next(self) -> tuple[Tensor, Tensor]:
         """(x, y) of this rank: (B, T) LongTensors on the host."""
         return self.dataset.get_batch(self.batch_size, self.seq_len, self.generator)
@@ -281,5 +288,5 @@ def restore_run(
     ranks = state.get("rng_per_rank") or []
     if len(ranks) == dist.world_size:
         set_rng_state(ranks[dist.rank])
-    sampler.generator.set_state(state["data_rng"])
+    sampler.seek(state["data_rng"])
     return step, clock

@@ -264,14 +264,14 @@ class Trainer:
         val_loss, last_eval_step = float("nan"), -1
         last_ckpt_step = self.step if self.resume_ckpt is not None else -1
 
-        data_rng = self.sampler.generator.get_state()  # the data position before the batches
+        data_rng = self.sampler.position()  # the data position before the batches
         batches, n_tok = self._draw_step() if self.step < self.total_steps else ([], 0)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             lr = self.schedule.apply(self.optimizer, self.step)
             pending = stepper.backward(batches, n_tok, self.step, self.stop.vote())
             # Draw the next step's batches on the host while the device finishes this one.
-            next_rng = self.sampler.generator.get_state()
+            next_rng = self.sampler.position()
             upcoming = self._draw_step() if self.step + 1 < self.total_steps else ([], 0)
             result = stepper.update(pending)  # the step's one host sync
             self.step += 1

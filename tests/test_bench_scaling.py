@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from archlab.bench import scaling
-from archlab.bench.scaling import Point, ScalingSettings, analyse, crossover, fit_exponent
+from archlab.bench import scaling, scaling_report
+from archlab.bench.scaling import Point, ScalingSettings
+from archlab.bench.scaling_report import analyse, crossover, fit_exponent
 from archlab.cli import main
 
 HAS_MAMBA = importlib.util.find_spec("archlab.models.mamba") is not None
@@ -140,7 +141,7 @@ def test_cli_scaling_writes_consistent_outputs(tmp_path: Path, capsys) -> None:
     from archlab.bench.plots import data_lines
 
     points = [scaling.Point(**p) for p in pts]
-    fig = scaling.figure(points)
+    fig = scaling_report.figure(points)
     fb = data_lines(fig, "fwd_bwd")
     assert sorted(fb) == ["dense", "moe"] and len(fig.axes) == 2  # no memory panel
     assert list(fb["moe"].get_ydata()) == [p["fwd_bwd_s"] for p in pts[2:]]

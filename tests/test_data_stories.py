@@ -9,15 +9,8 @@ from dataclasses import replace
 import numpy as np
 
 from archlab.data import load_tokenizer, prepare_dataset
-from archlab.data.stories import (
-    EVENTS,
-    NAMES,
-    SPECIES,
-    Lexicon,
-    ReplayChooser,
-    StoryGrammar,
-    entropy_floor,
-)
+from archlab.data.stories import ReplayChooser, StoryGrammar, entropy_floor
+from archlab.data.stories_lexicon import EVENTS, NAMES, SPECIES, Lexicon
 
 
 def enumerate_tiny() -> dict[str, float]:

@@ -35,6 +35,22 @@ def test_layer_layout_and_names():
     assert bd["token_mixing"] > 0 and bd["channel_mixing"] > 0
 
 
+def test_summary_says_the_attention_layers_use_rope(capsys):
+    """`archlab summary --architecture hybrid`: RoPE on the attention layers (always, with or
+    without --use-rope), order from the recurrence on the Mamba layers; the counts as before."""
+    from archlab.cli import main
+
+    line = "Positions: rope (attention layers) + recurrent (Mamba layers)"
+    for flags in ([], ["--use-rope"]):
+        assert main(["summary", "--architecture", "hybrid", *flags]) == 0
+        out = capsys.readouterr().out
+        assert line in out.splitlines() and "none (recurrent)" not in out
+        assert "Total Parameters: 1,413,760" in out  # nano, vocabulary 4096
+    model = build_model(preset_config("hybrid", "nano"))
+    ropes = [b.mixer.rope for b in model.blocks if isinstance(b, HybridAttentionBlock)]
+    assert len(ropes) == 2 and all(r is not None for r in ropes) and model.pos_emb is None
+
+
 def test_attention_block_sees_only_its_window():
     """Changing the input `window` positions back leaves the attention block's output unchanged."""
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ from archlab.train.checkpoint import save_checkpoint
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from archlab.bench import lm_eval_adapter  # noqa: E402
+from archlab.bench import lm_eval_tasks  # noqa: E402
 from archlab.bench.lm_eval_adapter import ArchlabLM, score_windows  # noqa: E402
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bear", "frog", "duck", "goat"]
@@ -232,7 +232,7 @@ def test_local_multiple_choice_task_offline_end_to_end(tmp_path, tok, run, capsy
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     name = write_mc_task(tasks)
-    monkeypatch.setattr(lm_eval_adapter, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(lm_eval_tasks, "_hub_reachable", lambda timeout=3.0: False)
     _isolate_offline_switch(monkeypatch)
     rc = main(["eval", "--checkpoint", str(run), "--tasks", name, "--include-path", str(tasks),
                "--batch-size", "8", "--json"])  # fmt: skip
@@ -292,7 +292,7 @@ def test_hub_task_without_network_fails_in_one_line(tmp_path, run, capsys, monke
         "dataset_name: default\ntest_split: test\noutput_type: loglikelihood\n"
         'doc_to_text: "{{text}}"\ndoc_to_target: " x"\nmetric_list:\n  - metric: acc\n'
     )
-    monkeypatch.setattr(lm_eval_adapter, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(lm_eval_tasks, "_hub_reachable", lambda timeout=3.0: False)
     _isolate_offline_switch(monkeypatch)
     rc = main(["eval", "--checkpoint", str(run), "--tasks", "archlab_test_hub",
                "--include-path", str(tasks)])  # fmt: skip

@@ -1,5 +1,6 @@
 """The architecture registry: every registered architecture builds, summarises, round-trips
-through config.json, and the skeleton names none of them (a new one is one module + one line)."""
+through config.json, and the skeleton names none of them (a new one is one module + one line;
+the benches, plots and export read what they need from its spec)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ from torch import nn
 
 import archlab.models as models_pkg
 from archlab import ModelConfig, build_model, preset_config
+from archlab.bench import scaling_report
+from archlab.bench.plots import PALETTE, color_of
+from archlab.bench.recall_worker import state_elements
 from archlab.config import ConfigError, canonical_architecture, check_fields_apply
+from archlab.export.hf import NotExportable, hf_form
 from archlab.models import registry
 from archlab.models.layers import make_mlp, make_norm
 from archlab.models.spec import ArchitectureSpec, SummaryField
@@ -98,6 +103,8 @@ TOY = ArchitectureSpec(
     norm="rmsnorm",
     size_override=lambda base: dict(n_layers=2 * base["n_layers"]),
     summary_fields=(SummaryField("toy_width", "Toy Width", lambda c: c.d_ff),),
+    state_elements=lambda c, layer_idx, seq_len: 0,  # no token mixing: no decode state
+    linear_in_length=True,
 )
 
 
@@ -117,3 +124,37 @@ def test_one_spec_is_all_a_new_architecture_needs(monkeypatch):
         check_fields_apply("toy", None, ["n_heads"])
     with pytest.raises(ConfigError, match="only defined for --architecture dense or hypermixer"):
         ModelConfig(architecture="toy", preset="rustgpt", bias=True).validate()
+    # what benches and exports read from the spec, with no table to edit
+    assert "Positions: learned" in text  # the skeleton's table, nothing declared
+    assert state_elements(cfg, 16) == {"state_elements": 0, "state_per_layer": 0}
+    assert "toy" in scaling_report.challengers()
+    assert color_of("toy", 0) == PALETTE[len(NAMES)]  # its registry place, in every figure
+    with pytest.raises(NotExportable, match="--architecture toy: ToyMLP has no transformers"):
+        hf_form(cfg)
+
+
+@pytest.mark.parametrize("use_rope", [False, True])
+@pytest.mark.parametrize("name", NAMES)
+def test_positions_line_says_what_the_built_model_uses(name, use_rope):
+    """A learned table iff the line says learned; rotary attention iff it says rope."""
+    cfg = preset_config(name, "nano", vocab_size=97, use_rope=use_rope)
+    model = build_model(cfg)
+    line = model.summary_dict()["positions"]
+    rotary = any(getattr(m, "rope", None) is not None for m in model.modules())
+    assert line.startswith("learned") == (model.pos_emb is not None), line
+    assert ("rope" in line) == rotary, line
+
+
+def test_declared_state_per_layer_matches_each_layers_decode_cache():
+    """state_elements(cfg, i, T) is what layer i's cache holds after T tokens (the parts the
+    declaration counts: keys and values, the SSM state h, HyperMixer's running matrix S)."""
+    counted = {"k", "v", "ssm", "S"}
+    for name in NAMES:
+        cfg = preset_config(name, "nano", vocab_size=97, d_model=32, n_heads=2, local_window=8)
+        model = build_model(cfg).eval()
+        cache = model.init_cache()
+        with torch.no_grad():
+            model(torch.randint(0, 97, (1, 20)), cache=cache)
+        per_layer = registry.get(name).state_per_layer(cfg, 20)
+        held = [sum(t.numel() for k, t in layer.items() if k in counted) for layer in cache.layers]
+        assert per_layer == held, name

@@ -19,19 +19,24 @@ matplotlib.use("Agg")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from ..models import registry  # noqa: E402
 from .results import ArchResult, Curve, RunResult  # noqa: E402
 
-COLORS = {
-    "dense": "#1f77b4",
-    "hypermixer": "#ff7f0e",
-    "mamba": "#2ca02c",
-    "moe": "#d62728",
-    "hybrid": "#9467bd",
-}
+# matplotlib's tab10 cycle. Each registered architecture keeps the colour of its place in
+# the registry in every figure (dense C0, hypermixer C1, ...), whichever subset a figure shows;
+# any other series (a label such as "dense (nano)") takes the cycle colour of its position.
+PALETTE = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+)  # fmt: skip
 
 
 def color_of(name: str, index: int) -> str:
-    return COLORS.get(name, f"C{index % 10}")
+    """The colour of architecture ``name`` (its registry place), else of position ``index``."""
+    names = list(registry.SPECS)
+    if name in names:
+        return PALETTE[names.index(name) % len(PALETTE)]
+    return f"C{index % 10}"
 
 
 @dataclass

@@ -137,6 +137,21 @@ def state_note(settings) -> str:
     )
 
 
+def positions_line(settings) -> str:
+    """How each architecture of the grid encodes order under the grid's --use-rope choice
+    (what its summary's Positions line says), architectures that agree grouped."""
+    from ..config import preset_config
+    from ..models import registry
+
+    flag = {None: "each architecture's default", True: "--use-rope", False: "--no-use-rope"}
+    groups: dict[str, list[str]] = {}
+    for arch in settings.architectures:
+        cfg = preset_config(arch, model_size="nano", use_rope=settings.use_rope)
+        groups.setdefault(registry.get(arch).positions_of(cfg), []).append(arch)
+    parts = [f"{', '.join(archs)}: {how}" for how, archs in groups.items()]
+    return f"{flag[settings.use_rope]} ({'; '.join(parts)})"
+
+
 def markdown(
     settings, results, cells, command: str, hardware: dict[str, Any], wall_seconds: float
 ) -> str:
@@ -215,7 +230,7 @@ def markdown(
         "is its own process. AdamW (weight decay "
         f"{settings.weight_decay:g} on matrices), 10% linear warmup then cosine to 10%, "
         "gradient clipping 1.0, loss on the answer positions only.",
-        f"- Positions: {'RoPE' if settings.use_rope else 'learned absolute positions' if settings.use_rope is False else 'each architecture default (dense, moe, hypermixer: learned absolute positions; mamba and hybrid: none / RoPE)'}.",
+        f"- Positions: {positions_line(settings)}.",
         "- Wall times were measured on whatever else the machine was running: the load "
         "average below says how busy it was.",
         "",

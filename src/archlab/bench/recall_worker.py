@@ -116,26 +116,19 @@ def model_config(spec: RunSpec, max_seq_len: int | None = None):
     )
 
 
-def state_elements(cfg, seq_len: int) -> dict[str, int]:
-    """Recurrent state per sequence, summed over layers, in elements (as MAD normalises by).
+def state_elements(cfg, seq_len: int) -> dict[str, int | None]:
+    """Decode state per sequence, summed over layers, in elements (as MAD normalises by).
 
-    Attention: the KV cache, 2 x T x d per layer (the hybrid's window caps T). Mamba:
-    d_inner x N per layer (the convolution's few-token buffer is not counted). HyperMixer:
-    the running d' x d matrix per layer.
+    Each architecture declares what its mixer holds (``ArchitectureSpec.state_elements``):
+    attention the KV cache, 2 x T x d per layer (the hybrid's window caps T); Mamba
+    d_inner x N per layer; HyperMixer its running d' x d matrix. ``state_per_layer`` is the
+    first layer's. None for an architecture that declares nothing.
     """
-    d, arch = cfg.d_model, cfg.architecture
-    mamba = cfg.d_inner * cfg.state_size
-    if arch in ("dense", "moe"):
-        per_layer = [2 * seq_len * d] * cfg.n_layers
-    elif arch == "mamba":
-        per_layer = [mamba] * cfg.n_layers
-    elif arch == "hypermixer":
-        per_layer = [cfg.resolved_mixing_dim * d] * cfg.n_layers
-    elif arch == "hybrid":  # even layers Mamba, odd layers sliding-window attention
-        window = min(cfg.local_window, seq_len)
-        per_layer = [mamba if i % 2 == 0 else 2 * window * d for i in range(cfg.n_layers)]
-    else:  # pragma: no cover - the registry has no other architecture
-        raise ValueError(arch)
+    from ..models import registry
+
+    per_layer = registry.get(cfg.architecture).state_per_layer(cfg, seq_len)
+    if not per_layer:
+        return {"state_elements": None, "state_per_layer": None}
     return {"state_elements": sum(per_layer), "state_per_layer": per_layer[0]}
 
 

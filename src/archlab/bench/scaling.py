@@ -9,29 +9,27 @@ after the model and inputs exist; ``ru_maxrss`` where that reset is unavailable)
 ``torch.cuda.max_memory_allocated``. Reported as the peak above the memory held before the
 step (weights, inputs), i.e. what the step itself needs.
 
-From the sweep: the fitted exponent p of time ~ T^p per architecture (least squares on
-log-log over the whole sweep), and where hypermixer, mamba and hybrid become cheaper than
-dense (the T where the log-log time curves cross, interpolated between measured points).
+This module measures (``run_sweep``; ``python -m archlab.bench.scaling SPEC`` is the fresh
+process of one memory point); ``scaling_report`` fits the exponents, finds the crossovers
+against dense and writes the table, figure and files.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, preset_config
 from ..errors import UserError
 
-MODES = ("fwd", "fwd_bwd")
-CHALLENGERS = ("hypermixer", "mamba", "hybrid")
+MODES = ("fwd", "fwd_bwd")  # a forward pass (no grad); a training step's forward+backward
 
 
 @dataclass
@@ -303,232 +301,6 @@ def point_line(pt: Point) -> str:
     if pt.fwd_bwd_mem_bytes is not None:
         text += f"  mem {pt.fwd_bwd_mem_bytes / 2**20:.1f} MiB"
     return text + (f"  [{pt.error}]" if pt.error else "")
-
-
-# ---- analysis ----------------------------------------------------------------------------
-def fit_exponent(xs: list[float], ys: list[float]) -> float | None:
-    """Least-squares slope of log(y) on log(x): y ~ x^p. None with fewer than two points."""
-    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys, strict=True) if y and y > 0]
-    if len(pts) < 2:
-        return None
-    mx = statistics.fmean(p[0] for p in pts)
-    my = statistics.fmean(p[1] for p in pts)
-    sxx = sum((p[0] - mx) ** 2 for p in pts)
-    if sxx == 0:
-        return None
-    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
-
-
-@dataclass
-class Crossover:
-    architecture: str
-    model_size: str
-    mode: str
-    seq_len: float | None  # T from which the challenger stays cheaper than dense
-    kind: str  # "crossing" | "throughout" | "none"
-
-    def describe(self) -> str:
-        what = "forward" if self.mode == "fwd" else "forward+backward"
-        if self.kind == "none":
-            return f"{self.architecture} vs dense ({what}, {self.model_size}): none in range"
-        if self.kind == "throughout":
-            return (
-                f"{self.architecture} vs dense ({what}, {self.model_size}): cheaper at every "
-                f"measured T (from T={self.seq_len:.0f})"
-            )
-        return (
-            f"{self.architecture} vs dense ({what}, {self.model_size}): cheaper from "
-            f"T ~ {self.seq_len:.0f}"
-        )
-
-
-def crossover(
-    seq_lens: list[int], t_dense: list[float | None], t_other: list[float | None]
-) -> tuple[float | None, str]:
-    """The T beyond which ``other`` is cheaper than dense for the rest of the sweep.
-
-    Interpolates linearly in log T between the last measured point where other was not
-    cheaper and the next one, on the log of the time ratio. ("none" when it is not cheaper at
-    the largest T, "throughout" when it is cheaper at every T.)
-    """
-    pts = [
-        (T, math.log(o / d))
-        for T, d, o in zip(seq_lens, t_dense, t_other, strict=True)
-        if d and o and d > 0 and o > 0
-    ]
-    if not pts or pts[-1][1] >= 0:
-        return None, "none"
-    last_bad = max((i for i, (_, r) in enumerate(pts) if r >= 0), default=None)
-    if last_bad is None:
-        return float(pts[0][0]), "throughout"
-    (t0, r0), (t1, r1) = pts[last_bad], pts[last_bad + 1]
-    frac = r0 / (r0 - r1)  # r0 >= 0 > r1
-    return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), "crossing"
-
-
-def analyse(points: list[Point]) -> dict[str, Any]:
-    """Exponents per (architecture, size, mode) and crossovers against dense."""
-    exponents: dict[str, dict[str, Any]] = {}
-    series: dict[tuple[str, str], list[Point]] = {}
-    for p in points:
-        series.setdefault((p.architecture, p.model_size), []).append(p)
-    for (arch, size), pts in series.items():
-        pts = sorted(pts, key=lambda p: p.seq_len)
-        key = f"{arch}/{size}"
-        exponents[key] = {"architecture": arch, "model_size": size}
-        for mode in MODES:
-            ts = [getattr(p, f"{mode}_s") for p in pts]
-            ok = [(p.seq_len, t) for p, t in zip(pts, ts, strict=True) if t]
-            exponents[key][mode] = fit_exponent([a for a, _ in ok], [b for _, b in ok])
-            tail = ok[-2:]
-            exponents[key][f"{mode}_last_pair"] = (
-                fit_exponent([a for a, _ in tail], [b for _, b in tail]) if len(tail) == 2 else None
-            )
-    crossovers: list[Crossover] = []
-    for (arch, size), pts in series.items():
-        if arch not in CHALLENGERS or ("dense", size) not in series:
-            continue
-        dense = {p.seq_len: p for p in series[("dense", size)]}
-        mine = {p.seq_len: p for p in pts}
-        common = sorted(set(dense) & set(mine))
-        for mode in MODES:
-            T, kind = crossover(
-                common,
-                [getattr(dense[t], f"{mode}_s") for t in common],
-                [getattr(mine[t], f"{mode}_s") for t in common],
-            )
-            crossovers.append(Crossover(arch, size, mode, T, kind))
-    return {"exponents": exponents, "crossovers": crossovers}
-
-
-# ---- output ------------------------------------------------------------------------------
-def table(points: list[Point]) -> str:
-    header = (
-        "| Architecture | Size | T | Params | Fwd (ms) | Fwd+bwd (ms) | Fwd+bwd us/token "
-        "| Fwd mem (MiB) | Fwd+bwd mem (MiB) |"
-    )
-    lines = [header, "|" + "---|" * 9]
-
-    def f(v: float | None, scale: float, fmt: str) -> str:
-        return "-" if v is None else format(v * scale, fmt)
-
-    for p in points:
-        per_tok = None if p.fwd_bwd_s is None else p.fwd_bwd_s / (p.seq_len * p.batch_size)
-        row = [
-            p.architecture,
-            p.model_size,
-            str(p.seq_len),
-            f"{p.total_params:,}",
-            f(p.fwd_s, 1e3, ".2f"),
-            f(p.fwd_bwd_s, 1e3, ".2f"),
-            f(per_tok, 1e6, ".1f"),
-            f(p.fwd_mem_bytes, 1 / 2**20, ".1f"),
-            f(p.fwd_bwd_mem_bytes, 1 / 2**20, ".1f"),
-        ]
-        if p.error:
-            row[-1] += f" ({p.error})"
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)
-
-
-def exponent_table(analysis: dict[str, Any]) -> str:
-    lines = [
-        "| Architecture | Size | Fwd exponent | Fwd+bwd exponent | Fwd+bwd exponent (last two T) |",
-        "|---|---|---|---|---|",
-    ]
-    for e in analysis["exponents"].values():
-
-        def g(v: float | None) -> str:
-            return "-" if v is None else f"{v:.2f}"
-
-        lines.append(
-            f"| {e['architecture']} | {e['model_size']} | {g(e['fwd'])} | {g(e['fwd_bwd'])} "
-            f"| {g(e['fwd_bwd_last_pair'])} |"
-        )
-    return "\n".join(lines)
-
-
-def figure(points: list[Point]):
-    from .plots import loglog_figure
-
-    def series(attr: str, scale: float = 1.0) -> dict[str, tuple[list[float], list[float]]]:
-        out: dict[str, tuple[list[float], list[float]]] = {}
-        sizes = {p.model_size for p in points}
-        for p in points:
-            name = p.architecture if len(sizes) == 1 else f"{p.architecture} ({p.model_size})"
-            xs, ys = out.setdefault(name, ([], []))
-            xs.append(p.seq_len)
-            value = getattr(p, attr)
-            ys.append(None if value is None else value * scale)
-        return out
-
-    panels = [
-        ("fwd", "forward time (s)", series("fwd_s")),
-        ("fwd_bwd", "forward+backward time (s)", series("fwd_bwd_s")),
-    ]
-    if any(p.fwd_bwd_mem_bytes for p in points):
-        panels.append(
-            (
-                "mem",
-                "fwd+bwd peak memory above weights (MiB)",
-                series("fwd_bwd_mem_bytes", 1 / 2**20),
-            )
-        )
-    return loglog_figure(panels, xlabel="sequence length T", title="archlab bench scaling")
-
-
-def write_outputs(
-    out_dir: Path, settings: ScalingSettings, points: list[Point], command: str
-) -> dict[str, Path]:
-    from .hardware import hardware_info, hardware_lines
-    from .plots import save_figure
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    analysis = analyse(points)
-    hw = hardware_info()
-    doc = {
-        "command": command,
-        "settings": asdict(settings),
-        "hardware": hw,
-        "points": [asdict(p) for p in points],
-        "exponents": analysis["exponents"],
-        "crossovers": [asdict(c) | {"text": c.describe()} for c in analysis["crossovers"]],
-    }
-    paths = {
-        "json": out_dir / "scaling.json",
-        "png": out_dir / "scaling.png",
-        "md": out_dir / "scaling.md",
-    }
-    paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
-    save_figure(figure(points), paths["png"])
-    md = [
-        "# archlab bench scaling",
-        "",
-        table(points),
-        "",
-        "Fitted exponent p of time ~ T^p (least squares on log-log over the sweep):",
-        "",
-        exponent_table(analysis),
-        "",
-        "Crossovers (where the challenger becomes cheaper than dense):",
-        "",
-    ]
-    md += [f"- {c.describe()}" for c in analysis["crossovers"]] or [
-        "- (needs dense and at least one of hypermixer, mamba, hybrid in the sweep)"
-    ]
-    md += ["", "![scaling](scaling.png)", "", "## Settings", ""]
-    md += [f"- `{k}`: {v}" for k, v in asdict(settings).items()]
-    md += ["", "## Rerun", "", "```", command, "```", "", "## Machine", ""]
-    md += hardware_lines(hw)
-    md += [
-        "",
-        "Time: median of the repeats after warm-up, this process. Memory: one fresh process "
-        "per point and mode; the peak above the memory held before the step (CPU: resident "
-        "set high-water mark; CUDA: max allocated).",
-        "",
-    ]
-    paths["md"].write_text("\n".join(md))
-    return paths
 
 
 if __name__ == "__main__":  # a memory point: python -m archlab.bench.scaling '<json spec>'

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     archs = parse_architectures(args.architectures)
     out_dir = Path(args.out_dir) if args.out_dir else timestamped_dir(f"bench-{args.bench_command}")
     if args.bench_command == "scaling":
-        from ..bench import scaling
+        from ..bench import scaling, scaling_report
 
         sizes = parse_sizes(args.model_size)
         settings = scaling.ScalingSettings(
@@ -163,12 +163,12 @@ def run(args: argparse.Namespace) -> int:
         )
         ensure_writable_dir(out_dir, "--out-dir")  # fail now, not after measuring
         points = scaling.run_sweep(settings)
-        paths = scaling.write_outputs(out_dir, settings, points, command)
-        analysis = scaling.analyse(points)
+        paths = scaling_report.write_outputs(out_dir, settings, points, command)
+        analysis = scaling_report.analyse(points)
         print()
-        print(scaling.table(points))
+        print(scaling_report.table(points))
         print()
-        print(scaling.exponent_table(analysis))
+        print(scaling_report.exponent_table(analysis))
         print()
         for c in analysis["crossovers"]:
             print(c.describe())

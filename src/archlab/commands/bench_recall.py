@@ -115,7 +115,7 @@ def raw_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import recall
+    from ..bench import recall, recall_settings
     from ..bench.options import timestamped_dir
     from ..errors import UserError
 
@@ -124,10 +124,10 @@ def run(args: argparse.Namespace) -> int:
         if not args.out_dir:
             raise UserError("--resume needs --out-dir (the folder of the grid to continue)")
         out_dir = Path(args.out_dir)
-        settings = recall.load_saved_settings(out_dir)
-        recall.check_resume_flags(settings, raw)
+        settings = recall_settings.load_saved_settings(out_dir)
+        recall_settings.check_resume_flags(settings, raw)
     else:
-        settings = recall.settings_from_flags(raw)
+        settings = recall_settings.settings_from_flags(raw)
         out_dir = Path(args.out_dir) if args.out_dir else timestamped_dir("bench-recall")
         if (out_dir / "recall.json").exists():
             raise UserError(

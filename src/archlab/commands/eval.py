@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_tasks(args: argparse.Namespace) -> int:
     """lm-eval tasks; --seq-len sets the scoring window (default: the model's max_seq_len)."""
-    from ..bench.lm_eval_adapter import run_harness
+    from ..bench.lm_eval_tasks import run_harness
     from ..errors import UserError
 
     if args.data is not None or args.max_tokens is not None or args.split != "val":

@@ -62,7 +62,8 @@ class Source:
 
 
 def stories_source(num_stories: int | None, seed: int, grammar: str | None) -> Source:
-    from .stories import GRAMMAR_VERSION, LEXICONS, StoryGrammar
+    from .stories import GRAMMAR_VERSION, StoryGrammar
+    from .stories_lexicon import LEXICONS
 
     n = DEFAULT_NUM_STORIES if num_stories is None else num_stories
     if n < 2:

@@ -22,6 +22,13 @@ def causal_mask(
     return allowed
 
 
+def kv_cache_elements(cfg: ModelConfig, seq_len: int, window: int | None = None) -> int:
+    """Elements one attention layer's decode cache holds after ``seq_len`` tokens (B = 1):
+    keys and values of every kept position, 2 x min(T, window) x d_model."""
+    kept = seq_len if window is None else min(seq_len, window)
+    return 2 * kept * cfg.d_model
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .attention import CausalSelfAttention
+from .attention import CausalSelfAttention, kv_cache_elements
 from .layers import make_mlp, make_norm
 from .rustgpt import RustGPTBlock
 from .spec import ATTENTION_FIELDS, MLP_FLAGS, ArchitectureSpec, check_attention_heads
@@ -34,4 +34,5 @@ SPEC = ArchitectureSpec(
     summary_fields=ATTENTION_FIELDS,
     validate=check_attention_heads,
     rustgpt_block=RustGPTBlock,
+    state_elements=lambda c, i, seq_len: kv_cache_elements(c, seq_len),
 )

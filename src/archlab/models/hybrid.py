@@ -12,8 +12,9 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig
-from .attention import CausalSelfAttention
+from .attention import CausalSelfAttention, kv_cache_elements
 from .layers import make_mlp, make_norm
+from .mamba import SPEC as MAMBA_SPEC
 from .mamba import SSM_FIELDS, SSM_FLAGS, MambaMixer, check_ssm
 from .spec import (
     ATTENTION_FIELDS,
@@ -57,9 +58,14 @@ class HybridAttentionBlock(nn.Module):
         return x, {}
 
 
+def is_mamba_layer(layer_idx: int) -> bool:
+    """The layout: Mamba on even layers, sliding-window attention on odd ones."""
+    return layer_idx % 2 == 0
+
+
 def hybrid_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    """Layer ``layer_idx`` of the hybrid stack: Mamba on even layers, attention on odd ones."""
-    if layer_idx % 2 == 0:
+    """Layer ``layer_idx`` of the hybrid stack (see ``is_mamba_layer``)."""
+    if is_mamba_layer(layer_idx):
         return HybridMambaBlock(cfg, layer_idx)
     if (cfg.d_model // cfg.n_heads) % 2:
         raise ConfigError(
@@ -67,6 +73,15 @@ def hybrid_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
             f"(d_model {cfg.d_model} / n_heads {cfg.n_heads} = {cfg.d_model // cfg.n_heads})"
         )
     return HybridAttentionBlock(cfg, layer_idx)
+
+
+def _state_elements(cfg: ModelConfig, layer_idx: int, seq_len: int) -> int:
+    """Mamba's SSM state on Mamba layers; at most ``local_window`` keys and values on the
+    attention layers, however long the sequence."""
+    if is_mamba_layer(layer_idx):
+        assert MAMBA_SPEC.state_elements is not None
+        return MAMBA_SPEC.state_elements(cfg, layer_idx, seq_len)
+    return kv_cache_elements(cfg, seq_len, window=cfg.local_window)
 
 
 def _validate(cfg: ModelConfig) -> None:
@@ -82,7 +97,8 @@ SPEC = ArchitectureSpec(
     block=hybrid_block,
     fields=("n_heads", *MLP_FLAGS, *SSM_FLAGS, "local_window"),
     norm="rmsnorm",  # as in Samba
-    learned_positions=False,  # Mamba layers carry position; attention layers use RoPE
+    learned_positions=False,  # Mamba layers carry order; attention layers always use RoPE
+    positions=lambda c: "rope (attention layers) + recurrent (Mamba layers)",
     # an even number of layers: as many Mamba as attention layers
     size_override=lambda base: dict(n_layers=base["n_layers"] + base["n_layers"] % 2),
     summary_fields=(
@@ -91,4 +107,6 @@ SPEC = ArchitectureSpec(
         SummaryField("local_window", "Local Attention Window", lambda c: c.local_window),
     ),
     validate=_validate,
+    state_elements=_state_elements,
+    linear_in_length=True,  # Mamba is O(T), the windowed attention O(T x window)
 )

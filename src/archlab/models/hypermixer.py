@@ -452,4 +452,8 @@ SPEC = ArchitectureSpec(
         ),
     ),
     rustgpt_block=RustGPTHyperMixerBlock,
+    # sinusoidal positions enter the hypernetworks; --use-rope only drops the learned table
+    positions=lambda c: f"{'learned + ' if c.uses_learned_positions else ''}sinusoidal (mixer)",
+    state_elements=lambda c, i, seq_len: c.resolved_mixing_dim * c.d_model,  # running S (d' x d)
+    linear_in_length=True,
 )

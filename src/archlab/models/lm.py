@@ -187,11 +187,7 @@ class LanguageModel(nn.Module):
             if f.when is None or f.when(cfg):
                 d[f.key] = f.value(cfg)
         if not self.rustgpt:
-            d["positions"] = (
-                "learned"
-                if cfg.uses_learned_positions
-                else ("rope" if cfg.use_rope and spec.rope else "none (recurrent)")
-            )
+            d["positions"] = spec.positions_of(cfg)
             d["norm"] = "RMSNorm" if uses_rmsnorm(cfg) else "LayerNorm"
             if spec.has_mlp:
                 d["mlp"] = "SwiGLU" if cfg.mlp == "swiglu" else "GELU"

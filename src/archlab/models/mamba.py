@@ -279,12 +279,15 @@ SPEC = ArchitectureSpec(
     block=MambaBlock,
     fields=SSM_FLAGS,
     norm="rmsnorm",
-    learned_positions=False,
-    rope=False,
+    learned_positions=False,  # the recurrence carries order; --use-rope changes nothing
+    positions=lambda c: "none (recurrent)",
     # a Mamba block has ~6 d^2 parameters, half a dense block: twice the layers (as in its paper)
     size_override=lambda base: dict(n_layers=2 * base["n_layers"]),
     # Mamba has no MLP: its hidden width is the expanded inner dimension
     hidden_dim=lambda c: c.d_inner,
     summary_fields=SSM_FIELDS,
     validate=_validate,
+    # the SSM state h: d_inner x N per layer (the conv window of conv_size - 1 inputs is not)
+    state_elements=lambda c, i, seq_len: c.d_inner * c.state_size,
+    linear_in_length=True,
 )

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig
-from .attention import CausalSelfAttention
+from .attention import CausalSelfAttention, kv_cache_elements
 from .layers import make_mlp, make_norm
 from .spec import (
     ATTENTION_FIELDS,
@@ -225,4 +225,5 @@ SPEC = ArchitectureSpec(
         SummaryField("capacity_factor", "Capacity Factor", lambda c: c.capacity_factor),
     ),
     validate=_validate,
+    state_elements=lambda c, i, seq_len: kv_cache_elements(c, seq_len),
 )

@@ -24,6 +24,9 @@ for _module in MODULES:
     _spec: ArchitectureSpec = importlib.import_module(f".{_module}", __package__).SPEC
     SPECS[_spec.name] = _spec
 ALIASES: dict[str, str] = {alias: s.name for s in SPECS.values() for alias in s.aliases}
+# The architecture the others are measured against where a benchmark needs one (the
+# crossovers of `bench scaling`): full causal attention, the Transformer.
+REFERENCE = "dense"
 
 
 def get(name: str) -> ArchitectureSpec:

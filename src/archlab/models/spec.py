@@ -45,9 +45,10 @@ class ArchitectureSpec:
     # --use-rmsnorm.
     norm: str = "layernorm"
     # Positions: learned_positions=False means the blocks carry position themselves (no
-    # embedding table even without --use-rope); rope=False means --use-rope has no effect.
+    # embedding table even without --use-rope). ``positions`` says how, for the summary's
+    # "Positions" line; None: "learned", or "rope" under --use-rope (attention rotates q, k).
     learned_positions: bool = True
-    rope: bool = True
+    positions: Callable[[ModelConfig], str] | None = None
     # Change to the dense size preset's shape that keeps parameter counts comparable.
     size_override: Callable[[dict[str, int]], dict[str, Any]] | None = None
     # "Hidden Dimension" in the summary (default: the MLP's hidden width as built).
@@ -57,10 +58,31 @@ class ArchitectureSpec:
     validate: Callable[[ModelConfig], None] | None = None
     # The block of the seed's rustgpt preset, for the architectures that define it.
     rustgpt_block: BlockFactory | None = None
+    # Decode state the mixer of layer ``layer_idx`` holds after ``seq_len`` tokens of one
+    # sequence, in elements (what MAD and Zoology normalise recall by; small buffers such as
+    # Mamba's convolution window are not counted): (cfg, layer_idx, seq_len) -> elements.
+    state_elements: Callable[[ModelConfig, int, int], int] | None = None
+    # Token mixing costs O(T) per sequence (recurrence, a running sum, a fixed window) rather
+    # than full attention's O(T^2): `bench scaling` looks for where it becomes cheaper.
+    linear_in_length: bool = False
 
     @property
     def has_mlp(self) -> bool:
         return "mlp" in self.fields
+
+    def positions_of(self, cfg: ModelConfig) -> str:
+        """The summary's "Positions" value: how this configuration encodes token order."""
+        if self.positions is not None:
+            return self.positions(cfg)
+        if cfg.uses_learned_positions:
+            return "learned"
+        return "rope" if cfg.use_rope else "none (the blocks carry order)"
+
+    def state_per_layer(self, cfg: ModelConfig, seq_len: int) -> list[int] | None:
+        """``state_elements`` of every layer (None when the architecture declares none)."""
+        if self.state_elements is None:
+            return None
+        return [self.state_elements(cfg, i, seq_len) for i in range(cfg.n_layers)]
 
 
 # ---- pieces several architectures share ------------------------------------------------

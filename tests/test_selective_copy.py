@@ -111,3 +111,25 @@ def test_meta_has_the_data_baselines_computed_by_hand(tmp_path):
         meta["bigram_entropy"],
     )
     assert again["hash"] == meta["hash"]  # reused, not rebuilt
+
+
+@pytest.mark.parametrize("source", ["selective-copy", "mqar"])
+def test_train_takes_the_sequence_length_of_fixed_length_data(tmp_path, source, capsys):
+    """Without --seq-len, train uses the examples' length (the loader refuses any other)."""
+    from archlab.cli import main
+
+    kw = (
+        dict(sc_tokens=4, sc_seq_len=16, sc_train_examples=64, sc_val_examples=16)
+        if source == "selective-copy"
+        else dict(mqar_pairs=2, mqar_seq_len=16, mqar_train_examples=64, mqar_val_examples=16)
+    )
+    data = prepare_dataset(source, tmp_path / "d", verbose=False, **kw)
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--d-model", "32", "--n-heads", "2", "--n-layers", "1"]
+    argv += ["--d-ff", "64", "--batch-size", "4", "--steps-per-epoch", "2", "--eval-steps", "1"]
+    assert main([*argv, "--out-dir", str(run), "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["seq_len"] == 16 and summary["status"] == "ok"
+    capsys.readouterr()
+    assert main([*argv, "--seq-len", "24", "--out-dir", str(tmp_path / "bad"), "--quiet"]) == 2
+    assert "pass --seq-len 16" in capsys.readouterr().err

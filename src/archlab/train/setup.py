@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, ModelConfig, canonical_architecture
+from ..data.generated import FIXED_LENGTH_TASKS
 from ..errors import FileSystemError, FolderBusy, UserError
 from ..fsutil import FolderLock, ensure_writable_dir, lock_folder
 from . import checkpoint as ckpt_mod
@@ -224,10 +225,14 @@ class Budget:
     tokens_per_step: int  # global: batch x accumulation x seq_len x world size
 
 
-def resolve_budget(cfg: TrainConfig, model_cfg: ModelConfig, world_size: int) -> Budget:
+def resolve_budget(
+    cfg: TrainConfig, model_cfg: ModelConfig, world_size: int, meta: dict[str, Any] | None = None
+) -> Budget:
     """Sequence length and step budget; fills ``cfg.warmup_steps`` once (stored, so a resume
-    keeps it)."""
-    seq_len = cfg.seq_len or model_cfg.max_seq_len
+    keeps it). Data of whole fixed-length examples (mqar, selective-copy) fixes the length
+    when --seq-len is not given."""
+    fixed = int(meta["seq_len"]) if meta and meta.get("task") in FIXED_LENGTH_TASKS else None
+    seq_len = cfg.seq_len or fixed or model_cfg.max_seq_len
     if model_cfg.uses_learned_positions and seq_len > model_cfg.max_seq_len:
         raise ConfigError(
             f"--seq-len {seq_len} exceeds the model's max_seq_len "

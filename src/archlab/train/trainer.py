@@ -141,7 +141,7 @@ class Trainer:
         # 4. The model configuration, the sequence length and the step budget; the datasets.
         vocab = int(self.meta["vocab_size"])
         self.model_cfg = resolve_model_config(model_arg, spec, ckpt_cfg, vocab, self.data_dir)
-        budget = resolve_budget(self.cfg, self.model_cfg, self.dist.world_size)
+        budget = resolve_budget(self.cfg, self.model_cfg, self.dist.world_size, self.meta)
         self.seq_len, self.total_steps = budget.seq_len, budget.total_steps
         self.tokens_per_step = budget.tokens_per_step
         warning = warmup_warning(self.cfg.warmup_steps, self.total_steps)  # type: ignore[arg-type]

@@ -406,3 +406,64 @@ def test_mqar_data_sets_the_seq_len() -> None:
     assert (s.seq_len, s.total_steps, s.data) == (64, 10, "/d")
     with pytest.raises(UserError, match="has sequences of 64 tokens; pass --seq-len 64"):
         compare.settings_for_data(dict(raw, seq_len=128), Path("/d"), meta)
+
+
+def test_selective_copy_data_sets_the_seq_len() -> None:
+    meta = {
+        "task": "selective-copy",
+        "seq_len": 16,
+        "vocab_size": 16,
+        "train_tokens": 17 * 50,
+        "val_tokens": 17 * 10,
+    }
+    raw = dict(architectures=["dense"], max_tokens=16 * 4 * 10, batch_size=4)
+    s = compare.settings_for_data(raw, Path("/d"), meta)
+    assert (s.seq_len, s.total_steps, s.data) == (16, 10, "/d")
+    with pytest.raises(UserError, match="has sequences of 16 tokens; pass --seq-len 16"):
+        compare.settings_for_data(dict(raw, seq_len=128), Path("/d"), meta)
+    # a single whole example per split is enough for aligned data (the loader reads rows)
+    one = dict(meta, train_tokens=17, val_tokens=17)
+    assert compare.settings_for_data(raw, Path("/d"), one).seq_len == 16
+    with pytest.raises(UserError, match="val split of /d holds no whole selective-copy example"):
+        compare.settings_for_data(raw, Path("/d"), dict(meta, val_tokens=16))
+
+
+def test_compare_on_selective_copy_data_trains_at_its_seq_len(
+    tmp_path: Path, fake_children, monkeypatch, capsys
+) -> None:
+    """`archlab compare --data <selective-copy folder>` without --seq-len: every child is
+    launched with the data's sequence length (the default 128 would fail in each child)."""
+    from archlab.bench.compare_plan import child_command
+    from archlab.data.prepare import prepare_dataset
+
+    sc = prepare_dataset(
+        "selective-copy",
+        tmp_path / "sc",
+        verbose=False,
+        sc_tokens=4,
+        sc_seq_len=16,
+        sc_train_examples=50,
+        sc_val_examples=10,
+    )
+    launched: list[list[str]] = []
+    fake = compare.child_command  # the fixture's fake child
+
+    def recording(s, arch, seed, run_dir, resume, learning_rate=None):
+        launched.append(child_command(s, arch, seed, run_dir, resume, learning_rate))
+        return fake(s, arch, seed, run_dir, resume, learning_rate)
+
+    monkeypatch.setattr(compare, "child_command", recording)
+    out = tmp_path / "cmp"
+    argv = ["compare", "--architectures", "dense", "--data", str(sc), "--max-tokens", "640"]
+    assert main([*argv, "--batch-size", "4", "--out-dir", str(out)]) == 0
+    assert launched  # the run's command, then the same line for report.md
+    for cmd in launched:
+        assert cmd[cmd.index("--seq-len") + 1] == "16" and cmd[cmd.index("--data") + 1] == str(sc)
+    assert "--seq-len 16" in (out / "report.md").read_text()
+    assert json.loads((out / "compare.json").read_text())["settings"]["seq_len"] == 16
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    assert main([*argv, "--seq-len", "32", "--out-dir", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("has sequences of 16 tokens; pass --seq-len 16"), err
+    assert len(err.splitlines()) == 1

@@ -352,7 +352,7 @@ def test_cli_bad_options(tmp_path, capsys):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
-    from archlab.data import prepare as prep
+    from archlab.data import corpus as prep
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -455,7 +455,7 @@ def test_max_tokens_on_a_single_document(shakespeare_path, tmp_path):
 
 # ---- long documents are encoded in pieces (progress, parallelism), exactly --------------------
 def test_pieces_cut_only_at_safe_newlines():
-    from archlab.data import prepare as prep
+    from archlab.data import corpus as prep
 
     text = "ab\ncd  \n ef\ngh\n\nij\nkl"
     pieces = prep._pieces(text, size=1)
@@ -467,7 +467,7 @@ def test_pieces_cut_only_at_safe_newlines():
 
 @pytest.mark.parametrize("kind", ["bpe", "char", "word"])
 def test_encoding_in_pieces_equals_the_whole_text(shakespeare_path, kind):
-    from archlab.data import prepare as prep
+    from archlab.data import corpus as prep
     from archlab.data.tokenizer import train_bpe, train_char, train_word
 
     text = open(shakespeare_path, encoding="utf-8").read()
@@ -487,7 +487,7 @@ def test_one_large_document_shows_progress_and_gives_the_same_data(
     shakespeare_path, tmp_path, capsys, monkeypatch
 ):
     from archlab import progress as progress_mod
-    from archlab.data import prepare as prep
+    from archlab.data import corpus as prep
 
     ref = prepare_dataset(shakespeare_path, tmp_path / "ref", tokenizer="char", verbose=False)
     monkeypatch.setattr(prep, "_PIECE_CHARS", 50_000)

@@ -508,12 +508,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, char_data, capsys):
 def test_out_of_memory_is_one_line_and_the_run_is_marked_failed(
     tmp_path, char_data, capsys, monkeypatch
 ):
-    from archlab.train.trainer import Trainer
+    from archlab.train.step import StepRunner
 
     def boom(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Trainer, "_forward_backward", boom)
+    monkeypatch.setattr(StepRunner, "forward_backward", boom)
     run = tmp_path / "r"
     # --quiet: no model summary / progress before the error, so stderr is exactly one line
     assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--out-dir", run, "--quiet") == 2

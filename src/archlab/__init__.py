@@ -1,6 +1,7 @@
 """archlab: train and compare small language-model architectures under one protocol."""
 
 import os as _os
+import signal as _signal
 import sys as _sys
 
 __version__ = "0.1.0"
@@ -23,18 +24,27 @@ def _started_as_command() -> bool:
     return _os.path.basename(_sys.argv[0]) == "archlab" or _sys.argv[0] == "-m"
 
 
-# Importing torch takes seconds: a Ctrl-C then is the user's, not a crash to show.
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Importing torch takes seconds and nothing has been written yet: leave at once.
+
+    Raising KeyboardInterrupt instead is not enough: inside numpy's C import it surfaces as an
+    ImportError or RecursionError with a traceback."""
+    _os.write(2, b"archlab: interrupted while starting; nothing was changed\n")
+    _os._exit(130)
+
+
+_previous_sigint = None
+if _started_as_command() and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _previous_sigint = _signal.signal(_signal.SIGINT, _interrupted_while_starting)
+
 # `generate` is imported eagerly on purpose: the submodule `archlab.generate` and the function
 # share a name, and a lazy __getattr__ loses to the submodule attribute once anything imports
 # `archlab.generate` (then `from archlab import generate` returned the module). Cheap:
 # archlab.generate imports torch and the light archlab.data modules; safetensors and the
 # trainer load inside load().
-try:
-    from .config import ConfigError, ModelConfig, preset_config
-    from .generate import generate, load
-    from .models import InferenceCache, LanguageModel, build_model, count_parameters
-except KeyboardInterrupt:
-    if not _started_as_command():
-        raise
-    print("archlab: interrupted while starting; nothing was changed", file=_sys.stderr)
-    raise SystemExit(130) from None
+from .config import ConfigError, ModelConfig, preset_config  # noqa: E402
+from .generate import generate, load  # noqa: E402
+from .models import InferenceCache, LanguageModel, build_model, count_parameters  # noqa: E402
+
+if _previous_sigint is not None:  # the commands handle Ctrl-C themselves from here on
+    _signal.signal(_signal.SIGINT, _previous_sigint)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..data.prepare import FIXED_LENGTH_TASKS
+from ..data.generated import FIXED_LENGTH_TASKS
 from ..errors import UserError
 from ..progress import Progress
 

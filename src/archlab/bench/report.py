@@ -409,9 +409,9 @@ COLUMN_NOTES = (
     "included (summary.json `train_time_s`).",
     "Tokens/s: the steady-state training rate (the first step, which holds warm-up, and "
     "evaluations excluded).",
-    "Peak memory (MiB): CPU: the peak resident set of the training process, interpreter "
-    "and torch runtime included; CUDA: torch.cuda.max_memory_allocated. Each run has its "
-    "own process, so the peak is its own.",
+    "Peak memory (MiB): CPU: the peak resident set of the training process during "
+    "training (VmHWM, reset when the first step starts; interpreter and torch runtime "
+    "included); CUDA: torch.cuda.max_memory_allocated. Each run has its own process.",
     "Model memory (MiB): the peak minus what the process held just before the model was "
     "built (CPU: RSS; CUDA: allocated): the model's own share (weights, gradients, "
     "optimizer state, activations).",

@@ -17,13 +17,11 @@ against dense and writes the table, figure and files.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig, preset_config
@@ -160,35 +158,6 @@ def _build(cfg: ModelConfig, device: str, seed: int):
 
 
 # ---- memory: one fresh process per point -------------------------------------------------
-_HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
-_RSS = re.compile(r"VmRSS:\s+(\d+)\s+kB")
-
-
-def _proc_status(pattern: re.Pattern) -> int | None:
-    try:
-        m = pattern.search(Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) * 1024 if m else None
-
-
-def _reset_hwm() -> bool:
-    """Reset the resident-set high-water mark to the current RSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _maxrss_bytes() -> int:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
 def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of one step, in THIS process (call it in a fresh one)."""
     import torch
@@ -209,16 +178,15 @@ def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated()
         method = "cuda max_memory_allocated"
     else:
-        base = _proc_status(_RSS)
-        if base is not None and _reset_hwm():
-            step()
-            peak = _proc_status(_HWM)
+        from ..train.metrics import cpu_peak_bytes, current_memory_bytes, reset_cpu_peak
+
+        base = current_memory_bytes(torch.device("cpu"))
+        if base is not None and reset_cpu_peak():
             method = "VmHWM after clear_refs"
         else:
-            base = _maxrss_bytes()
-            step()
-            peak = _maxrss_bytes()
-            method = "ru_maxrss"
+            base, method = cpu_peak_bytes(), "ru_maxrss"
+        step()
+        peak = cpu_peak_bytes()
     return {"peak_bytes": peak, "base_bytes": base, "delta_bytes": peak - base, "method": method}
 
 

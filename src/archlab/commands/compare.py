@@ -46,7 +46,12 @@ def register(subparsers: Any) -> None:
     g.add_argument("--num-epochs", type=int, default=None)
     g.add_argument("--steps-per-epoch", type=int, default=None)
     g = p.add_argument_group("protocol (the same for every architecture)")
-    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (128)")
+    g.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (128; mqar and selective-copy data: their own length)",
+    )
     g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (16)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=None, help="(1)")
     g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (1e-3)")

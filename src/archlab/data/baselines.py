@@ -199,7 +199,7 @@ def load_baselines(data_dir: str | os.PathLike) -> dict[str, float]:
     (no such keys) they are computed from its token files on every call and nothing is written
     back, so a folder shared or read-only is never modified and no stale value is cached.
     """
-    from .prepare import data_files_ok, load_meta
+    from .folder import data_files_ok, load_meta
 
     meta = load_meta(data_dir)
     stored = _stored(meta)

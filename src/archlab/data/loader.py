@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .prepare import FIXED_LENGTH_TASKS, data_files_ok, load_meta
+from .folder import data_files_ok, load_meta
+from .generated import FIXED_LENGTH_TASKS
 from .tokenizer import TextTokenizer, load_tokenizer
 
 IGNORE_INDEX = -100

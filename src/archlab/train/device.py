@@ -1,10 +1,25 @@
-"""Device choice and mixed-precision dtype of a training run."""
+"""Device choice, mixed-precision dtype and host-to-device copies of a training run.
+
+The step (``step.py``) and evaluation (``evaluate.py``) both run under the same autocast and
+move batches the same way; they take these helpers so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+from torch import Tensor
 
 from ..errors import UserError
+
+
+def device_type(name: str) -> str:
+    """The device type ``--device`` names ("auto": cuda when available), before it is picked;
+    the process group's backend depends on it."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
@@ -33,3 +48,17 @@ def amp_dtype(device: torch.device) -> tuple[torch.dtype, bool]:
     else:  # mps: bf16 from macOS 14
         bf16 = bool(getattr(torch.backends.mps, "is_macos_or_newer", lambda *a: False)(14, 0))
     return (torch.bfloat16, False) if bf16 else (torch.float16, True)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on the device's type; a no-op context when AMP is off (None)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host batch on the device; pinned and non-blocking on CUDA, so the copy overlaps work."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

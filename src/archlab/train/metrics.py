@@ -152,9 +152,45 @@ def write_json_atomic(path: str | Path, data: dict[str, Any]) -> None:
 
 
 # ---- memory -------------------------------------------------------------------------------
+def _proc_status_bytes(key: str) -> int | None:
+    """A ``kB`` line of /proc/self/status (Linux), in bytes; None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_cpu_peak() -> bool:
+    """Reset the resident-set high-water mark (VmHWM) to the current RSS (Linux >= 4.0).
+
+    Without it the CPU peak is the process's lifetime maximum, so a second run in one process
+    (or a benchmark point after setup) would report the first one's peak."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_bytes() -> int:
+    """Peak resident set size since the last reset_cpu_peak (VmHWM), else since start."""
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        reset_cpu_peak()
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -163,8 +199,7 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(torch.cuda.max_memory_allocated(device))
     if device.type == "mps":
         return int(torch.mps.driver_allocated_memory())
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+    return cpu_peak_bytes()
 
 
 def current_memory_bytes(device: torch.device) -> int | None:

@@ -78,3 +78,34 @@ class ModelSpec:
                 raise ConfigError(
                     f"{flag} {value} does not fit {source} ({key} = {getattr(cfg, key)})"
                 )
+
+
+def as_spec(model_arg: ModelConfig | ModelSpec | dict[str, Any] | None) -> ModelSpec:
+    """The trainer's ``model`` argument as a spec (a ModelConfig gives an empty one)."""
+    if isinstance(model_arg, ModelSpec):
+        return model_arg
+    if isinstance(model_arg, dict):
+        d = dict(model_arg)
+        return ModelSpec(
+            architecture=d.pop("architecture", None),
+            model_size=d.pop("model_size", None),
+            preset=d.pop("preset", None),
+            overrides=d,
+        )
+    return ModelSpec()
+
+
+def requested_architecture(spec: ModelSpec, model_arg: Any) -> str:
+    """The architecture asked for (names a default run folder)."""
+    if isinstance(model_arg, ModelConfig):
+        return model_arg.architecture
+    return spec.architecture or "dense"
+
+
+def requested_preset(spec: ModelSpec, model_arg: Any, ckpt_cfg: ModelConfig | None) -> str | None:
+    """The preset whose data a run needs (a checkpoint's own preset wins)."""
+    if ckpt_cfg is not None:
+        return ckpt_cfg.preset
+    if isinstance(model_arg, ModelConfig):
+        return model_arg.preset
+    return spec.preset

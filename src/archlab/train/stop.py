@@ -6,13 +6,11 @@ import os
 import signal
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 from ..errors import Interrupted
 from . import checkpoint as ckpt_mod
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 # ---- stop signals ----------------------------------------------------------------------------
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -28,14 +26,27 @@ class StopRequest:
 
     An abort raises Interrupted wherever the process is, also inside a checkpoint write:
     the atomic write then removes its temporary folder and the previous checkpoint stays.
+    ``run_dir`` (set once the run has a folder) names the last checkpoint in that message;
+    ``is_main``: only rank 0 prints.
     """
 
-    def __init__(self, trainer: Trainer) -> None:
-        self.trainer = trainer
+    def __init__(self, is_main: bool = True, run_dir: Path | None = None) -> None:
+        self.is_main = is_main
+        self.run_dir = run_dir
         self.signum: int | None = None
         self.at = 0.0
         self.aborting = False
         self._previous: dict[int, Any] = {}
+
+    def vote(self) -> float:
+        """This rank's stop vote: 0 (go on), 1 (SIGINT) or 1024 (SIGTERM). Votes are summed
+        over ranks, and the sum still tells which signal (exact in float32 up to 16k ranks)."""
+        return {None: 0.0, signal.SIGINT: 1.0}.get(self.signum, 1024.0)
+
+    @staticmethod
+    def signal_of(votes: float) -> int:
+        """The signal a positive sum of votes stands for (SIGTERM wins)."""
+        return signal.SIGTERM if votes >= 1024 else signal.SIGINT
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -53,10 +64,9 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         now = time.monotonic()
-        t = self.trainer
         if self.signum is None:
             self.signum, self.at = signum, now
-            if t.dist.is_main:
+            if self.is_main:
                 # os.write, not print: the handler may interrupt a print to stderr
                 os.write(
                     2,
@@ -67,7 +77,7 @@ class StopRequest:
         if now - self.at < REPEAT_WINDOW_S or self.aborting:
             return  # a duplicate, or the abort is already unwinding (let its cleanup finish)
         self.aborting = True
-        last = ckpt_mod.latest_checkpoint(t.run_dir) if t.run_dir is not None else None
+        last = ckpt_mod.latest_checkpoint(self.run_dir) if self.run_dir is not None else None
         raise Interrupted(
             f"aborted by a second {name}; "
             + (f"the last complete checkpoint is {last}" if last else "no checkpoint was written"),

@@ -67,6 +67,7 @@ def test_memory_point_in_fresh_process_grows_with_T() -> None:
     assert big["delta_bytes"] - small["delta_bytes"] > 20 * 2**20
 
 
+@pytest.mark.slow  # a timing assertion: flaky on a shared machine, so not in the default suite
 @pytest.mark.skipif(not HAS_MAMBA, reason="mamba block not built in this checkout")
 def test_dense_time_grows_faster_in_T_than_mamba() -> None:
     """Attention is O(T^2), the selective scan O(T): the fitted exponents must show it."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,3 +119,24 @@ def test_fused_mixer_node_under_autocast_and_no_grad(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         yb = mixer(x)
     assert len(calls) == 1 and torch.isfinite(yb).all()
+
+
+@pytest.mark.parametrize("architecture", ["mamba", "hypermixer"])
+def test_first_kernel_use_inside_gradient_checkpointing(architecture):
+    """The kernels' first use (their warm-up) may happen inside checkpoint's recomputation:
+    it must not disable them mid-step (it once raised CheckpointError)."""
+    code = f"""
+import torch
+from archlab import build_model, preset_config
+cfg = preset_config("{architecture}", vocab_size=64, d_model=32, n_layers=2, max_seq_len=32)
+torch.manual_seed(0)
+model = build_model(cfg)
+model.gradient_checkpointing = True
+x = torch.randint(0, 64, (2, 16))
+model(x).logsumexp(-1).mean().backward()
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "ok"
+    assert "kernel failed" not in res.stderr, res.stderr

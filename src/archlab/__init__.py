@@ -46,5 +46,10 @@ from .config import ConfigError, ModelConfig, preset_config  # noqa: E402
 from .generate import generate, load  # noqa: E402
 from .models import InferenceCache, LanguageModel, build_model, count_parameters  # noqa: E402
 
-if _previous_sigint is not None:  # the commands handle Ctrl-C themselves from here on
-    _signal.signal(_signal.SIGINT, _previous_sigint)
+
+def _end_of_startup() -> None:
+    """cli.main calls this inside its own Ctrl-C handling: from here a Ctrl-C is the command's."""
+    global _previous_sigint
+    if _previous_sigint is not None:
+        _signal.signal(_signal.SIGINT, _previous_sigint)
+        _previous_sigint = None

@@ -97,6 +97,9 @@ def _sigterm_as_exception() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     try:  # building the parser imports every command module
+        from . import _end_of_startup
+
+        _end_of_startup()
         parser = build_parser()
         args = parser.parse_args(argv)
     except KeyboardInterrupt:

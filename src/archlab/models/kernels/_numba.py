@@ -21,6 +21,7 @@ import itertools
 import math
 import os
 import sys
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -237,3 +238,26 @@ if NUMBA:
             return x * cdf, cdf + x * math.exp(-0.5 * x * x) * 0.3989422804014327
 
         return exact
+
+
+def run_isolated(fn: Callable[[], None]) -> None:
+    """Run a kernel warm-up (a tiny forward and backward) in a fresh thread, re-raising its error.
+
+    The caller may be inside torch.utils.checkpoint's recomputation, inference mode, no_grad
+    or autocast: all thread-local, so none of them reaches the new thread. Inside a
+    recomputation the warm-up's own saved tensors would otherwise stop the recompute
+    (_StopRecomputationError) and disable the kernel mid-step."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name="archlab-kernel-warm-up", daemon=True)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]

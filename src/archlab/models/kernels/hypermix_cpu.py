@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba import NUMBA, kernel, parallel_for
+from ._numba import NUMBA, kernel, parallel_for, run_isolated
 
 __all__ = ["fused_decode_step", "fused_hypermix", "hyper_step", "hyper_step_weights", "warm_up"]
 
@@ -229,8 +229,7 @@ def warm_up(dtype: torch.dtype) -> None:
     inference mode (generation runs under it) so the tiny backward pass can be taken."""
     if dtype in _warm:
         return
-    with torch.inference_mode(False), torch.enable_grad():
-        _compile_both(dtype)
+    run_isolated(lambda: _compile_both(dtype))
 
 
 def fused_hypermix(

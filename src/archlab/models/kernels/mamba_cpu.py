@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._numba import NUMBA, kernel, parallel_for
+from ._numba import NUMBA, kernel, parallel_for, run_isolated
 from .scan_cpu import _np, scan_backward, scan_forward
 
 __all__ = ["mamba_inner", "mamba_step", "mamba_step_weights", "warm_up_inner"]
@@ -185,12 +185,16 @@ def warm_up_inner(dtype: torch.dtype) -> None:
     from .scan_cpu import warm_up
 
     warm_up(dtype)
-    g = torch.Generator().manual_seed(0)
-    di, N, R, K = 3, 2, 1, 2
-    shapes = [(1, 2, 2 * di), (di, 1, K), (di,), (R + 2 * N, di), (di, R), (di,), (di, N), (di,)]
-    args = [torch.randn(*s, generator=g, dtype=dtype).requires_grad_(True) for s in shapes]
-    with torch.inference_mode(False), torch.enable_grad():
+
+    def tiny_step() -> None:
+        g = torch.Generator().manual_seed(0)
+        di, N, R, K = 3, 2, 1, 2
+        shapes = [(1, 2, 2 * di), (di, 1, K), (di,), (R + 2 * N, di), (di, R), (di,), (di, N)]
+        shapes.append((di,))
+        args = [torch.randn(*s, generator=g, dtype=dtype).requires_grad_(True) for s in shapes]
         mamba_inner(*args).sum().backward()
+
+    run_isolated(tiny_step)
     _warm.add(dtype)
 
 

@@ -44,3 +44,22 @@ def test_a_library_import_leaves_ctrl_c_to_the_caller():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv0", "orig_argv", "command"),
+    [
+        ("/venv/bin/archlab", ["/venv/bin/python", "/venv/bin/archlab", "train"], True),
+        ("-m", ["python", "-m", "archlab", "summary"], True),
+        # package workers never reach cli.main, so they keep Python's handler
+        ("-m", ["python", "-m", "archlab.bench.recall_worker", "RUN"], False),
+        ("-c", ["python", "-c", "import archlab"], False),
+        ("/x/bench_layers.py", ["python", "/x/bench_layers.py"], False),
+    ],
+)
+def test_which_starts_count_as_the_command(monkeypatch, argv0, orig_argv, command):
+    import archlab
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    assert archlab._started_as_command() is command

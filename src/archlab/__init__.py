@@ -21,7 +21,10 @@ __all__ = [
 
 def _started_as_command() -> bool:
     """True while the `archlab` script or `python -m archlab` is importing us."""
-    return _os.path.basename(_sys.argv[0]) == "archlab" or _sys.argv[0] == "-m"
+    if _os.path.basename(_sys.argv[0]) == "archlab":
+        return True
+    orig = getattr(_sys, "orig_argv", [])  # `python -m archlab.bench.recall_worker` is not one
+    return any(a == "-m" and b == "archlab" for a, b in zip(orig, orig[1:], strict=False))
 
 
 def _interrupted_while_starting(signum: int, frame: object) -> None:

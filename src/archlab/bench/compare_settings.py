@@ -20,12 +20,12 @@ from ..errors import UserError
 from ..train.optim import default_warmup_steps
 
 # Default protocol of a bare `archlab compare`. The budget: nano training throughput at
-# seq-len 128 x batch 16, measured with `archlab compare` pinned to 2 cores of an otherwise
-# idle Xeon (taskset -c 0,1, 2 threads): dense 12,800 tokens/s, moe 9,900, hypermixer 3,000,
-# mamba 2,070; hybrid (landed later) ran at 0.28-0.52x dense beside it on a busy 2-core
-# machine, i.e. ~3,600-6,600. Summed, one token through all five costs ~1.15-1.27 ms, so 160k
-# tokens take ~185-205 s of training, ~30 s of evaluation and ~8 s of process start per
-# architecture: about 5 minutes, plus ~20 s to prepare the stories the first time.
+# seq-len 128 x batch 16. First measured (before the fused CPU kernels) on 2 cores of an idle
+# Xeon (taskset -c 0,1, 2 threads): dense 12,800 tokens/s, moe 9,900, hypermixer 3,000,
+# mamba 2,070, i.e. about 5 minutes for all five. Re-measured 2026-12-01 with the fused
+# kernels (issue #12) on 2 idle cores of an AMD EPYC (Zen 5), torch's default threads:
+# dense 20,725, moe 16,325, hybrid 13,792, hypermixer 10,035, mamba 7,243 tokens/s; the
+# whole default `archlab compare` took 109 s of wall time, preparing the stories included.
 DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
@@ -38,7 +38,8 @@ DEFAULT_LEARNING_RATE = 1e-3
 # (two pairs are within 0.04 at 160k with one seed: use --seeds for a significance claim).
 DEFAULT_BUDGET_NOTE = (
     "default budget: 160,000 tokens per architecture (79 steps of 16 x 128 tokens, 4 warmup "
-    "steps), about 5 minutes for all five nano architectures on 2 idle CPU cores; its ranking "
+    "steps), about 2 minutes for all five nano architectures on 2 idle CPU cores (109 s "
+    "measured on an AMD EPYC); its ranking "
     "by final val loss matched a 4x longer run (seed 0)"
 )
 FLAG_NAMES = {

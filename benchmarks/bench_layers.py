@@ -46,7 +46,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -84,33 +83,6 @@ COMPARISONS = (
 
 
 # ---- worker: one (model, length) point in its own process --------------------------------
-def _rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_kib(reset_ok: bool) -> int:
-    if reset_ok:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
 def _ours_config(arch: str, T: int, args: argparse.Namespace):
     from archlab import preset_config
 
@@ -295,12 +267,18 @@ def worker(args: argparse.Namespace) -> dict:
 
         scan_cpu.warm_up(torch.float32)
         hypermix_cpu.warm_up(torch.float32)
+    if kernels.fused_available("mamba_inner"):
+        from archlab.models.kernels.mamba_cpu import warm_up_inner
+
+        warm_up_inner(torch.float32)
     # memory: the first step(s) from a clean state (later steps reuse what the allocator kept)
-    rss0 = _rss_kib()
-    reset_ok = _reset_peak()
+    from archlab.train.metrics import cpu_peak_bytes, current_memory_bytes, reset_cpu_peak
+
+    rss0 = (current_memory_bytes(torch.device("cpu")) or 0) // 1024
+    reset_ok = reset_cpu_peak()
     for _ in range(max(1, args.warmup)):
         step()
-    peak = _peak_kib(reset_ok)
+    peak = cpu_peak_bytes() // 1024
     times = []
     for _ in range(args.repeats):
         t0 = time.perf_counter()

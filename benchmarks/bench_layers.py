@@ -253,6 +253,9 @@ def _scan_step(name: str, T: int, args: argparse.Namespace, g) -> Callable[[], N
 
 
 def worker(args: argparse.Namespace) -> dict:
+    import archlab  # noqa: F401  (first: it sets OpenMP's spin count before torch loads)
+
+    # isort: split
     import torch
 
     torch.set_num_threads(args.threads)

@@ -11,7 +11,6 @@ from archlab.train.metrics import (
     current_memory_bytes,
     peak_memory_bytes,
     reset_cpu_peak,
-    reset_peak_memory,
 )
 
 
@@ -27,5 +26,5 @@ def test_resetting_the_cpu_peak_forgets_an_earlier_allocation():
     held = np.ones(48 * 2**20 // 8)
     assert peak_memory_bytes(torch.device("cpu")) >= peak + 40 * 2**20  # and new ones counted
     del held
-    reset_peak_memory(torch.device("cpu"))
+    reset_cpu_peak()
     assert peak_memory_bytes(torch.device("cpu")) < peak + 32 * 2**20

@@ -409,8 +409,8 @@ COLUMN_NOTES = (
     "included (summary.json `train_time_s`).",
     "Tokens/s: the steady-state training rate (the first step, which holds warm-up, and "
     "evaluations excluded).",
-    "Peak memory (MiB): CPU: the peak resident set of the training process during "
-    "training (VmHWM, reset when the first step starts; interpreter and torch runtime "
+    "Peak memory (MiB): CPU: the peak resident set of the training process from just "
+    "before the model is built to the end (VmHWM; interpreter and torch runtime "
     "included); CUDA: torch.cuda.max_memory_allocated. Each run has its own process.",
     "Model memory (MiB): the peak minus what the process held just before the model was "
     "built (CPU: RSS; CUDA: allocated): the model's own share (weights, gradients, "

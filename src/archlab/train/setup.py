@@ -28,7 +28,7 @@ from ..fsutil import FolderLock, ensure_writable_dir, lock_folder
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .distributed import DistInfo, barrier, broadcast_object
-from .metrics import current_memory_bytes
+from .metrics import current_memory_bytes, reset_cpu_peak
 from .model_spec import ModelSpec
 from .optim import WarmupCosineSchedule, build_optimizer, default_warmup_steps
 from .run_state import merge_resumed_config, resume_paths
@@ -271,6 +271,8 @@ def build_run_model(
     np.random.seed(cfg.seed)
     from ..models import build_model
 
+    if device.type == "cpu":
+        reset_cpu_peak()  # the peak from here on is this run's, not the process's lifetime's
     mem_before_model = current_memory_bytes(device)
     model = build_model(model_cfg)
     if source is not None:

@@ -261,3 +261,15 @@ def run_isolated(fn: Callable[[], None]) -> None:
     thread.join()
     if errors:
         raise errors[0]
+
+
+def warm_up_once(done: set[torch.dtype], dtype: torch.dtype, tiny_step: Callable[[], None]) -> None:
+    """Compile (or load from numba's cache) a kernel family for ``dtype`` once per process by
+    one tiny forward and backward (``tiny_step``, run isolated), so a compile failure shows
+    before training starts and never in the middle of a backward pass; raises on failure."""
+    if dtype in done:
+        return
+    if not NUMBA:
+        raise RuntimeError("numba is not available")
+    run_isolated(tiny_step)
+    done.add(dtype)

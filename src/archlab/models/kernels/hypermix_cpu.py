@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba import NUMBA, kernel, parallel_for, run_isolated
+from ._numba import NUMBA, kernel, parallel_for, warm_up_once
 
 __all__ = ["fused_decode_step", "fused_hypermix", "hyper_step", "hyper_step_weights", "warm_up"]
 
@@ -208,28 +208,21 @@ class _FusedHyperMix(torch.autograd.Function):
 _warm: set[torch.dtype] = set()
 
 
-def _compile_both(dtype: torch.dtype) -> None:
-    """Compile (or load) both kernels for ``dtype`` on a tiny problem; raises on failure."""
-    if dtype in _warm:
-        return
-    if not NUMBA:
-        raise RuntimeError("numba is not available")
+def _tiny_step(dtype: torch.dtype) -> None:
+    """One forward and backward of both kernels on a tiny problem."""
     g = torch.Generator().manual_seed(0)
     w1, w2 = (torch.randn(1, 2, 3, generator=g, dtype=dtype, requires_grad=True) for _ in "ab")
     x = torch.randn(1, 2, 4, generator=g, dtype=dtype, requires_grad=True)
     s0 = torch.zeros(1, 3, 4, dtype=dtype, requires_grad=True)
-    with torch.enable_grad():
-        out, _ = _FusedHyperMix.apply(w1, x, w2, s0, 0)
-        out.sum().backward()
-    _warm.add(dtype)
+    out, _ = _FusedHyperMix.apply(w1, x, w2, s0, 0)
+    out.sum().backward()
 
 
 def warm_up(dtype: torch.dtype) -> None:
-    """Compile (or load) both kernels for ``dtype`` once; raises on failure. Runs outside
-    inference mode (generation runs under it) so the tiny backward pass can be taken."""
-    if dtype in _warm:
-        return
-    run_isolated(lambda: _compile_both(dtype))
+    """Compile (or load) both kernels for ``dtype`` once; raises on failure. Runs isolated
+    (outside inference mode, no_grad and checkpoint recomputation) so the tiny backward pass
+    can be taken wherever the first use happens."""
+    warm_up_once(_warm, dtype, lambda: _tiny_step(dtype))
 
 
 def fused_hypermix(

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._numba import NUMBA, kernel, parallel_for, run_isolated
+from ._numba import NUMBA, kernel, parallel_for, warm_up_once
 from .scan_cpu import _np, scan_backward, scan_forward
 
 __all__ = ["mamba_inner", "mamba_step", "mamba_step_weights", "warm_up_inner"]
@@ -180,11 +180,9 @@ def warm_up_inner(dtype: torch.dtype) -> None:
     of the whole node; raises on failure (the caller then uses the op-by-op graph)."""
     if dtype in _warm:
         return
-    if not NUMBA:
-        raise RuntimeError("numba is not available")
     from .scan_cpu import warm_up
 
-    warm_up(dtype)
+    warm_up(dtype)  # the scan kernels first (raises without numba)
 
     def tiny_step() -> None:
         g = torch.Generator().manual_seed(0)
@@ -194,8 +192,7 @@ def warm_up_inner(dtype: torch.dtype) -> None:
         args = [torch.randn(*s, generator=g, dtype=dtype).requires_grad_(True) for s in shapes]
         mamba_inner(*args).sum().backward()
 
-    run_isolated(tiny_step)
-    _warm.add(dtype)
+    warm_up_once(_warm, dtype, tiny_step)
 
 
 # ---- single-token decode: the whole mixer, in_proj to out_proj, in one call ----------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._numba import NUMBA, kernel, parallel_for, run_isolated
+from ._numba import NUMBA, kernel, parallel_for, warm_up_once
 
 __all__ = ["available", "fused_selective_scan", "scan_backward", "scan_forward", "warm_up"]
 
@@ -355,13 +355,8 @@ class _FusedScan(torch.autograd.Function):
 _warm: set[torch.dtype] = set()
 
 
-def _compile_both(dtype: torch.dtype) -> None:
-    """Compile (or load from numba's cache) both kernels for ``dtype`` on a tiny problem, so a
-    compile failure shows before training starts and never in the middle of a backward pass."""
-    if dtype in _warm:
-        return
-    if not NUMBA:
-        raise RuntimeError("numba is not available")
+def _tiny_step(dtype: torch.dtype) -> None:
+    """One forward and backward of both kernels on a tiny problem."""
     g = torch.Generator().manual_seed(0)
     u, dl, z = (torch.randn(1, 2, 3, generator=g, dtype=dtype) for _ in range(3))
     Bm, Cm = (torch.randn(1, 2, 2, generator=g, dtype=dtype) for _ in range(2))
@@ -370,18 +365,15 @@ def _compile_both(dtype: torch.dtype) -> None:
     args = [u, dl, A, Bm, Cm, D, z, D, h0]
     for t in args:
         t.requires_grad_(True)
-    with torch.enable_grad():
-        out, last = _FusedScan.apply(*args, True)
-        (out.sum() + last.sum()).backward()
-    _warm.add(dtype)
+    out, last = _FusedScan.apply(*args, True)
+    (out.sum() + last.sum()).backward()
 
 
 def warm_up(dtype: torch.dtype) -> None:
-    """Compile (or load) both kernels for ``dtype`` once; raises on failure. Runs outside
-    inference mode (generation runs under it) so the tiny backward pass can be taken."""
-    if dtype in _warm:
-        return
-    run_isolated(lambda: _compile_both(dtype))
+    """Compile (or load) both kernels for ``dtype`` once; raises on failure. Runs isolated
+    (outside inference mode, no_grad and checkpoint recomputation) so the tiny backward pass
+    can be taken wherever the first use happens."""
+    warm_up_once(_warm, dtype, lambda: _tiny_step(dtype))
 
 
 def fused_selective_scan(

@@ -39,6 +39,12 @@ class HybridMambaBlock(nn.Module):
         self.ffn = make_mlp(cfg)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        if state is not None and x.shape[1] == 1:  # a decode token on CPU: one kernel call
+            from .kernels.decode_cpu import mamba_block_step
+
+            out = mamba_block_step(self, x, state)
+            if out is not None:
+                return out, {}
         x = x + self.drop(self.mixer(self.norm1(x), state))
         x = x + self.ffn(self.norm2(x))
         return x, {}

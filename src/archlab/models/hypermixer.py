@@ -340,9 +340,6 @@ class CausalHyperMixing(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.chunk_size: int | None = None  # None: automatic (see _auto_chunk)
         self._pe_table: Tensor | None = None  # cached sinusoidal positions (not a parameter)
-        from .kernels._numba import WeightCache
-
-        self._step_weights = WeightCache()  # decode kernel's views of the weights
 
     @torch.no_grad()
     def special_init(self) -> None:
@@ -387,9 +384,9 @@ class CausalHyperMixing(nn.Module):
     def _fused_step(self, x: Tensor, pe: Tensor, state: dict, pos: int) -> Tensor | None:
         """One decode token through the fused CPU kernel (both hypernetworks, the running-sum
         update and the read-out in one call); None when it does not apply."""
-        from .kernels.hypermix_cpu import fused_decode_step
+        from .kernels.decode_cpu import hyper_step
 
-        return fused_decode_step(self, x, pe, state, pos)
+        return hyper_step(self, x, state, pos, pe)
 
 
 class HyperMixerBlock(nn.Module):
@@ -401,6 +398,12 @@ class HyperMixerBlock(nn.Module):
         self.ffn = make_mlp(cfg)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        if state is not None and x.shape[1] == 1:  # a decode token on CPU: one kernel call
+            from .kernels.decode_cpu import hyper_block_step
+
+            out = hyper_block_step(self, x, state, pos)
+            if out is not None:
+                return out, {}
         x = x + self.mixer(self.norm1(x), state, pos)
         x = x + self.ffn(self.norm2(x))
         return x, {}

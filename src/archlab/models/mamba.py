@@ -80,9 +80,6 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(di, cfg.d_model, bias=False)
         self.out_proj.residual_scale = True  # type: ignore[attr-defined]
         self.special_init()
-        from .kernels._numba import WeightCache
-
-        self._step_weights = WeightCache()  # decode kernel's views of the weights
 
     @torch.no_grad()
     def special_init(self) -> None:
@@ -187,37 +184,9 @@ class MambaMixer(nn.Module):
         """One decode token x (B, d_model) through the fused CPU kernel (in_proj, conv,
         projections, scan step, gate and out_proj in one call); None when it does not apply
         (GPU, autograd, mixed dtypes, no numba)."""
-        from .kernels import disable_fused, fused_available, kernel_notice, mamba_cpu
+        from .kernels.decode_cpu import mamba_step
 
-        dtype = x.dtype
-        if (
-            x.device.type != "cpu"
-            or dtype not in (torch.float32, torch.float64)
-            or self.A_log.dtype != dtype
-            or (torch.is_grad_enabled() and self.A_log.requires_grad)
-            or not fused_available("scan_step")
-        ):
-            return None
-        c, dtp = self.conv1d, self.dt_proj  # the parameters in mamba_step_weights' order
-        params = (self.in_proj.weight, c.weight, c.bias, self.x_proj.weight, dtp.weight,
-                  dtp.bias, self.A_log, self.D, self.out_proj.weight)  # fmt: skip
-        if any(p.dtype != dtype for p in params):
-            return None
-        Bsz, K = x.shape[0], self.conv_size
-        conv = state.get("conv")
-        conv = x.new_zeros(Bsz, self.d_inner, K - 1) if conv is None else conv.to(dtype)
-        h = state.get("ssm")
-        h = x.new_zeros(Bsz, self.d_inner, self.state_size) if h is None else h.to(dtype)
-        conv, h = conv.contiguous(), h.contiguous()  # updated in place by the kernel
-        try:
-            weights = self._step_weights.get(params, lambda: mamba_cpu.mamba_step_weights(*params))
-            out = mamba_cpu.mamba_step(x.contiguous(), conv, h, weights)
-        except Exception as exc:  # compile failure: the torch step from now on
-            disable_fused("scan_step", exc)
-            kernel_notice("scan_step", "Mamba decode: fused step unavailable, using torch ops")
-            return None
-        state["conv"], state["ssm"] = conv, h
-        return out
+        return mamba_step(self, x, state)
 
     def _step(self, xi: Tensor, z: Tensor, state: dict) -> Tensor:
         """One token: xi, z (B, d_inner) -> y (B, d_inner); updates state in place."""
@@ -257,7 +226,9 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block: x + Mamba(RMSNorm(x)); no separate MLP (as in the paper)."""
+    """Pre-norm residual block: x + Mamba(RMSNorm(x)); no separate MLP (as in the paper).
+
+    A decode token on CPU takes the whole block in one kernel call (kernels/decode_cpu.py)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0) -> None:
         super().__init__()
@@ -266,6 +237,12 @@ class MambaBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        if state is not None and x.shape[1] == 1:
+            from .kernels.decode_cpu import mamba_block_step
+
+            out = mamba_block_step(self, x, state)
+            if out is not None:
+                return out, {}
         return x + self.drop(self.mixer(self.norm1(x), state)), {}
 
 

@@ -1,7 +1,9 @@
 """Fused CPU kernels (numba) for the recurrent mixers, and their availability switch.
 
-    scan_cpu.py      Mamba's selective scan, forward and backward, plus the decode step
-    hypermix_cpu.py  HyperMixing's causal mixer, forward and backward, plus the decode step
+    scan_cpu.py      Mamba's selective scan, forward and backward
+    mamba_cpu.py     Mamba's whole mixer interior (conv, projections, scan) as one autograd node
+    hypermix_cpu.py  HyperMixing's causal mixer, forward and backward
+    decode_cpu.py    single-token decode steps: whole Mamba / hybrid-Mamba / HyperMixer blocks
 
 Each kernel is optional: :func:`fused_available` says whether it can run (numba imports and the
 kernel has not failed to compile in this process); callers fall back to the torch
@@ -22,7 +24,8 @@ _failed: dict[str, str] = {}
 
 def fused_available(name: str) -> bool:
     """True when kernel ``name`` ("scan", "hypermix") may be used in this process."""
-    if os.environ.get("ARCHLAB_KERNELS", "").strip().lower() in ("off", "0", "none"):
+    switch = os.environ.get("ARCHLAB_KERNELS")  # read per call: decode steps ask per token
+    if switch and switch.strip().lower() in ("off", "0", "none"):
         return False
     return NUMBA and name not in _failed
 

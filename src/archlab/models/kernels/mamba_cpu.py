@@ -17,7 +17,7 @@ Conv kernels: channels-last (B, T, d_inner) layout straight from in_proj's outpu
 or copies), one work item per batch row, vectorised over channels; the backward walks time in
 reverse with a ring buffer of the last K gate gradients, so it needs no (B, T, D) scratch.
 
-The single-token decode step of the same mixer (:func:`mamba_step`) lives here too.
+The single-token decode step of the same mixer lives in ``decode_cpu.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import Tensor
 from ._numba import NUMBA, kernel, parallel_for, warm_up_once
 from .scan_cpu import _np, scan_backward, scan_forward
 
-__all__ = ["mamba_inner", "mamba_step", "mamba_step_weights", "warm_up_inner"]
+__all__ = ["mamba_inner", "warm_up_inner"]
 
 if NUMBA:
     from ._numba import vexp
@@ -193,84 +193,3 @@ def warm_up_inner(dtype: torch.dtype) -> None:
         mamba_inner(*args).sum().backward()
 
     warm_up_once(_warm, dtype, tiny_step)
-
-
-# ---- single-token decode: the whole mixer, in_proj to out_proj, in one call ----------------
-if NUMBA:
-
-    @kernel
-    def _mamba_step(lo, hi, x, inw, conv, cw, cb, xw, dtw, dtb, A, Dv, outw, h, out):
-        """One token for batch rows [lo, hi): in_proj, causal conv + SiLU, x_proj, dt_proj +
-        softplus, the recurrent update of h (B, di, N), the gated read-out and out_proj into
-        out (B, d_model). A = -exp(A_log) (di, N).
-
-        x (B, d_model) is the normalised block input; conv (B, di, K - 1) holds the last conv
-        inputs and is shifted in place, h updated in place."""
-        di = Dv.shape[0]
-        dm = x.shape[1]
-        K = cw.shape[1]
-        R = dtw.shape[1]
-        N = A.shape[1]
-        P = xw.shape[0]  # R + 2 N
-        one = np.ones(1, dtype=x.dtype)[0]
-        zero = np.zeros(1, dtype=x.dtype)[0]
-        xz = np.empty(2 * di, dtype=x.dtype)
-        xc = np.empty(di, dtype=x.dtype)
-        y = np.empty(di, dtype=x.dtype)
-        proj = np.empty(P, dtype=x.dtype)
-        for b in range(lo, hi):
-            for o in range(2 * di):
-                acc = zero
-                for c in range(dm):
-                    acc += inw[o, c] * x[b, c]
-                xz[o] = acc
-            for d in range(di):
-                acc = cb[d] + cw[d, K - 1] * xz[d]
-                for k in range(K - 1):
-                    acc += cw[d, k] * conv[b, d, k]
-                for k in range(K - 2):
-                    conv[b, d, k] = conv[b, d, k + 1]
-                if K > 1:
-                    conv[b, d, K - 2] = xz[d]
-                xc[d] = acc / (one + vexp(-acc))
-            for p in range(P):
-                acc = zero
-                for d in range(di):
-                    acc += xw[p, d] * xc[d]
-                proj[p] = acc
-            for d in range(di):
-                v = dtb[d]
-                for r in range(R):
-                    v += dtw[d, r] * proj[r]
-                delta = v if v > 20.0 else np.log1p(vexp(v))
-                du = delta * xc[d]
-                acc = Dv[d] * xc[d]
-                for n in range(N):
-                    hn = vexp(A[d, n] * delta) * h[b, d, n] + du * proj[R + n]
-                    h[b, d, n] = hn
-                    acc += proj[R + N + n] * hn
-                zz = xz[di + d]
-                y[d] = acc * zz / (one + vexp(-zz))
-            for o in range(dm):
-                acc = zero
-                for d in range(di):
-                    acc += outw[o, d] * y[d]
-                out[b, o] = acc
-
-
-def mamba_step(x: Tensor, conv: Tensor, ssm: Tensor, weights: tuple) -> Tensor:
-    """Decode step of MambaMixer: x (B, d_model) -> (B, d_model); conv and ssm updated in place.
-
-    ``weights``: numpy arrays from :func:`mamba_step_weights`. One dtype, contiguous, CPU."""
-    out = x.new_empty(x.shape)
-    _mamba_step(0, x.shape[0], _np(x), weights[0], _np(conv), *weights[1:], _np(ssm), _np(out))
-    return out
-
-
-def mamba_step_weights(in_w, conv_w, conv_b, x_proj_w, dt_w, dt_b, A_log, D, out_w) -> tuple:
-    """The decode kernel's weight arrays: (in_proj, conv (di, K), conv bias, x_proj, dt_proj,
-    dt_proj bias, A = -exp(A_log), D) and out_proj last (numpy, detached, contiguous)."""
-    with torch.no_grad():
-        A = -torch.exp(A_log)
-    ts = (in_w, conv_w.reshape(conv_w.shape[0], -1), conv_b, x_proj_w, dt_w, dt_b, A, D, out_w)
-    return tuple(_np(t.detach().contiguous()) for t in ts)

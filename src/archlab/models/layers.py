@@ -10,7 +10,8 @@ from ..config import ModelConfig, swiglu_width
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm (Zhang & Sennrich 2019); computed in float32 for stability."""
+    """Root-mean-square norm (Zhang & Sennrich 2019); computed in at least float32 for
+    stability (half precision is upcast; float64 stays float64)."""
 
     def __init__(self, dim: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -18,7 +19,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        w = self.weight.to(dtype)
+        return F.rms_norm(x.to(dtype), (x.shape[-1],), w, self.eps).type_as(x)
 
 
 def uses_rmsnorm(cfg: ModelConfig) -> bool:

@@ -39,6 +39,8 @@ __all__ = ["available", "fused_selective_scan", "scan_backward", "scan_forward",
 _LANES = 64
 _CHUNK = 64  # time steps between state checkpoints
 _MAX_GROUP = 8  # channel blocks per forward work item (its state: 8 x N x 64 floats, in L1/L2)
+_MAX_GROUP_BWD = 4  # per backward item: its row buffers, 7 x chunk x 4 x 64 floats, and the
+# block's recomputed chunk (2 x chunk x N x 64) stay within a 1 MiB L2 at N = 16
 
 
 def available() -> bool:
@@ -141,160 +143,191 @@ if NUMBA:
 
     @kernel
     def _scan_bwd(
-        lo, hi, u, dlt, At, Bm, Cm, Dv, z, bias, flags, K, ckpt, gout, glast,
+        lo, hi, G, u, dlt, At, Bm, Cm, Dv, z, bias, flags, K, ckpt, gout, glast,
         du_out, ddlt, dA_b, dB_blk, dC_blk, dD_b, dz, dbias_b, dh0,
     ):  # fmt: skip
         """Backward. flags = (has_D, has_z, softplus, has_h0, has_glast); writes every grad.
 
         dA_b (B, N, D), dD_b and dbias_b (B, D) are per-batch partial sums; dB_blk, dC_blk
         (nblk, B, T, N) per channel block. Lanes as in the forward kernel.
+
+        A work item is (batch row b, group of G channel blocks). Per chunk it copies the
+        group's columns of u, delta, gout and z into row buffers in forward time order (long
+        contiguous reads), runs each block's recompute and adjoint pass from them, and writes
+        the three (B, T, D) gradients back the same way. Walking the rows backwards in time
+        straight from memory, a block at a time, ran at half the speed.
         """
         Bsz, T, D = u.shape
         N = At.shape[0]
         nblk = (D + _LANES - 1) // _LANES
+        ngrp = (nblk + G - 1) // G
         nck = (T + K - 1) // K
+        W = G * _LANES
         has_D, has_z, softplus, has_glast = flags[0], flags[1], flags[2], flags[4]
         one = np.ones(1, dtype=u.dtype)[0]
         zero = np.zeros(1, dtype=u.dtype)[0]
-        g = np.zeros((N, _LANES), dtype=u.dtype)  # dL/dh_t, carried backwards
-        Ab = np.zeros((N, _LANES), dtype=u.dtype)
+        # per block of the group, carried over the chunks
+        gG = np.zeros((G, N, _LANES), dtype=u.dtype)  # dL/dh_t, carried backwards
+        AbG = np.zeros((G, N, _LANES), dtype=u.dtype)
+        dAG = np.zeros((G, N, _LANES), dtype=u.dtype)
+        blG = np.zeros((G, _LANES), dtype=u.dtype)
+        DlG = np.zeros((G, _LANES), dtype=u.dtype)
+        dDG = np.zeros((G, _LANES), dtype=u.dtype)
+        dbG = np.zeros((G, _LANES), dtype=u.dtype)
+        # the group's rows of the chunk (columns past D stay zero)
+        US = np.zeros((K, W), dtype=u.dtype)  # u
+        DS = np.zeros((K, W), dtype=u.dtype)  # delta before bias and softplus
+        GO = np.zeros((K, W), dtype=u.dtype)  # gout
+        ZS = np.zeros((K, W), dtype=u.dtype)  # z
+        GU = np.zeros((K, W), dtype=u.dtype)  # du
+        GD = np.zeros((K, W), dtype=u.dtype)  # ddelta
+        GZ = np.zeros((K, W), dtype=u.dtype)  # dz
+        # one block's recomputed chunk
         hs = np.zeros((K + 1, N, _LANES), dtype=u.dtype)  # h_{t0-1} .. h_{t1-1}
         As = np.zeros((K, N, _LANES), dtype=u.dtype)  # exp(delta A) of the chunk
         dts = np.zeros((K, _LANES), dtype=u.dtype)
         DU = np.zeros((K, _LANES), dtype=u.dtype)  # delta u of the chunk
-        US = np.zeros((K, _LANES), dtype=u.dtype)  # u of the chunk
         sig = np.zeros((K, _LANES), dtype=u.dtype)  # d softplus / d input
         PRE = np.zeros((K, _LANES), dtype=u.dtype)  # y + D u of the chunk (recomputed)
         yv = np.zeros(_LANES, dtype=u.dtype)
-        dA = np.zeros((N, _LANES), dtype=u.dtype)
-        bl = np.zeros(_LANES, dtype=u.dtype)
-        Dl = np.zeros(_LANES, dtype=u.dtype)
-        dv = np.zeros(_LANES, dtype=u.dtype)
-        gov = np.zeros(_LANES, dtype=u.dtype)
-        zv = np.zeros(_LANES, dtype=u.dtype)
         dzv = np.zeros(_LANES, dtype=u.dtype)
-        dDl = np.zeros(_LANES, dtype=u.dtype)
-        dbl = np.zeros(_LANES, dtype=u.dtype)
         dy = np.zeros(_LANES, dtype=u.dtype)
         ddu = np.zeros(_LANES, dtype=u.dtype)  # dL/d(delta u)
         ddt = np.zeros(_LANES, dtype=u.dtype)  # dL/d delta through the decays
-        guv = np.zeros(_LANES, dtype=u.dtype)
-        gdv = np.zeros(_LANES, dtype=u.dtype)
         for item in range(lo, hi):
-            b = item // nblk
-            blk = item % nblk
-            d0 = blk * _LANES
-            w = min(_LANES, D - d0)
-            for arr2 in (g, Ab, dA):
+            b = item // ngrp
+            g0 = (item % ngrp) * G
+            ng = min(G, nblk - g0)
+            c0 = g0 * _LANES
+            cw = min(W, D - c0)
+            for arr3 in (gG, AbG, dAG):
+                arr3[:, :, :] = 0.0
+            for arr2 in (blG, DlG, dDG, dbG, US, DS, GO, ZS):
                 arr2[:, :] = 0.0
-            for arr in (bl, Dl, dv, gov, zv, dDl, dbl):
-                arr[:] = 0.0
-            hs[:, :, :] = 0.0
-            US[:, :] = 0.0
-            for n in range(N):
+            for gi in range(ng):
+                d0 = c0 + gi * _LANES
+                w = min(_LANES, D - d0)
+                for n in range(N):
+                    for j in range(w):
+                        AbG[gi, n, j] = At[n, d0 + j]
+                        if has_glast:
+                            gG[gi, n, j] = glast[b, d0 + j, n]
                 for j in range(w):
-                    Ab[n, j] = At[n, d0 + j]
-                    if has_glast:
-                        g[n, j] = glast[b, d0 + j, n]
-            for j in range(w):
-                bl[j] = bias[d0 + j]
-                if has_D:
-                    Dl[j] = Dv[d0 + j]
+                    blG[gi, j] = bias[d0 + j]
+                    if has_D:
+                        DlG[gi, j] = Dv[d0 + j]
             for c in range(nck - 1, -1, -1):
                 t0 = c * K
                 L = min(T, t0 + K) - t0
+                for i in range(L):  # the chunk's rows, forward in time
+                    t = t0 + i
+                    for j in range(cw):
+                        US[i, j] = u[b, t, c0 + j]
+                        DS[i, j] = dlt[b, t, c0 + j]
+                        GO[i, j] = gout[b, t, c0 + j]
+                    if has_z:
+                        for j in range(cw):
+                            ZS[i, j] = z[b, t, c0 + j]
+                for gi in range(ng):
+                    d0 = c0 + gi * _LANES
+                    w = min(_LANES, D - d0)
+                    off = gi * _LANES
+                    g, Ab, dA = gG[gi], AbG[gi], dAG[gi]
+                    bl, Dl, dDl, dbl = blG[gi], DlG[gi], dDG[gi], dbG[gi]
+                    for n in range(N):
+                        for j in range(_LANES):
+                            hs[0, n, j] = ckpt[b, c, d0 + j, n] if j < w else zero
+                    for i in range(L):  # recompute the chunk's states and decays
+                        t = t0 + i
+                        for j in range(_LANES):
+                            v = DS[i, off + j] + bl[j]
+                            s = one
+                            if softplus:
+                                e = vexp(v)
+                                s = one if v > 20.0 else e / (one + e)
+                                v = vsoftplus(v)
+                            dts[i, j] = v
+                            sig[i, j] = s
+                            DU[i, j] = v * US[i, off + j]
+                            yv[j] = 0.0
+                        for n in range(N):
+                            bn = Bm[b, t, n]
+                            cn = Cm[b, t, n]
+                            for j in range(_LANES):
+                                a = vexp(dts[i, j] * Ab[n, j])
+                                As[i, n, j] = a
+                                hv = a * hs[i, n, j] + DU[i, j] * bn
+                                hs[i + 1, n, j] = hv
+                                yv[j] += cn * hv
+                        for j in range(_LANES):
+                            PRE[i, j] = yv[j] + Dl[j] * US[i, off + j]
+                    for i in range(L - 1, -1, -1):  # adjoint recurrence, backwards in time
+                        t = t0 + i
+                        for j in range(_LANES):
+                            go = GO[i, off + j]
+                            if has_z:
+                                zz = ZS[i, off + j]
+                                sz = one / (one + vexp(-zz))
+                                dzv[j] = go * PRE[i, j] * sz * (one + zz * (one - sz))
+                                go = go * zz * sz
+                            dy[j] = go
+                            dDl[j] += go * US[i, off + j]
+                            ddu[j] = 0.0
+                            ddt[j] = 0.0
+                        blk = g0 + gi
+                        for n in range(N):  # hot loop
+                            bn = Bm[b, t, n]
+                            cn = Cm[b, t, n]
+                            acc_c = zero
+                            acc_b = zero
+                            for j in range(_LANES):
+                                gv = g[n, j] + cn * dy[j]  # dL/dh_t
+                                acc_c += dy[j] * hs[i + 1, n, j]
+                                acc_b += gv * DU[i, j]
+                                ddu[j] += gv * bn
+                                a = As[i, n, j]
+                                ga = gv * hs[i, n, j] * a  # dL/d(delta A)
+                                dA[n, j] += ga * dts[i, j]
+                                ddt[j] += ga * Ab[n, j]
+                                g[n, j] = gv * a  # dL/dh_{t-1} through the recurrence
+                            dC_blk[blk, b, t, n] = acc_c
+                            dB_blk[blk, b, t, n] = acc_b
+                        for j in range(_LANES):
+                            GU[i, off + j] = ddu[j] * dts[i, j] + dy[j] * Dl[j]
+                            gd = (ddt[j] + ddu[j] * US[i, off + j]) * sig[i, j]
+                            GD[i, off + j] = gd
+                            dbl[j] += gd
+                            GZ[i, off + j] = dzv[j]
+                for i in range(L):  # the chunk's gradient rows, forward in time
+                    t = t0 + i
+                    for j in range(cw):
+                        du_out[b, t, c0 + j] = GU[i, j]
+                        ddlt[b, t, c0 + j] = GD[i, j]
+                    if has_z:
+                        for j in range(cw):
+                            dz[b, t, c0 + j] = GZ[i, j]
+            for gi in range(ng):
+                d0 = c0 + gi * _LANES
+                w = min(_LANES, D - d0)
                 for n in range(N):
                     for j in range(w):
-                        hs[0, n, j] = ckpt[b, c, d0 + j, n]
-                for i in range(L):  # recompute the chunk's states and decays
-                    t = t0 + i
-                    for j in range(w):
-                        dv[j] = dlt[b, t, d0 + j]
-                        US[i, j] = u[b, t, d0 + j]
-                    for j in range(_LANES):
-                        v = dv[j] + bl[j]
-                        s = one
-                        if softplus:
-                            e = vexp(v)
-                            s = one if v > 20.0 else e / (one + e)
-                            v = vsoftplus(v)
-                        dts[i, j] = v
-                        sig[i, j] = s
-                        DU[i, j] = v * US[i, j]
-                        yv[j] = 0.0
-                    for n in range(N):
-                        bn = Bm[b, t, n]
-                        cn = Cm[b, t, n]
-                        for j in range(_LANES):
-                            a = vexp(dts[i, j] * Ab[n, j])
-                            As[i, n, j] = a
-                            hv = a * hs[i, n, j] + DU[i, j] * bn
-                            hs[i + 1, n, j] = hv
-                            yv[j] += cn * hv
-                    for j in range(_LANES):
-                        PRE[i, j] = yv[j] + Dl[j] * US[i, j]
-                for i in range(L - 1, -1, -1):  # adjoint recurrence, backwards in time
-                    t = t0 + i
-                    for j in range(w):
-                        gov[j] = gout[b, t, d0 + j]
-                        if has_z:
-                            zv[j] = z[b, t, d0 + j]
-                    for j in range(_LANES):
-                        go = gov[j]
-                        if has_z:
-                            zz = zv[j]
-                            sz = one / (one + vexp(-zz))
-                            dzv[j] = go * PRE[i, j] * sz * (one + zz * (one - sz))
-                            go = go * zz * sz
-                        dy[j] = go
-                        dDl[j] += go * US[i, j]
-                        ddu[j] = 0.0
-                        ddt[j] = 0.0
-                    for n in range(N):  # hot loop
-                        bn = Bm[b, t, n]
-                        cn = Cm[b, t, n]
-                        acc_c = zero
-                        acc_b = zero
-                        for j in range(_LANES):
-                            gv = g[n, j] + cn * dy[j]  # dL/dh_t
-                            acc_c += dy[j] * hs[i + 1, n, j]
-                            acc_b += gv * DU[i, j]
-                            ddu[j] += gv * bn
-                            a = As[i, n, j]
-                            ga = gv * hs[i, n, j] * a  # dL/d(delta A)
-                            dA[n, j] += ga * dts[i, j]
-                            ddt[j] += ga * Ab[n, j]
-                            g[n, j] = gv * a  # dL/dh_{t-1} through the recurrence
-                        dC_blk[blk, b, t, n] = acc_c
-                        dB_blk[blk, b, t, n] = acc_b
-                    for j in range(_LANES):
-                        guv[j] = ddu[j] * dts[i, j] + dy[j] * Dl[j]
-                        gd = (ddt[j] + ddu[j] * US[i, j]) * sig[i, j]
-                        gdv[j] = gd
-                        dbl[j] += gd
-                    for j in range(w):
-                        du_out[b, t, d0 + j] = guv[j]
-                        ddlt[b, t, d0 + j] = gdv[j]
-                        if has_z:
-                            dz[b, t, d0 + j] = dzv[j]
-            for n in range(N):
+                        dh0[b, d0 + j, n] = gG[gi, n, j]
+                        dA_b[b, n, d0 + j] = dAG[gi, n, j]
                 for j in range(w):
-                    dh0[b, d0 + j, n] = g[n, j]
-                    dA_b[b, n, d0 + j] = dA[n, j]
-            for j in range(w):
-                dD_b[b, d0 + j] = dDl[j]
-                dbias_b[b, d0 + j] = dbl[j]
+                    dD_b[b, d0 + j] = dDG[gi, j]
+                    dbias_b[b, d0 + j] = dbG[gi, j]
 
 
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def block_group(rows: int, nblk: int) -> int:
-    """Channel blocks per forward work item: as many as leave ~4 items per thread (up to
-    _MAX_GROUP), so each item reads long contiguous stretches of every row. The result does
-    not depend on it (every channel's arithmetic is the same)."""
-    return max(1, min(nblk, _MAX_GROUP, rows * nblk // (4 * torch.get_num_threads())))
+def block_group(rows: int, nblk: int, most: int = 0) -> int:
+    """Channel blocks per work item: as many as leave ~4 items per thread (up to ``most``,
+    default _MAX_GROUP), so each item reads long contiguous stretches of every row. The result
+    does not depend on it (every channel's arithmetic is the same)."""
+    most = most or _MAX_GROUP
+    return max(1, min(nblk, most, rows * nblk // (4 * torch.get_num_threads())))
 
 
 def scan_forward(u, delta, At, B, C, Dv, z, bias, h0, softplus, has_D=True):
@@ -333,8 +366,9 @@ def scan_backward(u, delta, At, B, C, Dv, z, bias, ckpt, flags, gout, glast):
     dB_blk, dC_blk = u.new_empty(nblk, Bsz, T, N), u.new_empty(nblk, Bsz, T, N)
     dD_b, dbias_b = u.new_empty(Bsz, Dm), u.new_empty(Bsz, Dm)
     dh0 = u.new_empty(Bsz, Dm, N)
+    G = block_group(Bsz, nblk, _MAX_GROUP_BWD)
     parallel_for(
-        _scan_bwd, Bsz * nblk, Bsz * T * Dm * N,
+        _scan_bwd, Bsz * -(-nblk // G), Bsz * T * Dm * N, G,
         _np(u), _np(delta), _np(At), _np(B), _np(C), _np(Dv),
         _np(z if z is not None else dummy), _np(bias), flags, _CHUNK, _np(ckpt),
         _np(gout), _np(glast.contiguous() if glast is not None else dummy),

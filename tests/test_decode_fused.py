@@ -172,6 +172,24 @@ def test_weights_are_reread_after_every_kind_of_change(arch):
     torch.testing.assert_close(_step_logits(model, idx), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["mamba", "hypermixer"])
+def test_a_copied_model_decodes_with_its_own_weights(arch):
+    """The plan kept on each block refers to that block's weights: a deep copy (EMA, a
+    snapshot) must not decode with the original's."""
+    import copy
+
+    model = _model(arch, {}, {}, torch.float64)
+    idx = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(6))
+    _step_logits(model, idx)  # plans made and filled
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.parameters():
+            p.mul_(1.1)
+        full = clone(idx)[:, -1:]
+    torch.testing.assert_close(_step_logits(clone, idx), full, rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(_step_logits(model, idx), full)
+
+
 def test_not_used_where_it_does_not_apply(monkeypatch):
     """Training mode with dropout, and autograd through the parameters, take the torch path
     (the block's, or every kernel's)."""

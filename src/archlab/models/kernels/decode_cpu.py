@@ -277,6 +277,10 @@ class _Plan:
         self.dtype: torch.dtype | None = None
         self.views: tuple = ()  # (state tensors, their numpy views) of the last call
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copied module makes its own plan (this one's build reads the original's weights)."""
+        return None
+
     def state_views(self, tensors: tuple[Tensor, ...]) -> tuple[np.ndarray, ...]:
         """numpy views of the decode state tensors (which the kernel updates in place), kept
         while the same tensors come back: the next token of one generation."""

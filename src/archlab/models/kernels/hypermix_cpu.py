@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._numba import NUMBA, kernel, parallel_for, warm_up_once
+from .scan_cpu import block_group
 
 __all__ = ["fused_hypermix", "warm_up"]
 
@@ -39,55 +40,69 @@ __all__ = ["fused_hypermix", "warm_up"]
 # D = 128, 1 thread: lanes 16 -> 64 forward 36 -> 30 ms, backward 94 -> 44 ms
 _LANES = 64
 _CHUNK = 32  # time steps between checkpoints of S
+_MAX_GROUP = 4  # channel blocks per forward work item (their S: 4 x M x 64 floats)
 
 
 if NUMBA:
     from ._numba import gelu_and_grad
 
     @kernel
-    def _mix_fwd(lo, hi, w1, x, w2, s0, invs, K, save, out, s_last, ckpt):
-        """Forward over items [lo, hi); ckpt (B, nck, M, D) written when ``save``.
+    def _mix_fwd(lo, hi, G, w1, x, w2, s0, invs, K, save, out, s_last, ckpt):
+        """Forward over items [lo, hi) of (b, group of G channel blocks); ckpt (B, nck, M, D)
+        written when ``save``. Per time step an item runs its group's blocks in turn, reading
+        G x 64 contiguous channels of each x row (see scan_cpu.block_group).
 
         Hot loops run over all ``_LANES`` lanes of local arrays (a constant trip count LLVM
         turns into whole vectors); lanes past D hold zeros and are never written back."""
         Bsz, T, D = x.shape
         M = w1.shape[2]
         nblk = (D + _LANES - 1) // _LANES
-        S = np.zeros((M, _LANES), dtype=x.dtype)
+        ngrp = (nblk + G - 1) // G
+        SG = np.zeros((G, M, _LANES), dtype=x.dtype)
         o = np.zeros(_LANES, dtype=x.dtype)
         xv = np.zeros(_LANES, dtype=x.dtype)
         for item in range(lo, hi):
-            b = item // nblk
-            d0 = (item % nblk) * _LANES
-            w = min(_LANES, D - d0)
-            S[:, :] = 0.0
+            b = item // ngrp
+            g0 = (item % ngrp) * G
+            ng = min(G, nblk - g0)
+            SG[:, :, :] = 0.0
             xv[:] = 0.0
-            for m in range(M):
-                for j in range(w):
-                    S[m, j] = s0[b, m, d0 + j]
-            for t in range(T):
-                if save and t % K == 0:
-                    c = t // K
-                    for m in range(M):
-                        for j in range(w):
-                            ckpt[b, c, m, d0 + j] = S[m, j]
-                inv = invs[t]
-                for j in range(w):
-                    xv[j] = x[b, t, d0 + j]
-                for j in range(_LANES):
-                    o[j] = 0.0
+            for gi in range(ng):
+                d0 = (g0 + gi) * _LANES
+                w = min(_LANES, D - d0)
                 for m in range(M):
-                    a = w1[b, t, m]
-                    r = w2[b, t, m]
+                    for j in range(w):
+                        SG[gi, m, j] = s0[b, m, d0 + j]
+            for t in range(T):
+                inv = invs[t]
+                for gi in range(ng):
+                    d0 = (g0 + gi) * _LANES
+                    w = min(_LANES, D - d0)
+                    S = SG[gi]
+                    if save and t % K == 0:
+                        c = t // K
+                        for m in range(M):
+                            for j in range(w):
+                                ckpt[b, c, m, d0 + j] = S[m, j]
+                    for j in range(w):
+                        xv[j] = x[b, t, d0 + j]
                     for j in range(_LANES):
-                        s = S[m, j] + a * xv[j]
-                        S[m, j] = s
-                        o[j] += r * gelu_and_grad(s * inv)[0]
-                for j in range(w):
-                    out[b, t, d0 + j] = o[j]
-            for m in range(M):
-                for j in range(w):
-                    s_last[b, m, d0 + j] = S[m, j]
+                        o[j] = 0.0
+                    for m in range(M):
+                        a = w1[b, t, m]
+                        r = w2[b, t, m]
+                        for j in range(_LANES):
+                            s = S[m, j] + a * xv[j]
+                            S[m, j] = s
+                            o[j] += r * gelu_and_grad(s * inv)[0]
+                    for j in range(w):
+                        out[b, t, d0 + j] = o[j]
+            for gi in range(ng):
+                d0 = (g0 + gi) * _LANES
+                w = min(_LANES, D - d0)
+                for m in range(M):
+                    for j in range(w):
+                        s_last[b, m, d0 + j] = SG[gi, m, j]
 
     @kernel
     def _mix_bwd(lo, hi, w1, x, w2, invs, K, G, ckpt, gout, dw1_g, dx, dw2_g, ds0):
@@ -169,9 +184,10 @@ def _forward(w1, x, w2, s0, start, save):
     out = torch.empty_like(x)
     s_last = torch.empty(B, M, D, dtype=x.dtype)
     ckpt = torch.empty(B, -(-T // _CHUNK) if save else 1, M, D if save else 1, dtype=x.dtype)
-    items = B * -(-D // _LANES)
+    nblk = -(-D // _LANES)
+    G = block_group(B, nblk, _MAX_GROUP)
     parallel_for(
-        _mix_fwd, items, B * T * M * D,
+        _mix_fwd, B * -(-nblk // G), B * T * M * D, G,
         _np(w1), _np(x), _np(w2), _np(s0), _np(_inverse_counts(start, T, x.dtype)), _CHUNK, save, _np(out), _np(s_last), _np(ckpt),
     )  # fmt: skip
     return out, s_last, ckpt

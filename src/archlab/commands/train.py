@@ -349,8 +349,12 @@ def build_configs(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from .. import _started_as_command
+    from ..train.allocator import keep_freed_memory
     from ..train.trainer import DebugHooks, run_training
 
+    if _started_as_command():  # a process that only trains (not a library or test caller):
+        keep_freed_memory()  # its large tensors reuse freed memory (see train/allocator.py)
     if getattr(args, "config", None):
         apply_config_file(args, train_parser())
     cfg, spec, explicit = build_configs(args)

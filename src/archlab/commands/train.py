@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..train.allocator import keep_freed_memory
 from .model_args import MODEL_KEYS, add_model_args
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -350,7 +351,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import _started_as_command
-    from ..train.allocator import keep_freed_memory
     from ..train.trainer import DebugHooks, run_training
 
     if _started_as_command():  # a process that only trains (not a library or test caller):

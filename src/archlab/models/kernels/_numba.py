@@ -75,21 +75,6 @@ def kernel(fn: Callable) -> Any:
     return numba.njit(**opts)(fn)
 
 
-class WeightCache:
-    """numpy views of a module's parameters for the decode kernels, rebuilt only when a
-    parameter changes (optimizer steps bump ``_version``; load_state_dict swaps storage)."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.arrays: tuple = ()
-
-    def get(self, params: tuple, build: Callable[[], tuple]) -> tuple:
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if key != self.key:
-            self.arrays, self.key = build(), key
-        return self.arrays
-
-
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_pid = 0  # a forked child inherits the pool object but not its threads: make a new one

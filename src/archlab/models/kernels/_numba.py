@@ -75,6 +75,12 @@ def kernel(fn: Callable) -> Any:
     return numba.njit(**opts)(fn)
 
 
+def helper(fn: Callable) -> Any:
+    """A building block of several kernels, inlined into each at numba IR level (no call
+    boundary, so the caller's loops vectorise as if written out), with the kernels' flags."""
+    return numba.njit(inline="always", fastmath=FASTMATH, error_model="numpy")(fn)
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_pid = 0  # a forked child inherits the pool object but not its threads: make a new one

@@ -33,7 +33,20 @@ from .scan_cpu import _np, scan_backward, scan_forward
 __all__ = ["mamba_inner", "warm_up_inner"]
 
 if NUMBA:
-    from ._numba import vexp
+    from ._numba import helper, vexp
+
+    @helper
+    def _conv_pre(xz, b, t, wT, cb, acc):
+        """acc[d] = cb[d] + sum_k wT[k, d] xz[b, t - K + 1 + k, d]: the causal depthwise conv
+        of step t before its SiLU (taps before the sequence start are zero)."""
+        K, di = wT.shape
+        for d in range(di):
+            acc[d] = cb[d]
+        for k in range(K):
+            tt = t - K + 1 + k
+            if tt >= 0:
+                for d in range(di):
+                    acc[d] += wT[k, d] * xz[b, tt, d]
 
     @kernel
     def _conv_silu_fwd(lo, hi, xz, wT, cb, xc):
@@ -44,13 +57,7 @@ if NUMBA:
         acc = np.empty(di, dtype=xz.dtype)
         for b in range(lo, hi):
             for t in range(T):
-                for d in range(di):
-                    acc[d] = cb[d]
-                for k in range(K):
-                    tt = t - K + 1 + k
-                    if tt >= 0:
-                        for d in range(di):
-                            acc[d] += wT[k, d] * xz[b, tt, d]
+                _conv_pre(xz, b, t, wT, cb, acc)
                 for d in range(di):
                     a = acc[d]
                     xc[b, t, d] = a / (one + vexp(-a))
@@ -70,13 +77,7 @@ if NUMBA:
             dwT_b[b, :, :] = 0.0
             db_b[b, :] = 0.0
             for t in range(T - 1, -1, -1):
-                for d in range(di):
-                    acc[d] = cb[d]
-                for k in range(K):
-                    tt = t - K + 1 + k
-                    if tt >= 0:
-                        for d in range(di):
-                            acc[d] += wT[k, d] * xz[b, tt, d]
+                _conv_pre(xz, b, t, wT, cb, acc)
                 r = t % K
                 for d in range(di):
                     a = acc[d]

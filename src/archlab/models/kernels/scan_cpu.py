@@ -48,7 +48,30 @@ def available() -> bool:
 
 
 if NUMBA:
-    from ._numba import vexp, vsoftplus
+    from ._numba import helper, vexp, vsoftplus
+
+    @helper
+    def _load_group(b, c0, ng, At, state, has_state, bias, Dv, has_D, Ab, h, bl, Dl):
+        """Lanes of the ng blocks from channel c0 on: A^T into Ab (G, N, lanes), batch row b of
+        a (B, D, N) state into h (h0 forward, glast backward), delta bias and D into bl, Dl;
+        every lane zero first (lanes past D stay zero)."""
+        N, D = At.shape
+        Ab[:, :, :] = 0.0
+        h[:, :, :] = 0.0
+        bl[:, :] = 0.0
+        Dl[:, :] = 0.0
+        for gi in range(ng):
+            d0 = c0 + gi * _LANES
+            w = min(_LANES, D - d0)
+            for n in range(N):
+                for j in range(w):
+                    Ab[gi, n, j] = At[n, d0 + j]
+                    if has_state:
+                        h[gi, n, j] = state[b, d0 + j, n]
+            for j in range(w):
+                bl[gi, j] = bias[d0 + j]
+                if has_D:
+                    Dl[gi, j] = Dv[d0 + j]
 
     @kernel
     def _scan_fwd(lo, hi, G, u, dlt, At, Bm, Cm, Dv, z, bias, h0, flags, K, out, last, ckpt):
@@ -81,22 +104,7 @@ if NUMBA:
             b = item // ngrp
             g0 = (item % ngrp) * G
             ng = min(G, nblk - g0)
-            h[:, :, :] = 0.0
-            Ab[:, :, :] = 0.0
-            bl[:, :] = 0.0
-            Dl[:, :] = 0.0
-            for gi in range(ng):
-                d0 = (g0 + gi) * _LANES
-                w = min(_LANES, D - d0)
-                for n in range(N):
-                    for j in range(w):
-                        Ab[gi, n, j] = At[n, d0 + j]
-                        if has_h0:
-                            h[gi, n, j] = h0[b, d0 + j, n]
-                for j in range(w):
-                    bl[gi, j] = bias[d0 + j]
-                    if has_D:
-                        Dl[gi, j] = Dv[d0 + j]
+            _load_group(b, g0 * _LANES, ng, At, h0, has_h0, bias, Dv, has_D, Ab, h, bl, Dl)
             for t in range(T):
                 for gi in range(ng):
                     d0 = (g0 + gi) * _LANES
@@ -200,22 +208,10 @@ if NUMBA:
             ng = min(G, nblk - g0)
             c0 = g0 * _LANES
             cw = min(W, D - c0)
-            for arr3 in (gG, AbG, dAG):
-                arr3[:, :, :] = 0.0
-            for arr2 in (blG, DlG, dDG, dbG, US, DS, GO, ZS):
+            _load_group(b, c0, ng, At, glast, has_glast, bias, Dv, has_D, AbG, gG, blG, DlG)
+            dAG[:, :, :] = 0.0
+            for arr2 in (dDG, dbG, US, DS, GO, ZS):
                 arr2[:, :] = 0.0
-            for gi in range(ng):
-                d0 = c0 + gi * _LANES
-                w = min(_LANES, D - d0)
-                for n in range(N):
-                    for j in range(w):
-                        AbG[gi, n, j] = At[n, d0 + j]
-                        if has_glast:
-                            gG[gi, n, j] = glast[b, d0 + j, n]
-                for j in range(w):
-                    blG[gi, j] = bias[d0 + j]
-                    if has_D:
-                        DlG[gi, j] = Dv[d0 + j]
             for c in range(nck - 1, -1, -1):
                 t0 = c * K
                 L = min(T, t0 + K) - t0

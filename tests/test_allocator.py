@@ -89,7 +89,11 @@ def test_the_train_command_applies_it(tmp_path):
     for how, expect in (("command", "True"), ("library", "None")):
         out = subprocess.run(
             [sys.executable, "-c", probe, how, *args, "--out-dir", str(tmp_path / how)],
-            capture_output=True, text=True, env=env, timeout=300,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
+        )  # fmt: skip  (cwd: `--data` prepares into ./data/)
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"APPLIED {expect}" in out.stdout

@@ -301,3 +301,28 @@ def test_hardware_lines() -> None:
     assert torch.__version__ in text and f"{torch.get_num_threads()} intra-op" in text
     assert format_bytes(1536) == "1.5 KiB" and format_bytes(None) == "-"
     assert not math.isnan(info["memory_bytes"] or 0)
+
+
+def test_the_terminal_table_is_narrowed_only_where_it_would_wrap(tmp_path: Path) -> None:
+    """A terminal narrower than the full table gets the short form (notes below it); the
+    full table, as report.md has it, where it fits."""
+    runs = [
+        read_run(
+            fake_run(tmp_path, f"{a}{seed}", arch=a, final=2.0 + k + seed / 10, tps=1000, mem=9e7),
+            a,
+            seed,
+        )
+        for k, a in enumerate(("dense", "mamba"))
+        for seed in (0, 1)
+    ]
+    archs = aggregate(runs, ["dense", "mamba"])
+    full = report.markdown_table(archs, unigram=2.5)
+    assert report.terminal_table(archs, 2.5, width=1000) == full
+    short = report.terminal_table(archs, 2.5, width=100).splitlines()
+    assert max(map(len, short)) <= 100 < max(map(len, full.splitlines()))
+    assert short[0].split("|")[1].strip() == "Architecture" and "Val loss" in short[0]
+    rows = {line.split("|")[1].strip(): line for line in short if line.startswith("| ")}
+    full_rows = {r[0]: r for r in report.table_rows(archs, 2.5)}
+    for arch in ("dense", "mamba"):  # the values are the full table's, unrounded further
+        assert full_rows[arch][7] in rows[arch] and full_rows[arch][4] in rows[arch]
+    assert "  mamba: 2 seeds" in short  # the notes column, under the table

@@ -302,3 +302,17 @@ def test_prepare_shows_tokenizing_progress_in_characters(tmp_path, capsys, monke
     capsys.readouterr()
     prepare_dataset(str(corpus), tmp_path / "out2", tokenizer="char", verbose=False)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("tty", "start"), [(True, "\r\x1b[K"), (False, "")])
+def test_the_stop_notice_gets_a_line_of_its_own_on_a_terminal(monkeypatch, capfd, tty, start):
+    """On a terminal the cursor is on the bar's line: the notice clears it first."""
+    import signal
+
+    from archlab.train.stop import StopRequest
+
+    monkeypatch.setattr("os.isatty", lambda fd: tty)
+    StopRequest()._handle(signal.SIGINT, None)
+    err = capfd.readouterr().err
+    assert err.startswith(start + "archlab train: SIGINT: finishing the current step")
+    assert err.endswith("abort without saving)\n")

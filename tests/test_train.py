@@ -566,3 +566,15 @@ def test_fp16_with_a_gradient_scaler_where_bf16_is_missing(tmp_path, char_data, 
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     state = torch.load(ck.latest_checkpoint(run) / "trainer_state.pt", weights_only=True)
     assert state["scaler"]["scale"] > 0  # the scaler's state is checkpointed for resume
+
+
+def test_scripts_train_without_the_dependencies_says_to_install_them(tmp_path):
+    """scripts/train.py on a Python without torch (the package not installed): one line, exit 2."""
+    blocker = "import runpy, sys; sys.modules['torch'] = None; sys.argv = ['train.py', '--help']; "
+    proc = subprocess.run(
+        [sys.executable, "-c", blocker + f"runpy.run_path({SCRIPT!r}, run_name='__main__')"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "dependencies are not installed" in proc.stderr and "pip install -e ." in proc.stderr

@@ -89,6 +89,7 @@ class CompareOutcome:
     table: str
     nothing_to_do: bool = False
     header: str = ""  # the baselines line printed above the table
+    unigram: float | None = None  # the unigram baseline the table's notes name
 
     @property
     def exit_code(self) -> int:
@@ -193,7 +194,10 @@ def write_outputs(
         reference=reference,
     )
     report.write_report(out_dir / "report.md", md)
-    return CompareOutcome(out_dir, runs, archs, wins, table, header=reference.header_line())
+    return CompareOutcome(
+        out_dir, runs, archs, wins, table, header=reference.header_line(),
+        unigram=reference.unigram_entropy,
+    )  # fmt: skip
 
 
 def reference_lines(reference: Reference) -> list[tuple[str, float]]:

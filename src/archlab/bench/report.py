@@ -151,6 +151,43 @@ def markdown_table(archs: list[ArchResult], unigram: float | None = None) -> str
     return "\n".join(lines)
 
 
+# The terminal's short form: the columns a reader compares at a glance, short headers, and the
+# notes under the table. Params, model memory and gap to floor stay in report.md.
+TERMINAL_COLUMNS = (
+    (0, "Architecture"),
+    (1, "LR"),
+    (3, "Time s"),
+    (4, "Tok/s"),
+    (5, "Peak MiB"),
+    (7, "Val loss"),
+    (8, "Bits/byte"),
+    (10, "NaN"),
+)
+
+
+def terminal_table(archs: list[ArchResult], unigram: float | None = None, width: int = 100) -> str:
+    """markdown_table when it fits in ``width`` characters, else the short form (see above)."""
+    full = markdown_table(archs, unigram)
+    if max(len(line) for line in full.splitlines()) <= width:
+        return full
+    rows = table_rows(archs, unigram)
+    keep = [(i, h) for i, h in TERMINAL_COLUMNS if i != 1 or any(r[1] != "-" for r in rows)]
+    grid = [[h for _, h in keep]] + [[r[i] for i, _ in keep] for r in rows]
+    widths = [max(len(r[k]) for r in grid) for k in range(len(keep))]
+    lines = []
+    for n, row in enumerate(grid):
+        cells = [
+            c.ljust(w) if k == 0 else c.rjust(w)
+            for k, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += [f"  {r[0]}: {r[11]}" for r in rows if r[11]]
+    lines.append("  (narrowed for the terminal; report.md has every column)")
+    return "\n".join(lines)
+
+
 # ---- winners ----------------------------------------------------------------------------
 CRITERIA = ("fastest", "least memory", "best loss", "most stable")
 

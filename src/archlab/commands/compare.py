@@ -219,7 +219,7 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
     )
     print()
     print(outcome.header)
-    print(outcome.table)
+    print(_terminal_form(outcome))
     print()
     for w in outcome.winners:
         print(f"Winner, {w.line()}")
@@ -230,3 +230,18 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
     if outcome.exit_code:
         print("archlab compare: every run failed", file=sys.stderr)
     return outcome.exit_code
+
+
+def _terminal_form(outcome: Any) -> str:
+    """The table as report.md has it (a compare_outputs.CompareOutcome's), narrowed when stdout
+    is a terminal it would wrap in."""
+    import shutil
+    import sys
+
+    if not sys.stdout.isatty():
+        return outcome.table
+
+    from ..bench import report
+
+    width = shutil.get_terminal_size().columns
+    return report.terminal_table(outcome.archs, outcome.unigram, width)

@@ -20,6 +20,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 REPEAT_WINDOW_S = 1.0
 
 
+def _line_start() -> bytes:
+    """On a terminal the cursor sits on the progress bar's line (after the terminal's ^C):
+    return to its start and clear it, so the notice gets a line of its own and the bar
+    redraws below it."""
+    try:
+        return b"\r\x1b[K" if os.isatty(2) else b""
+    except OSError:
+        return b""
+
+
 class StopRequest:
     """SIGINT / SIGTERM handler: the first asks the loop to stop after the current optimizer
     step and save; a second one (after REPEAT_WINDOW_S) aborts at once.
@@ -70,7 +80,8 @@ class StopRequest:
                 # os.write, not print: the handler may interrupt a print to stderr
                 os.write(
                     2,
-                    f"archlab train: {name}: finishing the current step, then saving a "
+                    _line_start()
+                    + f"archlab train: {name}: finishing the current step, then saving a "
                     f"checkpoint (send {name} again to abort without saving)\n".encode(),
                 )
             return

@@ -84,6 +84,7 @@ def helper(fn: Callable) -> Any:
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 _pool_pid = 0  # a forked child inherits the pool object but not its threads: make a new one
+_thread_cap = 1 << 30  # lowered when the OS refuses a thread (a ulimit, a container's pids cap)
 
 
 _MIN_WORK_PER_THREAD = 1 << 16  # inner-loop elements below which a thread is not worth it
@@ -98,8 +99,9 @@ def parallel_for(fn: Callable, n_items: int, work: int, *args: Any) -> None:
     the OS does not schedule (a shared machine) delays nothing: the others take its pieces.
     Every item writes only its own outputs, so the result does not depend on who ran what.
     """
-    global _pool, _pool_size, _pool_pid
+    global _pool, _pool_size, _pool_pid, _thread_cap
     threads = max(1, min(torch.get_num_threads(), n_items, work // _MIN_WORK_PER_THREAD))
+    threads = min(threads, _thread_cap)
     if threads == 1:
         fn(0, n_items, *args)
         return
@@ -109,15 +111,43 @@ def parallel_for(fn: Callable, n_items: int, work: int, *args: Any) -> None:
     pieces = min(n_items, 4 * threads)
     bounds = [n_items * i // pieces for i in range(pieces + 1)]
     counter = itertools.count()  # next() on it is atomic under the GIL
+    done = threading.Semaphore(0)  # one release per finished piece, whoever ran it
+    errors: list[BaseException] = []
 
     def worker() -> None:
         while (i := next(counter)) < pieces:
-            fn(bounds[i], bounds[i + 1], *args)
+            try:
+                fn(bounds[i], bounds[i + 1], *args)
+            except BaseException as exc:  # re-raised on the calling thread
+                errors.append(exc)
+            finally:
+                done.release()
 
-    futures = [_pool.submit(worker) for _ in range(threads - 1)]
-    worker()  # the calling thread works too
-    for f in futures:
-        f.result()
+    for _ in range(threads - 1):
+        try:
+            _pool.submit(worker)
+        except RuntimeError as exc:  # "can't start new thread": the OS refused one
+            _cap_threads(len(_pool._threads) + 1, exc)  # those that started, + the caller
+            break
+    worker()  # the calling thread works too, and takes every piece no thread took
+    for _ in range(pieces):
+        done.acquire()
+    if errors:
+        raise errors[0]
+
+
+def _cap_threads(threads: int, exc: BaseException) -> None:
+    """Run the kernels on at most ``threads`` threads (the caller included) from now on.
+
+    The refused submit's work item stays queued; should a pool thread run it later it finds
+    the pieces taken and returns (the caller waits for every piece, not for that item)."""
+    global _thread_cap
+    _thread_cap = max(1, threads)
+    notice_once(
+        "thread-cap",
+        f"archlab: the system refused a kernel thread ({exc}); "
+        f"the fused kernels go on with {_thread_cap} thread(s)",
+    )
 
 
 if NUMBA:

@@ -36,7 +36,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from archlab import build_model, preset_config  # noqa: E402
 from archlab.train.config import TrainConfig  # noqa: E402
-from archlab.train.flops import flops_per_token, measured_peak_flops  # noqa: E402
+from archlab.train.flops import flops_per_token  # noqa: E402
+from archlab.train.peak import peak as device_peak  # noqa: E402
 from archlab.train.trainer import amp_dtype, run_training  # noqa: E402
 
 DEFAULT_TEXT = (
@@ -154,7 +155,7 @@ def main() -> int:
             if variant == "fp32":
                 plain_fp32 = p
             dtype = amp_dtype(device)[0] if amp else torch.float32
-            peak = measured_peak_flops(str(device), dtype)
+            peak = device_peak(device, dtype).flops
             rows.append((variant, p, o, o / p, o / plain_fp32 if plain_fp32 else float("nan"),
                          fpt * o / peak, peak))  # fmt: skip
             print(f"  {variant}: plain {[round(v) for v in plain_runs]}, ours {[round(v) for v in our_runs]}",

@@ -1,9 +1,18 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The machine-level cache (the MFU peak, train/peak.py) goes to a folder of this session, never
+# the user's ~/.cache; subprocesses inherit it. Removed when the session ends.
+_CACHE = tempfile.mkdtemp(prefix="archlab-test-cache-")
+os.environ["ARCHLAB_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 
 # The shared real data sets live beside the checkout (../shared/datasets); a clean clone elsewhere
 # (CI) finds them through ARCHLAB_SHARED_DATASETS or the workplace's /work/shared/datasets.

@@ -326,3 +326,20 @@ def test_the_terminal_table_is_narrowed_only_where_it_would_wrap(tmp_path: Path)
     for arch in ("dense", "mamba"):  # the values are the full table's, unrounded further
         assert full_rows[arch][7] in rows[arch] and full_rows[arch][4] in rows[arch]
     assert "  mamba: 2 seeds" in short  # the notes column, under the table
+
+
+def test_the_report_names_the_mfu_peak_and_where_it_came_from(tmp_path: Path) -> None:
+    runs = []
+    for k, arch in enumerate(("dense", "mamba")):
+        d = fake_run(tmp_path, arch, arch=arch, final=2.0, tps=1000, mem=9e7)
+        s = json.loads((d / "summary.json").read_text())
+        s |= {"mfu": 0.02 * (k + 1), "peak_flops": 2.5e11, "peak_flops_source": "stated"}
+        s["peak_flops_how"] = "ARCHLAB_PEAK_FLOPS=2.5e11"
+        (d / "summary.json").write_text(json.dumps(s))
+        runs.append(read_run(d, arch, 0))
+    archs = aggregate(runs, ["dense", "mamba"])
+    lines = report.mfu_lines(archs)
+    assert lines[1] == "MFU (model FLOPs / peak FLOP/s): dense 2.00%, mamba 4.00%."
+    assert lines[2:] == ["- peak 250.0 GFLOP/s per device, stated: ARCHLAB_PEAK_FLOPS=2.5e11"]
+    runs[1].peak_flops = 3e11  # runs measured against different peaks are flagged
+    assert "not comparable" in report.mfu_lines(archs)[-1]

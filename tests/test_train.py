@@ -144,6 +144,12 @@ def test_summary_and_metrics_follow_the_contract(tmp_path, char_data):
                 "mfu", "entropy_floor", "status", "error", "model_config", "train_config"):  # fmt: skip
         assert key in s, key
     assert s["steps"] == math.ceil(1000 / (4 * 32)) == 8  # the token budget sets the steps
+    from archlab.train.peak import peak  # the machine's peak, as this process sees it (cached)
+
+    assert s["peak_flops"] == peak("cpu").flops and s["peak_flops_source"] in (
+        "measured once (cached)", "stated"
+    )  # fmt: skip
+    assert s["mfu"] == pytest.approx(s["flops_per_token"] * s["tokens_per_s"] / s["peak_flops"])
     assert s["tokens_seen"] == 8 * 4 * 32 and s["error"] is None
     assert (
         s["model_config"]["vocab_size"]

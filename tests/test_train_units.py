@@ -430,14 +430,7 @@ def test_mamba_scan_flops_are_counted():
     assert flops_per_token(model, 64) == pytest.approx(base + scan, rel=1e-9)
 
 
-def test_matmul_peak_is_measured_once_per_process():
-    import time
+def test_mfu_divides_by_the_devices_peak():
+    from archlab.train.flops import mfu
 
-    from archlab.train.flops import measured_peak_flops, mfu
-
-    peak = measured_peak_flops("cpu", torch.float32)
-    assert math.isfinite(peak) and peak > 1e8  # any CPU of this decade beats 0.1 GFLOP/s
-    t0 = time.perf_counter()
-    assert measured_peak_flops("cpu", torch.float32) == peak  # cached
-    assert time.perf_counter() - t0 < 0.01
     assert mfu(1e6, 1e3, 4e9, world_size=2) == pytest.approx(0.125)

@@ -17,16 +17,6 @@ from typing import Any
 _PACKAGES = ("archlab", "torch", "numpy", "tokenizers", "safetensors", "matplotlib", "transformers")
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def _total_memory_bytes() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -70,11 +60,13 @@ def hardware_info() -> dict[str, Any]:
     """Machine, CPU, GPU, torch build and threads, library versions and the date."""
     import torch
 
+    from ..train.peak import cpu_model
+
     info: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "usable_cpus": _usable_cpus(),
         "memory_bytes": _total_memory_bytes(),

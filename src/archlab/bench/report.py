@@ -403,6 +403,7 @@ def report_markdown(
     lines.append(markdown_table(archs, reference.unigram_entropy))
     lines += ["", "Winners:", ""]
     lines += [f"- {w.line()}" for w in wins]
+    lines += mfu_lines(archs)
     sweep = [a for a in archs if len(a.grid) > 1]
     if sweep:
         lines += ["", "### Learning-rate grid (final val loss; * the rate in the table)", ""]
@@ -435,6 +436,25 @@ def report_markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def mfu_lines(archs: list[ArchResult]) -> list[str]:
+    """MFU per architecture and the peak it divides by, with where that figure came from."""
+    runs = [r for a in archs for r in a.ok_runs if r.mfu is not None and r.peak_flops]
+    if not runs:
+        return []
+    cells = ", ".join(
+        f"{a.architecture} {100 * a.stats['mfu'].mean:.2f}%"
+        for a in archs
+        if a.stats.get("mfu") is not None and a.stats["mfu"].mean is not None
+    )
+    peaks = {(r.peak_flops, r.peak_flops_source, r.peak_flops_how) for r in runs}
+    lines = ["", f"MFU (model FLOPs / peak FLOP/s): {cells}."]
+    for flops, source, how in sorted(peaks, key=lambda p: (p[0], str(p[1]), str(p[2]))):
+        lines.append(f"- peak {flops / 1e9:,.1f} GFLOP/s per device, {source}: {how}")
+    if len(peaks) > 1:
+        lines.append("- the runs did not share one peak: their MFU values are not comparable")
+    return lines
 
 
 # One line per column of the table (and the cells' ±), printed under it in report.md.

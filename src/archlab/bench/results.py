@@ -73,6 +73,9 @@ class RunResult:
     nan_count: int | None = None
     roughness: float | None = None
     mfu: float | None = None
+    peak_flops: float | None = None  # the MFU's denominator (train/peak.py) and its source
+    peak_flops_source: str | None = None
+    peak_flops_how: str | None = None
     resumed_from: str | None = None  # the checkpoint a resumed run continued from
     val_curve: Curve = field(default_factory=Curve)
     train_curve: Curve = field(default_factory=Curve)
@@ -263,9 +266,12 @@ def read_run(
             "final_val_loss",
             "nan_count",
             "mfu",
+            "peak_flops",
         ):
             setattr(res, key, _number(summary.get(key)))
         res.memory_kind = summary.get("memory_kind")
+        res.peak_flops_source = summary.get("peak_flops_source")
+        res.peak_flops_how = summary.get("peak_flops_how")
         lr = (summary.get("train_config") or {}).get("learning_rate")
         if isinstance(lr, (int, float)):
             res.learning_rate = float(lr)

@@ -1,4 +1,4 @@
-"""Model FLOPs per token and a measured matmul peak, for MFU (model FLOPs utilisation).
+"""Model FLOPs per token, for MFU (model FLOPs utilisation).
 
 MFU = (model FLOPs per token x tokens per second) / (peak FLOP/s of the devices), the PaLM
 definition (Chowdhery et al. 2022, appendix B): only the model's own arithmetic counts, not
@@ -15,16 +15,12 @@ Model FLOPs per token, forward (x3 for forward + backward):
   scan, HyperMixer's generated token mixing): see ``_mixing_forward_flops``. A new block can
   report its own through an optional method ``flops_per_token(seq_len) -> float``.
 
-The peak is measured, not looked up: the best of a few timed square matmuls on this device
-in the training dtype, once per process (cached). On a shared machine it is a noisy number.
+The peak FLOP/s that MFU divides by comes from ``peak.py`` (stated, or measured once per
+machine and cached).
 """
 
 from __future__ import annotations
 
-import functools
-import time
-
-import torch
 from torch import nn
 
 
@@ -87,50 +83,8 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     return 3.0 * forward
 
 
-@functools.lru_cache(maxsize=8)
-def measured_peak_flops(device: str, dtype: torch.dtype = torch.float32) -> float:
-    """Best observed FLOP/s of a square matmul on ``device`` in ``dtype``; measured once per process.
-
-    The size grows from 256 until one product takes ~20 ms (at most 1024 on CPU, 8192 on a
-    GPU), so a dtype the hardware emulates slowly (fp16 on most CPUs) costs a bounded time.
-    """
-    dev = torch.device(device)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        elif dev.type == "mps":
-            torch.mps.synchronize()
-
-    def timed(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync()
-        return (time.perf_counter() - t0) / reps
-
-    n_max = 8192 if dev.type in ("cuda", "mps") else 1024
-    reps = 1 if dev.type == "cpu" else 10  # GPU kernels are short: time a few back to back
-    n = 256
-    while True:
-        a = torch.randn(n, n, device=dev).to(dtype)
-        b = torch.randn(n, n, device=dev).to(dtype)
-        timed(a, b, 1)  # warm up kernels / thread pools
-        if n >= n_max or timed(a, b, reps) >= 0.02:
-            break
-        n *= 2
-    best = float("inf")
-    budget = 0.3 if dev.type == "cpu" else 0.5  # seconds of timing, the best product wins
-    start = time.perf_counter()
-    trials = 0
-    while trials < 3 or (time.perf_counter() - start < budget and trials < 200):
-        best = min(best, timed(a, b, reps))
-        trials += 1
-    return 2.0 * n**3 / best
-
-
 def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops: float, world_size: int = 1) -> float:
-    """Fraction of the devices' measured matmul peak the model's arithmetic used."""
+    """Fraction of the devices' peak (peak.py) the model's arithmetic used."""
     if peak_flops <= 0 or world_size <= 0:
         return 0.0
     return flops_per_tok * tokens_per_s / (peak_flops * world_size)

@@ -24,8 +24,9 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..errors import Interrupted
 from .config import TrainConfig
-from .flops import flops_per_token, measured_peak_flops, mfu
+from .flops import flops_per_token, mfu
 from .metrics import MetricsWriter, format_bytes, memory_kind, peak_memory_bytes
+from .peak import peak, peak_record
 from .progress import TrainProgress
 from .run_state import RunClock
 from .step import StepResult
@@ -282,7 +283,7 @@ def run_summary(
     """summary.json of a run that ended normally or on a stop signal ("interrupted")."""
     tokens_per_s = times.tokens_per_s(tokens_per_step)
     fpt = flops_per_token(model, seq_len)
-    peak = measured_peak_flops(str(device), autocast_dtype or torch.float32)
+    dev_peak = peak(device, autocast_dtype or torch.float32)
     return {
         "architecture": model_cfg.architecture,
         "total_params": model.num_parameters(),
@@ -299,7 +300,7 @@ def run_summary(
         "memory_kind": memory_kind(device),
         "final_val_loss": val_loss,
         "nan_count": nan_count,
-        "mfu": mfu(fpt, tokens_per_s, peak, world_size),
+        "mfu": mfu(fpt, tokens_per_s, dev_peak.flops, world_size),
         "entropy_floor": entropy_floor,
         "status": "ok" if stopped_by is None else "interrupted",
         "error": None,
@@ -313,7 +314,7 @@ def run_summary(
         "device": str(device),
         "amp_dtype": str(autocast_dtype).replace("torch.", "") if autocast_dtype else None,
         "flops_per_token": fpt,
-        "peak_flops": peak,
+        **peak_record(dev_peak),
         "first_step_s": times.first_s,
         "steps_this_process": times.steps,
         "elapsed_s": clock.elapsed(),
@@ -383,8 +384,8 @@ def print_summary(s: dict[str, Any], run_dir: Path | None) -> None:
         + (f" (entropy floor {floor:.4f})" if isinstance(floor, (int, float)) else ""),
         f"Tokens/s: {s['tokens_per_s']:,.0f}",
         f"NaN/Inf steps skipped: {s['nan_count']}",
-        f"MFU: {100 * s['mfu']:.2f}% (of a measured {s['peak_flops'] / 1e9:.1f} GFLOP/s "
-        f"matmul peak per device)",
+        f"MFU: {100 * s['mfu']:.2f}% (of {s['peak_flops'] / 1e9:,.1f} GFLOP/s per device, "
+        f"{s['peak_flops_source']}: {s['peak_flops_how']})",
         f"Run folder: {run_dir}",
         "========================",
     ]

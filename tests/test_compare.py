@@ -24,6 +24,7 @@ OUTPUTS = (
     "results.csv",
     "loss_vs_tokens.png",
     "loss_vs_time.png",
+    "loss_vs_flops.png",
     "compare.json",
 )
 
@@ -124,6 +125,11 @@ def test_compare_end_to_end(tiny_data: Path, tmp_path: Path, capsys) -> None:
         gap = summary["final_val_loss"] - meta["entropy_floor"]
         assert float(row[C["Gap to floor"]]) == pytest.approx(gap, abs=5.01e-5)
         assert int(row[C["NaN/skipped"]]) == summary["nan_count"] == 0
+        # compute: FLOPs per token from train/flops.py, in total per run
+        fpt, total = summary["flops_per_token"], summary["flops_per_token"] * summary["tokens_seen"]
+        assert float(row[C["FLOPs/token"]]) == pytest.approx(fpt, rel=5.01e-3)
+        assert float(row[C["Train FLOPs"]]) == pytest.approx(total, rel=5.01e-3)
+        assert stats["train_flops"]["mean"] == total
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert len(csv_lines) == 3 and csv_lines[1].startswith("dense,0.001,0,ok,")
 
@@ -134,7 +140,7 @@ def test_compare_end_to_end(tiny_data: Path, tmp_path: Path, capsys) -> None:
     assert "[1/2 dense] training" in printed.err and "[2/2 hypermixer] done in" in printed.err
 
     # plots: valid PNGs, decodable
-    for name in ("loss_vs_tokens.png", "loss_vs_time.png"):
+    for name in ("loss_vs_tokens.png", "loss_vs_time.png", "loss_vs_flops.png"):
         data = (out / name).read_bytes()
         assert data[:8] == PNG_SIGNATURE
         assert matplotlib.image.imread(out / name).ndim == 3

@@ -324,7 +324,8 @@ def test_the_terminal_table_is_narrowed_only_where_it_would_wrap(tmp_path: Path)
     rows = {line.split("|")[1].strip(): line for line in short if line.startswith("| ")}
     full_rows = {r[0]: r for r in report.table_rows(archs, 2.5)}
     for arch in ("dense", "mamba"):  # the values are the full table's, unrounded further
-        assert full_rows[arch][7] in rows[arch] and full_rows[arch][4] in rows[arch]
+        loss, tps = (report.TABLE_COLUMNS.index(c) for c in ("Final val loss", "Tokens/s"))
+        assert full_rows[arch][loss] in rows[arch] and full_rows[arch][tps] in rows[arch]
     assert "  mamba: 2 seeds" in short  # the notes column, under the table
 
 
@@ -343,3 +344,19 @@ def test_the_report_names_the_mfu_peak_and_where_it_came_from(tmp_path: Path) ->
     assert lines[2:] == ["- peak 250.0 GFLOP/s per device, stated: ARCHLAB_PEAK_FLOPS=2.5e11"]
     runs[1].peak_flops = 3e11  # runs measured against different peaks are flagged
     assert "not comparable" in report.mfu_lines(archs)[-1]
+
+
+def test_pareto_frontier_and_the_flops_plot() -> None:
+    """The frontier keeps each point cheaper-and-better than all before it; the plot draws
+    one marker set per architecture and the frontier through exactly those points."""
+    from archlab.bench import plots
+
+    pts = {"dense": [(1e9, 3.0), (4e9, 2.5)], "mamba": [(2e9, 2.9), (3e9, 3.1), (8e9, 2.6)]}
+    front = plots.pareto_frontier([p for v in pts.values() for p in v])
+    assert front == [(1e9, 3.0), (2e9, 2.9), (4e9, 2.5)]
+    fig = plots.loss_vs_flops_figure(pts)
+    assert sorted(plots.data_lines(fig, "points")) == ["dense", "mamba"]
+    line = plots.data_lines(fig, "frontier")["all"]
+    assert list(line.get_xdata()) == [1e9, 2e9, 4e9]
+    assert fig.axes[0].get_xscale() == "log"
+    assert report.format_flops(5_519_000.0) == "5.52e6"

@@ -156,9 +156,21 @@ def write_outputs(
             references=lines,
         )
         plots.save_figure(fig, out_dir / name)
+    flops_points = {
+        arch: [(r.train_flops, r.final_val_loss) for a in archs if a.architecture == arch
+               for p in (a.grid or [a]) for r in p.ok_runs]
+        for arch in s.architectures
+    }  # fmt: skip
+    fig = plots.loss_vs_flops_figure(
+        flops_points,
+        title=f"final validation loss vs training FLOPs: {title} (one point per run)",
+        references=lines,
+    )
+    plots.save_figure(fig, out_dir / "loss_vs_flops.png")
     plot_list = [
         ("loss_vs_tokens.png", "validation loss vs training tokens"),
         ("loss_vs_time.png", "validation loss vs wall time"),
+        ("loss_vs_flops.png", "final validation loss vs training FLOPs, Pareto frontier dotted"),
     ]
     if s.sweep:
         fig = plots.lr_sweep_figure(

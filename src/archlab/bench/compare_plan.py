@@ -178,6 +178,7 @@ OUTPUT_FILES = (
     "results.csv",
     "loss_vs_tokens.png",
     "loss_vs_time.png",
+    "loss_vs_flops.png",
 )
 SWEEP_FILES = ("loss_vs_lr.png",)
 

@@ -256,6 +256,83 @@ def loglog_figure(
     return fig
 
 
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (compute, loss) points no other point beats on both: by rising compute, each one
+    lower than every cheaper point (ties in compute: the lowest loss)."""
+    out: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], p[1])):
+        if not out or y < out[-1][1]:
+            if out and out[-1][0] == x:
+                continue
+            out.append((x, y))
+    return out
+
+
+@dataclass
+class FittedCurve:
+    """A fitted loss-vs-compute curve to draw: inside the measured range (solid) and beyond
+    it (dashed), each with its confidence band (lo, hi per x)."""
+
+    x: list[float]
+    y: list[float]
+    lo: list[float]
+    hi: list[float]
+    x_max_measured: float  # beyond it the curve is an extrapolation
+    label: str = ""
+
+
+def loss_vs_flops_figure(
+    points: dict[str, list[tuple[float, float]]],
+    title: str = "",
+    references: Sequence[tuple[str, float]] = (),
+    fits: dict[str, FittedCurve] | None = None,
+    frontier: bool = True,
+) -> Figure:
+    """Final validation loss against training FLOPs (log x): one marker per run (gid
+    ``points:<arch>``), the Pareto frontier over all runs (``frontier:all``) and, for a
+    scaling study, each architecture's fitted curve (``fit:<arch>`` solid where measured,
+    ``extrapolation:<arch>`` dashed beyond) with its shaded interval (``band:<arch>``)."""
+    fig = Figure(figsize=(7.5, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    everything: list[tuple[float, float]] = []
+    for i, (arch, pts) in enumerate(points.items()):
+        pts = [(x, y) for x, y in pts if x and x > 0 and y is not None and math.isfinite(y)]
+        if not pts:
+            continue
+        everything += pts
+        color = color_of(arch, i)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="none",
+                color=color, gid=f"points:{arch}", label=arch)  # fmt: skip
+        fit = (fits or {}).get(arch)
+        if fit is None:
+            continue
+        inside = [k for k, x in enumerate(fit.x) if x <= fit.x_max_measured * (1 + 1e-9)]
+        beyond = [k for k, x in enumerate(fit.x) if x >= fit.x_max_measured * (1 - 1e-9)]
+        for keys, style, gid in ((inside, "-", "fit"), (beyond, "--", "extrapolation")):
+            if len(keys) < 2:
+                continue
+            ax.plot([fit.x[k] for k in keys], [fit.y[k] for k in keys], linestyle=style,
+                    color=color, linewidth=1.4, gid=f"{gid}:{arch}")  # fmt: skip
+        band = ax.fill_between(fit.x, fit.lo, fit.hi, color=color, alpha=0.15, linewidth=0)
+        band.set_gid(f"band:{arch}")
+    if frontier and len(everything) > 1:
+        front = pareto_frontier(everything)
+        ax.plot([p[0] for p in front], [p[1] for p in front], color="black", linewidth=1.0,
+                linestyle=":", drawstyle="steps-post", gid="frontier:all",
+                label="Pareto frontier")  # fmt: skip
+    draw_references(ax, references)
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs (forward + backward, train/flops.py)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title or "final validation loss vs training compute", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     """Write a PNG atomically (temporary name, then rename)."""
     path = Path(path)

@@ -22,6 +22,8 @@ TABLE_COLUMNS = (
     "Architecture",
     "LR",
     "Params (total / active)",
+    "FLOPs/token",
+    "Train FLOPs",
     "Time (s)",
     "Tokens/s",
     "Peak memory (MiB)",
@@ -32,7 +34,7 @@ TABLE_COLUMNS = (
     "NaN/skipped",
     "Notes",
 )
-LEFT_ALIGNED = (0, 2, 11)  # text columns; numbers are right-aligned
+LEFT_ALIGNED = (0, 2, len(TABLE_COLUMNS) - 1)  # text columns; numbers are right-aligned
 
 CSV_FIELDS = (
     "architecture",
@@ -59,6 +61,8 @@ CSV_FIELDS = (
     "nan_count",
     "roughness",
     "mfu",
+    "flops_per_token",
+    "train_flops",
     "run_dir",
 )
 
@@ -74,6 +78,14 @@ def _fmt(stat: Stat | None, fmt: str, scale: float = 1.0, signed: bool = False) 
     if stat.n > 1:  # ± the half-width of the 95% confidence interval of the mean
         text += " ± " + format((stat.ci95 or 0.0) / scale, fmt)
     return text
+
+
+def format_flops(value: float | None) -> str:
+    """A FLOP count in three significant digits: 5.52e6 (no '+', no leading zero)."""
+    if value is None:
+        return "-"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def format_lr(lr: float | None) -> str:
@@ -121,6 +133,8 @@ def table_rows(archs: list[ArchResult], unigram: float | None = None) -> list[li
                 a.architecture,
                 format_lr(a.learning_rate),
                 _params(a),
+                format_flops((s.get("flops_per_token") or Stat.of([])).mean),
+                format_flops((s.get("train_flops") or Stat.of([])).mean),
                 _fmt(s.get("train_time_s"), ".1f"),
                 _fmt(s.get("tokens_per_s"), ",.0f"),
                 _fmt(s.get("peak_mem_bytes"), ".1f", scale=MIB),
@@ -154,14 +168,15 @@ def markdown_table(archs: list[ArchResult], unigram: float | None = None) -> str
 # The terminal's short form: the columns a reader compares at a glance, short headers, and the
 # notes under the table. Params, model memory and gap to floor stay in report.md.
 TERMINAL_COLUMNS = (
-    (0, "Architecture"),
-    (1, "LR"),
-    (3, "Time s"),
-    (4, "Tok/s"),
-    (5, "Peak MiB"),
-    (7, "Val loss"),
-    (8, "Bits/byte"),
-    (10, "NaN"),
+    ("Architecture", "Architecture"),
+    ("LR", "LR"),
+    ("Train FLOPs", "FLOPs"),
+    ("Time (s)", "Time s"),
+    ("Tokens/s", "Tok/s"),
+    ("Peak memory (MiB)", "Peak MiB"),
+    ("Final val loss", "Val loss"),
+    ("Bits/byte", "Bits/byte"),
+    ("NaN/skipped", "NaN"),
 )
 
 
@@ -171,7 +186,8 @@ def terminal_table(archs: list[ArchResult], unigram: float | None = None, width:
     if max(len(line) for line in full.splitlines()) <= width:
         return full
     rows = table_rows(archs, unigram)
-    keep = [(i, h) for i, h in TERMINAL_COLUMNS if i != 1 or any(r[1] != "-" for r in rows)]
+    columns = [(TABLE_COLUMNS.index(name), short) for name, short in TERMINAL_COLUMNS]
+    keep = [(i, h) for i, h in columns if i != 1 or any(r[1] != "-" for r in rows)]
     grid = [[h for _, h in keep]] + [[r[i] for i, _ in keep] for r in rows]
     widths = [max(len(r[k]) for r in grid) for k in range(len(keep))]
     lines = []
@@ -183,7 +199,8 @@ def terminal_table(archs: list[ArchResult], unigram: float | None = None, width:
         lines.append("| " + " | ".join(cells) + " |")
         if n == 0:
             lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += [f"  {r[0]}: {r[11]}" for r in rows if r[11]]
+    notes = TABLE_COLUMNS.index("Notes")
+    lines += [f"  {r[0]}: {r[notes]}" for r in rows if r[notes]]
     lines.append("  (narrowed for the terminal; report.md has every column)")
     return "\n".join(lines)
 
@@ -462,6 +479,13 @@ COLUMN_NOTES = (
     "LR: the peak learning rate of the row; after a sweep (--learning-rates), the rate of "
     "the grid with the lowest mean final val loss for that architecture.",
     "Params: trainable parameters (total / active per token where they differ, MoE).",
+    "FLOPs/token: training (forward + backward) FLOPs per token from train/flops.py: 6 x "
+    "the parameters a token multiplies plus the sequence mixers' own arithmetic (attention "
+    "scores, Mamba's scan, HyperMixing's summary), checked against torch's FlopCounterMode "
+    "(tests/test_flops.py; the scan and summary by formula, which the counter cannot see).",
+    "Train FLOPs: FLOPs/token x the tokens the run trained on: its compute "
+    "(loss_vs_flops.png puts every run at it, the lowest-loss-per-compute runs joined as the "
+    "Pareto frontier).",
     "Time (s): the trainer's wall time from the first step to the end, evaluations "
     "included (summary.json `train_time_s`).",
     "Tokens/s: the steady-state training rate (the first step, which holds warm-up, and "

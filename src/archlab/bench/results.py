@@ -30,6 +30,8 @@ METRICS = (
     "nan_count",
     "roughness",
     "mfu",
+    "flops_per_token",
+    "train_flops",
 )
 
 
@@ -76,6 +78,8 @@ class RunResult:
     peak_flops: float | None = None  # the MFU's denominator (train/peak.py) and its source
     peak_flops_source: str | None = None
     peak_flops_how: str | None = None
+    flops_per_token: float | None = None  # training (fwd + bwd) FLOPs per token, train/flops.py
+    train_flops: float | None = None  # flops_per_token x tokens_seen: the run's compute
     resumed_from: str | None = None  # the checkpoint a resumed run continued from
     val_curve: Curve = field(default_factory=Curve)
     train_curve: Curve = field(default_factory=Curve)
@@ -267,8 +271,11 @@ def read_run(
             "nan_count",
             "mfu",
             "peak_flops",
+            "flops_per_token",
         ):
             setattr(res, key, _number(summary.get(key)))
+        if res.flops_per_token is not None and res.tokens_seen is not None:
+            res.train_flops = float(res.flops_per_token) * float(res.tokens_seen)
         res.memory_kind = summary.get("memory_kind")
         res.peak_flops_source = summary.get("peak_flops_source")
         res.peak_flops_how = summary.get("peak_flops_how")

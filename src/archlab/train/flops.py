@@ -12,8 +12,13 @@ Model FLOPs per token, forward (x3 for forward + backward):
 - attention: 2 x T_eff x d for QK^T and 2 x T_eff x d for AV per layer, T_eff = the attended
   span (min(T, window)); the full square, as PaLM counts it, though causal kernels skip half.
 - the other sequence mixers' arithmetic without parameters of their own (Mamba's selective
-  scan, HyperMixer's generated token mixing): see ``_mixing_forward_flops``. A new block can
-  report its own through an optional method ``flops_per_token(seq_len) -> float``.
+  scan, HyperMixer's generated token mixing): one rule per mixer class in ``MIXER_FLOPS``
+  (or a module's own ``flops_per_token(seq_len)`` method).
+
+``flop_breakdown`` splits the count into what torch's FLOP counter (matmuls, convolutions)
+can see and what only a formula knows (elementwise recurrences, which the fused numba CPU
+kernels also hide from it); tests/test_flops.py checks the first part against
+``torch.utils.flop_counter.FlopCounterMode`` for every registered architecture.
 
 The peak FLOP/s that MFU divides by comes from ``peak.py`` (stated, or measured once per
 machine and cached).
@@ -21,44 +26,102 @@ machine and cached).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import nn
 
 
-def _mixing_forward_flops(module: nn.Module, seq_len: int) -> float | None:
-    """Forward FLOPs per token a known sequence mixer spends beyond 2 x its parameters.
+@dataclass(frozen=True)
+class MixerFlops:
+    """Forward FLOPs per token a sequence mixer spends beyond 2 x its parameters.
 
-    None for modules that are not sequence mixers. Counts (T = seq_len, full square):
-    attention 4 T_eff d; Mamba's selective scan 9 d_inner N (the count mamba_ssm's own
-    benchmark uses); HyperMixer's causal running summary S_t += w1_t x_t^T and read-out
-    w2_t GELU(S_t) 4 d' d; the RustGPT HyperMixer's generated mixing 2 d' T d + 2 d' d, minus
-    the rows of its generator that a token never uses.
+    ``visible``: matrix products without parameters of their own (attention's scores and
+    weighted sum, generated mixing matrices): what ``torch.utils.flop_counter`` counts.
+    ``analytic``: elementwise recurrences (Mamba's selective scan, HyperMixing's running
+    summary) that a FLOP counter never sees (it counts matmuls and convolutions only, and the
+    fused CPU kernels hide them anyway): counted by formula only.
     """
-    from ..models.attention import CausalSelfAttention
-    from ..models.rustgpt import RustGPTAttention
 
-    if isinstance(module, CausalSelfAttention):
-        span = seq_len if module.window is None else min(seq_len, module.window)
-        return 4.0 * span * module.n_heads * module.head_dim
-    if isinstance(module, RustGPTAttention):
-        return 4.0 * seq_len * module.w_q.out_features
-    name = type(module).__name__
-    if name == "MambaMixer":
-        return 9.0 * module.d_inner * module.state_size
-    if name == "CausalHyperMixing":
-        d_model = module.hyper_w1.fc.in_features
-        return 4.0 * module.mixing_dim * d_model
-    if name == "CausalSequenceHyperMixer":
-        m, length = module.mixing_dim, module.length
-        d_model, hidden = module.fc.in_features, module.fc.out_features
-        n = min(seq_len, length)
-        used_rows = n * m + 2 * m + 1  # W1 rows of visible positions, b1, own W2 column, b2
-        unused_rows = module.num_generated - used_rows
-        return 2.0 * m * n * d_model + 2.0 * m * d_model - 2.0 * unused_rows * hidden
-    return None
+    visible: float = 0.0
+    analytic: float = 0.0
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """Training (forward + backward) model FLOPs per token at context length ``seq_len``."""
+def _attention(module: nn.Module, seq_len: int) -> MixerFlops:
+    span = seq_len if module.window is None else min(seq_len, module.window)
+    return MixerFlops(visible=4.0 * span * module.n_heads * module.head_dim)
+
+
+def _rustgpt_attention(module: nn.Module, seq_len: int) -> MixerFlops:
+    return MixerFlops(visible=4.0 * seq_len * module.w_q.out_features)
+
+
+def _mamba(module: nn.Module, seq_len: int) -> MixerFlops:
+    # the selective scan: 9 d_inner N per token (the count mamba_ssm's own benchmark uses)
+    return MixerFlops(analytic=9.0 * module.d_inner * module.state_size)
+
+
+def _hypermixing(module: nn.Module, seq_len: int) -> MixerFlops:
+    # causal running summary S_t += w1_t x_t^T and read-out w2_t GELU(S_t): 4 d' d
+    d_model = module.hyper_w1.fc.in_features
+    return MixerFlops(analytic=4.0 * module.mixing_dim * d_model)
+
+
+def _rustgpt_hypermixing(module: nn.Module, seq_len: int) -> MixerFlops:
+    # generated mixing 2 d' T d + 2 d' d, minus the generator rows a token never uses
+    m, length = module.mixing_dim, module.length
+    d_model, hidden = module.fc.in_features, module.fc.out_features
+    n = min(seq_len, length)
+    used_rows = n * m + 2 * m + 1  # W1 rows of visible positions, b1, own W2 column, b2
+    unused_rows = module.num_generated - used_rows
+    return MixerFlops(
+        visible=2.0 * m * n * d_model + 2.0 * m * d_model - 2.0 * unused_rows * hidden
+    )
+
+
+# One entry per sequence-mixer class (by class name, so this module imports no block): a new
+# architecture adds its mixer here, or gives the module a method
+# ``flops_per_token(seq_len) -> MixerFlops | float`` (a float counts as ``visible``).
+# tests/test_flops.py checks every registered architecture against torch's FLOP counter.
+MIXER_FLOPS: dict[str, Callable[[nn.Module, int], MixerFlops]] = {
+    "CausalSelfAttention": _attention,
+    "RustGPTAttention": _rustgpt_attention,
+    "MambaMixer": _mamba,
+    "CausalHyperMixing": _hypermixing,
+    "CausalSequenceHyperMixer": _rustgpt_hypermixing,
+}
+
+
+def mixer_flops(module: nn.Module, seq_len: int) -> MixerFlops | None:
+    """The forward count of a known sequence mixer; None for any other module."""
+    custom = getattr(module, "flops_per_token", None)
+    if callable(custom):
+        value = custom(seq_len)
+        return value if isinstance(value, MixerFlops) else MixerFlops(visible=float(value))
+    rule = MIXER_FLOPS.get(type(module).__name__)
+    return None if rule is None else rule(module, seq_len)
+
+
+@dataclass(frozen=True)
+class FlopBreakdown:
+    """Training (forward + backward = 3 x forward) FLOPs per token, by what counts them."""
+
+    parameters: float  # 6 x every parameter a token multiplies
+    visible: float  # 3 x the mixers' parameter-free matmuls
+    analytic: float  # 3 x the mixers' elementwise recurrences (formula only)
+
+    @property
+    def counted(self) -> float:
+        """The part a FLOP counter sees (matmuls): tests compare it with FlopCounterMode."""
+        return self.parameters + self.visible
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.visible + self.analytic
+
+
+def flop_breakdown(model: nn.Module, seq_len: int) -> FlopBreakdown:
+    """Training FLOPs per token at context length ``seq_len``, split by how they are known."""
     active = (
         model.num_active_parameters()
         if hasattr(model, "num_active_parameters")
@@ -71,16 +134,20 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     head = getattr(model, "head", None)
     if isinstance(head, nn.Linear) and any(head.weight is e.weight for e in embeddings):
         matmul_params += head.weight.numel()  # tied head: the matrix is multiplied once more
-    forward = 2.0 * matmul_params
+    visible = analytic = 0.0
     for module in model.modules():
-        custom = getattr(module, "flops_per_token", None)
-        if module is not model and callable(custom):
-            forward += float(custom(seq_len))
+        if module is model:
             continue
-        mixing = _mixing_forward_flops(module, seq_len)
-        if mixing is not None:
-            forward += mixing
-    return 3.0 * forward
+        count = mixer_flops(module, seq_len)
+        if count is not None:
+            visible += count.visible
+            analytic += count.analytic
+    return FlopBreakdown(3.0 * 2.0 * matmul_params, 3.0 * visible, 3.0 * analytic)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training (forward + backward) model FLOPs per token at context length ``seq_len``."""
+    return flop_breakdown(model, seq_len).total
 
 
 def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops: float, world_size: int = 1) -> float:

@@ -299,7 +299,7 @@ def test_compare_and_prepare_folders_are_locked(data, tmp_path, capsys):
     (tmp_path / ".d.tmp-dead0002").mkdir()
     assert main([*argv, "--quiet"]) == 0
     assert (out / "meta.json").read_text() == meta  # restored and reused, not rebuilt
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".d.")) == [".d.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".d.")) == []
 
 
 # ---- full disk -----------------------------------------------------------------------------------

@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         with _sigterm_as_exception():
             return run_command(args)
     except UserError as exc:
+        if exc.exit_code == 0:  # NothingToDo: a notice, not an error
+            print(f"{prefix}: {exc}", file=sys.stderr)
+            return 0
         return fail(f"error: {exc}", exc.exit_code)
     except BrokenPipeError:
         # output piped into `head` and friends: not an error of ours

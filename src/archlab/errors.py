@@ -21,6 +21,13 @@ class FileSystemError(UserError):
     exit_code = 1
 
 
+class NothingToDo(UserError):
+    """The command would change nothing (a finished run resumed with no larger budget): the
+    CLI prints the message as one line and exits 0."""
+
+    exit_code = 0
+
+
 class FolderBusy(UserError):
     """Another live process holds the lock of a run, comparison or data folder: exit 2."""
 

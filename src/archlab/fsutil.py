@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -131,6 +132,17 @@ def ensure_writable_dir(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
+def readable_like_the_others(folder: Path) -> None:
+    """safetensors writes its files 0600 (a temporary file's mode); give every file in
+    ``folder`` the mode the process's umask gives any other file, so another user can read
+    an exported model or a checkpoint like the JSON files beside it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            p.chmod(0o666 & ~umask)
+
+
 def _file_in_path(p: Path) -> Path:
     for parent in [p, *p.parents]:
         if parent.exists() and not parent.is_dir():
@@ -142,14 +154,18 @@ def _file_in_path(p: Path) -> Path:
 class FolderLock:
     """An exclusive flock held until ``release()`` or the process's end."""
 
-    def __init__(self, path: Path, fd: int | None) -> None:
+    def __init__(self, path: Path, fd: int | None, remove: bool = False) -> None:
         self.path = path
         self._fd = fd
+        self._remove = remove  # a lock file beside the folder: deleted while still held
 
     def release(self) -> None:
         if self._fd is not None:
             import fcntl
 
+            if self._remove:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
             finally:
@@ -177,13 +193,47 @@ def lock_folder(
     *,
     lock_path: str | os.PathLike | None = None,
     wait: bool = False,
+    remove: bool = False,
 ) -> FolderLock:
     """Take ``folder``'s lock (``folder/.archlab.lock`` unless ``lock_path``).
 
     Busy: FolderBusy naming the holder's pid, or with ``wait`` block until it is free.
     The pid is written into the file only after the lock is ours, so a refused process never
-    overwrites the holder's.
+    overwrites the holder's. ``remove``: the lock file (a ``.NAME.lock`` beside the folder)
+    is deleted on release; a process that locked the deleted file then tries again on the
+    new one, so two processes never both hold the lock. (A killed holder leaves the file:
+    the next lock takes it over.)
     """
+    while True:
+        lock = _lock_once(folder, what, lock_path, wait, remove)
+        if not remove or lock._fd is None or _same_file(lock._fd, lock.path):
+            return lock
+        os.close(lock._fd)  # we locked a file its holder deleted on release: try again
+
+
+def lock_beside(folder: str | os.PathLike, what: str, wait: bool = False) -> FolderLock:
+    """The lock of a folder that may not exist yet: ``.NAME.lock`` in its parent, deleted on
+    release (used by export and prepare)."""
+    folder = Path(folder)
+    lock_path = folder.parent / f".{folder.name}.lock"
+    return lock_folder(folder, what, lock_path=lock_path, wait=wait, remove=True)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _lock_once(
+    folder: str | os.PathLike,
+    what: str,
+    lock_path: str | os.PathLike | None,
+    wait: bool,
+    remove: bool,
+) -> FolderLock:
     folder = Path(folder)
     path = Path(lock_path) if lock_path is not None else folder / LOCK_NAME
     try:
@@ -210,4 +260,4 @@ def lock_folder(
         os.write(fd, f"{os.getpid()}\n".encode())
     except OSError:
         pass  # the lock holds without the pid (e.g. a full disk); messages then say "unknown"
-    return FolderLock(path, fd)
+    return FolderLock(path, fd, remove)

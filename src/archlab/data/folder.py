@@ -114,7 +114,8 @@ def up_to_date(out: Path, digest: str) -> bool:
 
 @contextlib.contextmanager
 def locked(out: Path, wait: bool = True, verbose: bool = True) -> Iterator[None]:
-    """Hold ``out``'s lock (a sibling ``.NAME.lock``) while it is checked and rebuilt.
+    """Hold ``out``'s lock (a sibling ``.NAME.lock``, deleted on release) while it is checked
+    and rebuilt.
 
     ``wait``: serialise concurrent prepares of one folder (parallel trainings that share the
     default data wait for the first); otherwise a second process is refused (exit 2, naming
@@ -131,12 +132,12 @@ def locked(out: Path, wait: bool = True, verbose: bool = True) -> Iterator[None]
             f"data folder {out}: cannot write in {out.parent} ({os_error_reason(exc)})"
         ) from None
     try:
-        lock = lock_folder(out, "data folder", lock_path=lock_path)
+        lock = lock_folder(out, "data folder", lock_path=lock_path, remove=True)
     except FolderBusy as busy:
         if not wait:
             raise
         log(f"{busy}; waiting for it", verbose)
-        lock = lock_folder(out, "data folder", lock_path=lock_path, wait=True)
+        lock = lock_folder(out, "data folder", lock_path=lock_path, wait=True, remove=True)
     try:
         _clean_stale(out)
         yield

@@ -22,7 +22,6 @@ form, writes the folder atomically and verifies the logits after loading it back
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,10 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..fsutil import readable_like_the_others
 from .hf_forms import EXPORTABLE, FORMS, FORMS_BY_NAME, FORMS_TABLE, hf_state_dict
 from .hf_tokenizer import save_hf_tokenizer
+from .out_folder import MARKER, building, check_out, swap_in
 
 
 class NotExportable(UserError):
@@ -124,37 +125,27 @@ def export_hf(
         raise UserError(
             "export needs Hugging Face transformers: pip install 'archlab[hf]'"
         ) from None
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not force:
-            raise UserError(f"--out: {out} exists and is not empty (use --force to replace it)")
-        if out.is_dir():
-            shutil.rmtree(out)
-        else:
-            out.unlink()
+    out = check_out(out, ckpt, force)  # refuse before touching anything
     model, cfg, tokenizer = load_model(ckpt, device="cpu")
     if tokenizer is None:
         raise UserError(f"--checkpoint: {ckpt} has no tokenizer.json to export")
     hf_model = build_hf_model(model, form, int(tokenizer.eot_id))
-    tmp = out.with_name(f".{out.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    hf_model.save_pretrained(str(tmp), safe_serialization=True)
-    learned = cfg.uses_learned_positions
-    save_hf_tokenizer(tokenizer, tmp, cfg.max_seq_len if learned else None)
-    (tmp / "archlab_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    if out.exists():
-        out.rmdir()
-    tmp.replace(out)
     diff, n = None, 0
-    if verify:
-        diff, n = verify_export(model, out)
-        if diff > atol:
-            raise UserError(
-                f"export verification failed: logits differ by {diff:.2e} > {atol:g} "
-                f"after loading {out} with transformers"
-            )
+    with building(out) as tmp:
+        check_out(out, ckpt, force)  # again, under the lock: another export may have run
+        hf_model.save_pretrained(str(tmp), safe_serialization=True)
+        learned = cfg.uses_learned_positions
+        save_hf_tokenizer(tokenizer, tmp, cfg.max_seq_len if learned else None)
+        (tmp / MARKER).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        readable_like_the_others(tmp)
+        if verify:
+            diff, n = verify_export(model, tmp)
+            if not diff <= atol:  # NaN never passes
+                raise UserError(
+                    f"export verification failed: logits differ by {diff:.2e} > {atol:g} "
+                    f"after loading the export with transformers; {out} was not changed"
+                )
+        swap_in(tmp, out)
     return ExportResult(out, form, FORMS[form], diff, n)
 
 

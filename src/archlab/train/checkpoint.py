@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import ConfigError, ModelConfig
 from ..errors import FileSystemError, UserError
-from ..fsutil import errno_reason, is_read_error, write_errno
+from ..fsutil import errno_reason, is_read_error, readable_like_the_others, write_errno
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -67,7 +67,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
     if pointer.is_file():
-        name = pointer.read_text().strip()
+        try:  # a damaged pointer (binary bytes, unreadable) falls back to the highest step
+            name = pointer.read_bytes()[:256].decode("utf-8", "replace").strip()
+        except OSError:
+            name = ""
         if _STEP_RE.match(name) and (root / name).is_dir():
             return root / name
     found = list_checkpoints(run_dir)
@@ -180,6 +183,7 @@ def save_checkpoint(
         torch.save(trainer_state, tmp / "trainer_state.pt")
         sums = {f: _sha256(tmp / f) for f in CHECKPOINT_FILES}
         (tmp / "checksums.json").write_text(json.dumps(sums, indent=2) + "\n")
+        readable_like_the_others(tmp)
         for f in (*CHECKPOINT_FILES, "checksums.json"):
             _fsync_file(tmp / f)
         _fsync_dir(tmp)
@@ -322,6 +326,13 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
         raise CheckpointError(
             f"checkpoint {ckpt}: cannot load model.safetensors ({msg})" + _earlier_hint(ckpt)
         ) from None
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {ckpt}: model.safetensors holds non-finite weights (NaN or Inf) in "
+            f"{len(bad)} tensor(s), first {bad[0]}; nothing can be computed from it"
+            + _earlier_hint(ckpt)
+        )
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..errors import UserError
+from ..errors import NothingToDo, UserError
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .distributed import DistInfo, barrier
@@ -87,6 +87,56 @@ def merge_resumed_config(
     if "out_dir" not in explicit or saved.out_dir is None:
         saved.out_dir = str(ckpt_mod.run_dir_of(resume_ckpt))
     return saved.validate()
+
+
+def check_resumed_budget(
+    cfg: TrainConfig, state: dict[str, Any], total_steps: int, run_dir: Path
+) -> None:
+    """A resume must have steps left: refuse a budget below what was trained, and leave a
+    finished run (its summary.json says so) untouched when the budget is not larger."""
+    done = int(state["step"])
+    if total_steps > done:
+        return
+    budget = (
+        f"--max-tokens {cfg.max_tokens}"
+        if cfg.max_tokens is not None
+        else f"--num-epochs {cfg.num_epochs} x --steps-per-epoch {cfg.steps_per_epoch}"
+    )
+    if total_steps < done:
+        raise UserError(
+            f"{budget} is {total_steps} steps, fewer than the {done} this run already trained "
+            f"({int(state.get('tokens_seen', 0))} tokens); give a larger budget to continue"
+        )
+    if _finished_at(run_dir) == done:
+        raise NothingToDo(
+            f"{run_dir} already finished at step {done}; give a larger --max-tokens to continue"
+        )
+
+
+def _finished_at(run_dir: Path) -> int | None:
+    """The step count of a run whose summary.json says it finished, else None."""
+    import json
+
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        return int(summary["steps"]) if summary.get("status") == "ok" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def resumed_total_steps(cfg: TrainConfig, state: dict[str, Any], world_size: int) -> int | None:
+    """The resumed run's step budget from its saved tokens per step (None: not known yet)."""
+    if cfg.max_tokens is None:
+        return cfg.num_epochs * cfg.steps_per_epoch
+    step, seen, saved_ws = (
+        int(state["step"]),
+        int(state.get("tokens_seen", 0)),
+        state.get("world_size"),
+    )
+    if step <= 0 or seen <= 0 or not saved_ws:
+        return None
+    per_step = seen // step // int(saved_ws) * world_size
+    return -(-cfg.max_tokens // per_step)
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,7 +31,12 @@ from .distributed import DistInfo, barrier, broadcast_object
 from .metrics import current_memory_bytes, reset_cpu_peak
 from .model_spec import ModelSpec
 from .optim import WarmupCosineSchedule, build_optimizer, default_warmup_steps
-from .run_state import merge_resumed_config, resume_paths
+from .run_state import (
+    check_resumed_budget,
+    merge_resumed_config,
+    resume_paths,
+    resumed_total_steps,
+)
 
 
 # ---- run folders -------------------------------------------------------------------------------
@@ -110,7 +115,13 @@ def resolve_start(
     resume_ckpt = ckpt_mod.resolve_checkpoint(run_path)
     ckpt_mod.verify_checkpoint(resume_ckpt)
     state = ckpt_mod.load_trainer_state(resume_ckpt)
-    return Start(merge_resumed_config(cfg, state, explicit, resume_ckpt), resume_ckpt, state)
+    merged = merge_resumed_config(cfg, state, explicit, resume_ckpt)
+    # Before any folder is claimed: a finished run resumed without a larger budget is left
+    # exactly as it is (checked again once the data fixes the sequence length).
+    total = resumed_total_steps(merged, state, claims.dist.world_size)
+    if total is not None:
+        check_resumed_budget(merged, state, total, ckpt_mod.run_dir_of(resume_ckpt))
+    return Start(merged, resume_ckpt, state)
 
 
 # ---- 2. the run folder -------------------------------------------------------------------------

@@ -50,7 +50,13 @@ from .metrics import (
 from .model_spec import ModelSpec, as_spec, requested_architecture, requested_preset
 from .optim import warmup_warning
 from .report import LogInterval, RunLog, StepTimes, failure_summary, print_summary, run_summary
-from .run_state import GlobalBatchSampler, RunCheckpointer, RunClock, restore_run
+from .run_state import (
+    GlobalBatchSampler,
+    RunCheckpointer,
+    RunClock,
+    check_resumed_budget,
+    restore_run,
+)
 from .setup import (
     FolderClaims,
     build_optimization,
@@ -144,6 +150,10 @@ class Trainer:
         budget = resolve_budget(self.cfg, self.model_cfg, self.dist.world_size, self.meta)
         self.seq_len, self.total_steps = budget.seq_len, budget.total_steps
         self.tokens_per_step = budget.tokens_per_step
+        if start.state is not None:
+            check_resumed_budget(
+                self.cfg, start.state, self.total_steps, ckpt_mod.run_dir_of(start.resume_ckpt)
+            )
         warning = warmup_warning(self.cfg.warmup_steps, self.total_steps)  # type: ignore[arg-type]
         if warning and self.dist.is_main and self.progress:  # --quiet: errors only
             print(warning, file=sys.stderr)

@@ -208,7 +208,9 @@ def test_hf_form_of_each_exportable_form():
         hf_form(preset_config("hybrid", **SMALL_CFG))
 
 
-def test_export_refuses_a_non_empty_out_and_replaces_with_force(tmp_path, bpe_data, capsys):
+def test_export_refuses_a_non_empty_out_and_force_replaces_only_an_export(
+    tmp_path, bpe_data, capsys
+):
     cfg = preset_config("dense", vocab_size=load_tokenizer(bpe_data).vocab_size, **SMALL_CFG)
     run = tmp_path / "run"
     save_checkpoint(run, 1, build_model(cfg), cfg, bpe_data / "tokenizer.json", {"step": 1})
@@ -219,7 +221,14 @@ def test_export_refuses_a_non_empty_out_and_replaces_with_force(tmp_path, bpe_da
     err = capsys.readouterr().err
     assert rc == 2 and "--force" in err and (out / "keep.txt").exists()
     rc = main(["export", "--checkpoint", str(run), "--out", str(out), "--force"])
-    assert rc == 0 and not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    err = capsys.readouterr().err  # --force replaces only an earlier export, never user files
+    assert rc == 2 and "holds files an export did not write" in err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    first = (out / "config.json").stat().st_ino
+    assert main(["export", "--checkpoint", str(run), "--out", str(out), "--force"]) == 0
+    assert (out / "model.safetensors").exists() and (out / "config.json").stat().st_ino != first
 
 
 # ---- tokenizers --------------------------------------------------------------------------------

@@ -18,8 +18,10 @@ import threading
 import traceback
 from collections.abc import Iterator
 
-from .errors import Interrupted, UserError
+from .errors import Interrupted, UserError, is_out_of_memory, out_of_memory_line
 from .fsutil import os_error_line
+from .streams import RESULT_ON_STDOUT, guard_streams
+from .values import install_checks
 
 COMMANDS = (
     "train",
@@ -32,6 +34,16 @@ COMMANDS = (
     "eval",
     "export",
 )
+
+
+# What to lower when a command runs out of memory.
+LOWER = {
+    "": "try a smaller --batch-size, --seq-len or model (--model-size, --d-model, --n-layers)",
+    "bench": "lower --seq-lens / --batch-size or the model's size (--d-model, --n-layers)",
+    "generate": "lower --max-new-tokens or use a smaller model",
+    "chat": "lower --max-new-tokens or use a smaller model",
+    "eval": "lower --batch-size or --seq-len",
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -66,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         command_parser.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
         )
+    install_checks(parser)  # every value: type, finiteness, range (values.py)
     return parser
 
 
@@ -96,6 +109,29 @@ def _sigterm_as_exception() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `archlab` command: its exit code; every failure is one line on stderr."""
+    from . import _started_as_command
+
+    command = next((a for a in (sys.argv[1:] if argv is None else argv) if a in COMMANDS), None)
+    closed, restore = guard_streams(command)
+    try:
+        if 1 in closed and command in RESULT_ON_STDOUT:
+            print(
+                f"archlab {command}: error: standard output is closed; nothing could show the "
+                "result (redirect it to a file instead)",
+                file=sys.stderr,
+            )
+            return 1
+        return _main(argv)
+    finally:
+        # Done: a late Ctrl-C (a storm of them) must not interrupt the exit handlers.
+        if _started_as_command() and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        restore()
+
+
+def _main(argv: list[str] | None) -> int:
     try:  # building the parser imports every command module
         from . import _end_of_startup
 
@@ -137,12 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted):
             return fail(str(exc), exc.exit_code)
         return fail("interrupted", 130)
-    except MemoryError:
-        return fail(
-            "error: out of memory; try a smaller --batch-size, "
-            "--use-gradient-checkpointing or a smaller --model-size",
-            2,
-        )
+    except (MemoryError, RuntimeError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        return fail(f"error: {out_of_memory_line(exc, LOWER.get(args.command, LOWER['']))}", 2)
     except OSError as exc:  # last resort: the next unforeseen file-system case is one line too
         return fail(f"error: {os_error_line(exc)}", 1)
 

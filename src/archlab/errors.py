@@ -46,3 +46,43 @@ class Interrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return self.message
+
+
+# ---- out of memory ----------------------------------------------------------------------------
+_OOM_NEEDLES = ("out of memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, torch.OutOfMemoryError, or torch's RuntimeError from an allocator that
+    could not allocate ("DefaultCPUAllocator: can't allocate memory", "CUDA out of memory")."""
+    if isinstance(exc, MemoryError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc).lower()
+    return any(n in text for n in _OOM_NEEDLES)
+
+
+def out_of_memory_line(exc: BaseException, lower: str) -> str:
+    """'out of memory: one allocation of 37.3 TiB failed; lower --d-model ...' (one line)."""
+    import re
+
+    text = str(exc)
+    asked = None
+    m = re.search(r"allocate (\d+) bytes", text)
+    if m:
+        asked = _bytes(int(m.group(1)))
+    else:
+        m = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGTP]i?B)", text)
+        asked = m.group(1) if m else None
+    what = f"one allocation of {asked} failed" if asked else "an allocation failed"
+    return f"out of memory: {what}; {lower}"
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+        size /= 1024
+    return f"{n} B"

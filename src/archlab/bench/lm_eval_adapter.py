@@ -96,7 +96,7 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
         self._max_length = int(max_length or self.cfg.max_seq_len)
         if self.cfg.uses_learned_positions and self._max_length > self.cfg.max_seq_len:
             raise UserError(
-                f"--max-length {self._max_length} exceeds the model's learned positions "
+                f"--seq-len {self._max_length} exceeds the model's learned positions "
                 f"({self.cfg.max_seq_len})"
             )
         self.max_gen_toks = max_gen_toks

@@ -129,6 +129,29 @@ def offline_unless_reachable() -> bool:
     return True
 
 
+def _broken_yaml(folder: Path) -> str | None:
+    """'FILE: YAML syntax error at line N (...)' for the first task YAML lm-eval cannot read
+    (it skips such a file, so its task would be reported as unknown)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):  # lm-eval's own tags (!function) are not errors here
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    files = [folder] if folder.is_file() else sorted(folder.rglob("*.yaml"))
+    for f in files:
+        try:
+            yaml.load(f.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506
+        except (OSError, UnicodeDecodeError) as exc:
+            return f"{f}: cannot read it ({exc})"
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            return f"{f}: YAML syntax error{where} ({problem})"
+    return None
+
+
 def load_tasks(tasks: Sequence[str], include_path: str | None) -> tuple[Any, list[Any]]:
     """(TaskManager, the tasks to pass to ``simple_evaluate``) or a UserError saying why not.
 
@@ -148,6 +171,10 @@ def load_tasks(tasks: Sequence[str], include_path: str | None) -> tuple[Any, lis
         manager = TaskManager(include_path=include_path)
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known and not Path(t).is_file()]
+    if unknown and include_path is not None:
+        broken = _broken_yaml(Path(include_path))
+        if broken is not None:
+            raise UserError(f"--include-path: {broken}")
     if unknown:
         hint = "" if include_path else " (a local task YAML needs --include-path DIR)"
         raise UserError(

@@ -62,7 +62,7 @@ def register(subparsers: Any) -> None:
         help="evaluate only the first N documents per task (a value < 1: that fraction)",
     )
     h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
-    h.add_argument("--seed", type=int, default=0, help="seed of few-shot sampling (default 0)")
+    h.add_argument("--seed", type=int, default=None, help="seed of few-shot sampling (default 0)")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or mps (default: cpu)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress output over the batches")
@@ -71,6 +71,20 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.tasks is not None:
         return run_tasks(args)
+    given = [
+        flag
+        for flag, value in (
+            ("--include-path", args.include_path),
+            ("--limit", args.limit),
+            ("--num-fewshot", args.num_fewshot),
+            ("--seed", args.seed),
+        )
+        if value is not None
+    ]
+    if given:
+        from ..errors import UserError
+
+        raise UserError(f"{', '.join(given)} apply only with --tasks (lm-evaluation-harness)")
     from ..bench.evaluate import run_eval, to_json
 
     result = run_eval(
@@ -103,7 +117,7 @@ def run_tasks(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         max_length=args.seq_len,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         quiet=args.quiet,
     )
     print(result.to_json() if args.json else result.table())

@@ -19,8 +19,9 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import UserError, is_out_of_memory, out_of_memory_line
 from ..train.allocator import keep_freed_memory
+from ..values import RANGES
 from .model_args import MODEL_KEYS, add_model_args
 
 _SUFFIX = {"k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "t": 10**12}
@@ -284,10 +285,10 @@ def _coerce(action: argparse.Action, key: str, value: Any, path: str) -> Any:
         return value
     if action.dest == "resume":
         return value if isinstance(value, bool) or value is None else str(value)
-    if action.type is not None and value is not None and not isinstance(value, bool):
+    if action.type is not None and value is not None:
         try:
-            value = action.type(value if action.type is not parse_count else str(value))
-        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            value = action.type(value)  # the flag's checked type (values.py)
+        except (TypeError, ValueError, OverflowError, argparse.ArgumentTypeError) as exc:
             raise UserError(f"{where}: {exc}") from None
     if action.choices is not None and value not in action.choices:
         allowed = ", ".join(map(str, action.choices))
@@ -309,8 +310,11 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
         key = str(raw_key).lstrip("-").replace("-", "_")
         key = {"hybrid_local_window": "local_window", "expert_capacity": "top_k"}.get(key, key)
         if key in FILE_ONLY_KEYS:
-            if getattr(args, key, None) is None:
-                setattr(args, key, value)
+            if getattr(args, key, None) is None and value is not None:
+                try:
+                    setattr(args, key, RANGES[key](value))
+                except argparse.ArgumentTypeError as exc:
+                    raise UserError(f"--config {args.config}: {raw_key}: {exc}") from None
                 set_keys.add(key)
             continue
         if key not in actions:
@@ -348,7 +352,6 @@ def build_configs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from .. import _started_as_command
     from ..train.trainer import DebugHooks, run_training
@@ -380,11 +383,9 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.quiet,
             report=True,
         )
-    except (torch.OutOfMemoryError, MemoryError):
-        raise UserError(OOM_MESSAGE) from None
-    except RuntimeError as exc:
-        if "out of memory" in str(exc).lower():
-            raise UserError(OOM_MESSAGE) from None
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if is_out_of_memory(exc):
+            raise UserError(out_of_memory_line(exc, OOM_ADVICE)) from None
         raise
     if summary.get("status") == "interrupted":
         return _report_interrupt(summary)
@@ -421,8 +422,8 @@ def train_parser() -> argparse.ArgumentParser:
     raise AssertionError("train command not registered")
 
 
-OOM_MESSAGE = (
-    "out of memory while training; try a smaller --batch-size (with more "
-    "--gradient-accumulation-steps to keep the effective batch), "
-    "--use-gradient-checkpointing, --use-amp or a smaller --model-size"
+OOM_ADVICE = (
+    "try a smaller --batch-size (with more --gradient-accumulation-steps to keep the "
+    "effective batch), --seq-len, --use-gradient-checkpointing, --use-amp or a smaller model "
+    "(--model-size, --d-model, --n-layers)"
 )

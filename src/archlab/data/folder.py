@@ -224,11 +224,23 @@ def settings_digest(settings: dict[str, Any]) -> str:
     ]
 
 
+def max_token_id(path: Path, dtype: str) -> int:
+    """The largest token id in a token file (-1 when it is empty), in chunks of 64 M tokens."""
+    n = path.stat().st_size // np.dtype(dtype).itemsize
+    if n == 0:
+        return -1
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    step = 1 << 26
+    return max(int(tokens[i : i + step].max()) for i in range(0, n, step))
+
+
 def write_meta(d: Path, meta: dict[str, Any]) -> None:
     """meta.json with the format and archlab versions first and the creation time."""
     from .. import __version__
 
     meta = {"format_version": FORMAT_VERSION, "archlab_version": __version__, **meta}
+    for split in ("train", "val"):  # checked against the vocabulary when the folder is opened
+        meta[f"{split}_max_id"] = max_token_id(d / f"{split}.bin", meta["dtype"])
     meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     (d / "meta.json").write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
 

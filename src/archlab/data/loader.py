@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .folder import data_files_ok, load_meta
+from .folder import data_files_ok, load_meta, max_token_id
 from .generated import FIXED_LENGTH_TASKS
 from .tokenizer import TextTokenizer, load_tokenizer
 
@@ -64,10 +64,25 @@ class TokenDataset:
         self._mask = None
         if self.meta["has_mask"] and self.num_tokens:
             self._mask = np.memmap(self.dir / f"{split}_mask.bin", dtype=np.uint8, mode="r")
+        self._check_ids(split)
         self.fixed_seq_len: int | None = (
             int(self.meta["seq_len"]) if self.task in FIXED_LENGTH_TASKS else None
         )
         self._tokenizer: TextTokenizer | None = None
+
+    def _check_ids(self, split: str) -> None:
+        """Every token id must be below the vocabulary, or the embedding fails mid-run."""
+        if not self.num_tokens:
+            return
+        top = self.meta.get(f"{split}_max_id")
+        if not isinstance(top, int):  # a folder from an older archlab: one pass over the file
+            top = max_token_id(self.dir / f"{split}.bin", self.meta["dtype"])
+        vocab = int(self.meta["vocab_size"])
+        if top >= vocab:
+            raise UserError(
+                f"data folder {self.dir}: {split}.bin holds token id {top}, but the vocabulary "
+                f"has {vocab} ids (meta.json vocab_size); re-run `archlab prepare --force`"
+            )
 
     @property
     def tokenizer(self) -> TextTokenizer:

@@ -115,13 +115,17 @@ def resolve_start(
     resume_ckpt = ckpt_mod.resolve_checkpoint(run_path)
     ckpt_mod.verify_checkpoint(resume_ckpt)
     state = ckpt_mod.load_trainer_state(resume_ckpt)
-    merged = merge_resumed_config(cfg, state, explicit, resume_ckpt)
-    # Before any folder is claimed: a finished run resumed without a larger budget is left
-    # exactly as it is (checked again once the data fixes the sequence length).
-    total = resumed_total_steps(merged, state, claims.dist.world_size)
+    return Start(merge_resumed_config(cfg, state, explicit, resume_ckpt), resume_ckpt, state)
+
+
+def check_steps_left(start: Start, world_size: int) -> None:
+    """Before any data is prepared: a finished run resumed without a larger budget is left
+    exactly as it is (checked again once the data fixes the sequence length)."""
+    if start.state is None or start.resume_ckpt is None:
+        return
+    total = resumed_total_steps(start.cfg, start.state, world_size)
     if total is not None:
-        check_resumed_budget(merged, state, total, ckpt_mod.run_dir_of(resume_ckpt))
-    return Start(merged, resume_ckpt, state)
+        check_resumed_budget(start.cfg, start.state, total, ckpt_mod.run_dir_of(start.resume_ckpt))
 
 
 # ---- 2. the run folder -------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from .setup import (
     FolderClaims,
     build_optimization,
     build_run_model,
+    check_steps_left,
     checkpoint_model_config,
     claim_run_dir,
     open_datasets,
@@ -141,6 +142,7 @@ class Trainer:
         # 3. Explicit model settings must fit a checkpoint we continue from (checked before
         # any data is prepared), then the data, tokenized with that checkpoint's tokenizer.
         ckpt_cfg = checkpoint_model_config(start, model_arg, spec)
+        check_steps_left(start, self.dist.world_size)
         preset = requested_preset(spec, model_arg, ckpt_cfg)
         verbose = bool(self.progress)
         self.data_dir, self.meta = prepare_data(self.cfg, start, preset, self.dist, verbose)

@@ -79,6 +79,14 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+def run_cli(argv: list[str]) -> int:
+    """main()'s exit code; argparse's own refusals leave through SystemExit."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
 @dataclass
 class Case:
     name: str
@@ -131,7 +139,7 @@ def test_each_mistake_is_one_line_and_touches_nothing(case, tree, capsys, monkey
     if case.cwd is not None:
         monkeypatch.chdir(tree / case.cwd)
     before = snapshot(tree)
-    rc = main([*case.argv(tree), *(THREADS if case.argv(tree)[0] == "train" else [])])
+    rc = run_cli([*case.argv(tree), *(THREADS if case.argv(tree)[0] == "train" else [])])
     captured = capsys.readouterr()
     line = one_line(captured.err)
     assert rc == case.code, line

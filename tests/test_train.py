@@ -525,7 +525,9 @@ def test_out_of_memory_is_one_line_and_the_run_is_marked_failed(
     assert train(*SMALL, "--data", char_data, "--seq-len", "16", "--out-dir", run, "--quiet") == 2
     err = capsys.readouterr().err.strip()
     assert (
-        "out of memory" in err and "--batch-size" in err and "--use-gradient-checkpointing" in err
+        "out of memory" in err
+        and "--batch-size" in err
+        and "--use-gradient-checkpointing" in err
         and "2.00 GiB" in err
     )
     assert len(err.splitlines()) == 1

@@ -23,6 +23,8 @@ hybrid's sliding window caps its KV cache at the window.
     python benchmarks/bench_generate.py                      # a few minutes on 2 cores
     python benchmarks/bench_generate.py --threads 4 --json out.json
     python benchmarks/bench_generate.py --archs dense,mamba --sizes nano --no-hf
+    python benchmarks/bench_generate.py --archs dense,moe --sizes nano --skip-generate \
+        --latency-contexts 64,1024 --latency-steps 64 --threads 1   # MoE decode target
 """
 
 from __future__ import annotations
@@ -248,6 +250,7 @@ def main() -> None:
     p.add_argument("--latency-contexts", default="64,256,1024,2048")
     p.add_argument("--latency-steps", type=int, default=16)
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-generate", action="store_true", help="only part 2 (latency)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     args.archs = [a for a in args.archs.split(",") if a]
@@ -282,7 +285,7 @@ def main() -> None:
         f"{'size':6} {'arch':11} {'ctx':>6} {'params':>7} {'ours tok/s':>9}  "
         f"{'reference':>20} {'params':>7} {'ref tok/s':>9} {'ours/ref':>7}"
     )
-    rows = part1(args)
+    rows = [] if args.skip_generate else part1(args)
     lat = [] if args.skip_latency else part2(args)
     if lat:
         print()

@@ -187,6 +187,17 @@ def test_output_matches_naive_per_token_loop_float64(
     torch.testing.assert_close(y, reference_moe(layer, x), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize(("top_k", "tokens"), [(2, 1), (1, 1), (3, 1), (2, 3)])
+def test_decoding_path_matches_naive_per_token_loop_float64(top_k: int, tokens: int) -> None:
+    """The few-token path a decode cache takes (eval, N <= E) gives the routed mixture."""
+    layer = make_layer(num_experts=6, top_k=top_k, bias=True).double().eval()
+    x = torch.randn(tokens, 1, 32, dtype=torch.float64)
+    y, aux = layer(x, inference=True)
+    assert aux == {}  # no training losses while decoding
+    torch.testing.assert_close(y, reference_moe(layer, x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y, layer(x)[0], rtol=1e-10, atol=1e-12)
+
+
 def test_capacity_drops_overflow_slots_in_position_order() -> None:
     layer = make_layer(num_experts=4, top_k=2, capacity_factor=0.8).double()
     B, T = 2, 6  # capacity = ceil(0.8 * 12 * 2 / 4) = 5 slots per expert
@@ -268,10 +279,21 @@ def test_full_model_is_causal(kw: dict, train: bool) -> None:
         assert (model(changed)[:, t + 1] - base[:, t + 1]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("kw", [{}, {"use_rope": True}, {"capacity_factor": 0.5}])
-def test_cached_decoding_equals_full_forward(kw: dict) -> None:
+@pytest.mark.parametrize(
+    ("kw", "batch"),
+    [
+        ({}, 2),
+        ({}, 1),
+        ({"use_rope": True}, 2),
+        ({"capacity_factor": 0.5}, 2),
+        ({"mlp": "swiglu", "use_rope": True, "use_rmsnorm": True}, 1),
+        ({"top_k": 1}, 1),
+        ({"num_experts": 2, "top_k": 1}, 3),  # 3 tokens > 2 experts: the sorted path
+    ],
+)
+def test_cached_decoding_equals_full_forward(kw: dict, batch: int) -> None:
     model = seeded_model(**kw).eval()
-    idx = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(3))
+    idx = torch.randint(0, 97, (batch, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full, aux_full = model(idx, return_aux=True)
         for chunks in ([1] * 20, [7, 1, 1, 5, 6]):
@@ -282,7 +304,7 @@ def test_cached_decoding_equals_full_forward(kw: dict) -> None:
                 start += n
             assert cache.pos == 20
             torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-4, rtol=0)
-    assert aux_full["expert_counts"].shape == (2, 4)
+    assert aux_full["expert_counts"].shape == (2, model.cfg.num_experts)
 
 
 def test_every_parameter_gets_finite_nonzero_gradient() -> None:

@@ -42,6 +42,8 @@ TRAIN_KEYS = (
     "max_tokens",
     "learning_rate",
     "warmup_steps",
+    "schedule",
+    "decay_fraction",
     "weight_decay",
     "grad_clip",
     "max_nan_steps",
@@ -169,6 +171,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="linear warmup steps (5%% of the run, at most 100)",
+    )
+    g.add_argument(
+        "--schedule",
+        default=None,
+        choices=("cosine", "wsd"),
+        help="after warmup: cosine (decays over the whole run) or wsd (constant, then a "
+        "linear decay over the last --decay-fraction; a resume with a larger budget moves the "
+        "decay to the new end exactly) (cosine)",
+    )
+    g.add_argument(
+        "--decay-fraction",
+        type=float,
+        default=None,
+        help="wsd: the share of the run the final decay takes (0.2)",
     )
     g.add_argument(
         "--weight-decay", type=float, default=None, help="AdamW decay of weight matrices (0.1)"

@@ -15,6 +15,7 @@ from typing import Any
 from ..config import ConfigError
 
 STAGES = ("language", "code", "chat")
+SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -38,7 +39,9 @@ class TrainConfig:
     max_tokens: int | None = None  # a token budget; overrides num_epochs * steps_per_epoch
     # optimiser and schedule
     learning_rate: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay; extendable on resume)
+    decay_fraction: float = 0.2  # wsd: the decay takes the last 20% of the run
     warmup_steps: int | None = None  # None: 5% of the run, at most 100 (optim.default_warmup_steps)
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -105,6 +108,12 @@ class TrainConfig:
             raise ConfigError(
                 f"--learning-rate: must be a positive number (got {self.learning_rate})"
             )
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"--schedule: unknown schedule {self.schedule!r} (allowed: {', '.join(SCHEDULES)})"
+            )
+        if not (0.0 < self.decay_fraction <= 1.0):
+            raise ConfigError(f"--decay-fraction: must be in (0, 1] (got {self.decay_fraction})")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"min_lr_ratio: must be in [0, 1] (got {self.min_lr_ratio})")
         for flag, value in (

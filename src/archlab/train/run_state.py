@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, barrier
 
 if TYPE_CHECKING:
-    from .optim import WarmupCosineSchedule
+    from .optim import Schedule
     from .step import StepRunner
 
 # Train-config keys a resumed run may change; any other explicit change is refused, because
@@ -269,7 +269,7 @@ class RunCheckpointer:
         step: int,
         tokens_per_step: int,
         stepper: StepRunner,
-        schedule: WarmupCosineSchedule,
+        schedule: Schedule,
         data_rng: Tensor,
         elapsed_s: float,
         pending_log: dict[str, Any] | None = None,

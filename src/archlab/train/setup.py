@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .distributed import DistInfo, barrier, broadcast_object
 from .metrics import current_memory_bytes, reset_cpu_peak
 from .model_spec import ModelSpec
-from .optim import WarmupCosineSchedule, build_optimizer, default_warmup_steps
+from .optim import Schedule, build_optimizer, default_warmup_steps, make_schedule
 from .run_state import (
     check_resumed_budget,
     merge_resumed_config,
@@ -301,15 +301,17 @@ def build_run_model(
 
 def build_optimization(
     model: nn.Module, cfg: TrainConfig, total_steps: int, device: torch.device
-) -> tuple[torch.optim.Optimizer, WarmupCosineSchedule]:
-    """AdamW (decay groups, fused where the device has it) and the warmup + cosine schedule."""
+) -> tuple[torch.optim.Optimizer, Schedule]:
+    """AdamW (decay groups, fused where the device has it) and the schedule (--schedule)."""
     betas = (cfg.beta1, cfg.beta2)
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, betas, device.type)
-    schedule = WarmupCosineSchedule(
+    schedule = make_schedule(
+        cfg.schedule,
         cfg.learning_rate,
         cfg.warmup_steps,  # type: ignore[arg-type]
         total_steps,
         cfg.min_lr_ratio,
+        cfg.decay_fraction,
     )
     return optimizer, schedule
 

@@ -48,7 +48,7 @@ from .metrics import (
     write_json_atomic,
 )
 from .model_spec import ModelSpec, as_spec, requested_architecture, requested_preset
-from .optim import warmup_warning
+from .optim import resume_note, warmup_warning
 from .report import LogInterval, RunLog, StepTimes, failure_summary, print_summary, run_summary
 from .run_state import (
     GlobalBatchSampler,
@@ -176,6 +176,9 @@ class Trainer:
                 dist=self.dist,
                 where=start.resume_ckpt,  # type: ignore[arg-type]
             )
+            note = resume_note(start.state.get("schedule"), self.schedule, self.step)
+            if note and self.dist.is_main and self.progress:
+                print(note, file=sys.stderr)
         self.owns_run_dir = True
 
     def _build_model(self, source: Path | None) -> None:

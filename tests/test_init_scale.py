@@ -18,7 +18,7 @@ from archlab.models import build_model
 from archlab.models.init_audit import branch_scales, format_scales, worst_ratio
 
 BOUND = 3.0
-ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid"]
+ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn"]
 
 CASES = [pytest.param(a, s, None, {}, id=f"{a}-{s}") for s in ("nano", "micro") for a in ARCHS]
 CASES += [

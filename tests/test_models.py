@@ -10,13 +10,14 @@ import torch
 from archlab import ConfigError, build_model, count_parameters, preset_config
 from archlab.cli import main
 
-ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid"]
+ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn"]
 _MODULES = {
     "dense": "dense",
     "hypermixer": "hypermixer",
     "mamba": "mamba",
     "moe": "moe",
     "hybrid": "hybrid",
+    "gdn": "gdn",
 }
 
 
@@ -53,6 +54,9 @@ CASES = [(a, {}) for a in ARCHS] + [
     ("moe", {"mlp": "swiglu", "use_rope": True, "use_rmsnorm": True}),
     ("hybrid", {"mlp": "swiglu"}),
     ("hypermixer", {"mlp": "swiglu"}),
+    # gdn: chunks of 5 (T = 16 is ragged), OLMo-hybrid's layout with an attention layer
+    ("gdn", {"gdn_chunk_size": 5}),
+    ("gdn", {"mlp": "swiglu", "gdn_attention_every": 2, "gdn_chunk_size": 3}),
 ]
 RUSTGPT = ["dense", "hypermixer"]
 
@@ -203,7 +207,7 @@ def test_nano_and_micro_sizes():
 
 
 @pytest.mark.parametrize("size", ["nano", "micro", "tiny", "medium", "large"])
-@pytest.mark.parametrize("arch", ["hypermixer", "mamba", "moe", "hybrid"])
+@pytest.mark.parametrize("arch", ["hypermixer", "mamba", "moe", "hybrid", "gdn"])
 def test_every_architecture_within_15_percent_of_dense(arch, size):
     _require(arch)
     dense_total, _ = count_parameters(preset_config("dense", size))

@@ -108,6 +108,11 @@ class ModelConfig:
     # HyperMixer
     hypernetwork_hidden_dim: int = 0  # 0 -> d_model // 4
     hypermixer_mixing_dim: int = 0  # d' of the generated token-mixing MLP; 0 -> d_model // 2
+    # Gated DeltaNet (heads: n_heads; short conv: conv_size)
+    gdn_head_dim: int = 0  # key head dim; 0 -> 3 d_model / (4 n_heads), OLMo-hybrid's default
+    gdn_expand_v: int = 2  # value head dim = gdn_expand_v x key head dim (fla's expand_v)
+    gdn_chunk_size: int = 64  # chunk length of the chunked (WY) training form
+    gdn_attention_every: int = 0  # >0: every K-th layer is full attention (OLMo-hybrid layout)
     # Presets ("rustgpt" switches to the seed's post-norm blocks)
     preset: str | None = None
     # Extra, free-form knobs (kept in config.json, ignored by builders that do not know them)

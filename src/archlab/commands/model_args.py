@@ -43,7 +43,9 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
     g.add_argument("--vocab-size", type=int, default=None)
     g.add_argument("--d-model", type=int, default=None)
     g.add_argument("--n-layers", type=int, default=None)
-    g.add_argument("--n-heads", type=int, default=None, help="attention heads (dense, moe, hybrid)")
+    g.add_argument(
+        "--n-heads", type=int, default=None, help="attention heads (dense, moe, hybrid, gdn)"
+    )
     g.add_argument("--d-ff", type=int, default=None, help="MLP width (all but mamba)")
     g.add_argument("--max-seq-len", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
@@ -64,7 +66,7 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
         "--state-size", type=int, default=None, help="SSM state size (mamba, hybrid; 16)"
     )
     g.add_argument(
-        "--conv-size", type=int, default=None, help="causal conv kernel (mamba, hybrid; 4)"
+        "--conv-size", type=int, default=None, help="causal conv kernel (mamba, hybrid, gdn; 4)"
     )
     g.add_argument("--expand", type=int, default=None, help="inner expansion (mamba, hybrid; 2)")
     g.add_argument("--num-experts", type=int, default=None, help="experts (moe only; 8)")
@@ -90,6 +92,21 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
         help="sliding attention window (hybrid only; 256)",
     )
     g.add_argument("--hypernetwork-hidden-dim", type=int, default=None, help="(hypermixer only)")
+    g.add_argument(
+        "--gdn-head-dim", type=int, default=None, help="key head dim (gdn; 3 d_model / 4 n_heads)"
+    )
+    g.add_argument(
+        "--gdn-expand-v", type=int, default=None, help="value head dim / key head dim (gdn; 2)"
+    )
+    g.add_argument(
+        "--gdn-chunk-size", type=int, default=None, help="chunk of the training form (gdn; 64)"
+    )
+    g.add_argument(
+        "--gdn-attention-every",
+        type=int,
+        default=None,
+        help="every K-th layer full attention, OLMo-hybrid's layout (gdn; 0: none)",
+    )
 
 
 MODEL_KEYS = (
@@ -112,6 +129,10 @@ MODEL_KEYS = (
     "capacity_factor",
     "local_window",
     "hypernetwork_hidden_dim",
+    "gdn_head_dim",
+    "gdn_expand_v",
+    "gdn_chunk_size",
+    "gdn_attention_every",
 )
 
 

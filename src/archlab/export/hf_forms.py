@@ -81,6 +81,23 @@ def per_expert(name: str) -> Source:
     return source
 
 
+def gdn_rows(name: str, index: int) -> Source:
+    """Row block ``index`` of gdn's stacked ``in_proj`` [q; k; v; gate; a; b] (uneven sizes:
+    the mixer's ``split_sizes``), OLMo-hybrid's q/k/v/g/a/b_proj."""
+
+    def source(get: Get, cfg: ModelConfig) -> Tensor | None:
+        from ..models.gdn import key_head_dim
+
+        t = get(name)
+        if t is None:
+            return None
+        H, dk = cfg.n_heads, key_head_dim(cfg)
+        kd, vd = H * dk, H * dk * cfg.gdn_expand_v
+        return t.split([kd, kd, vd, vd, H, H], dim=0)[index]
+
+    return source
+
+
 Rule = tuple[str, Source]  # (transformers name, how to make it)
 
 
@@ -210,6 +227,43 @@ def _mamba_config(cfg: ModelConfig, common: dict[str, Any]) -> Any:
     )
 
 
+def _olmo_hybrid_config(cfg: ModelConfig, common: dict[str, Any]) -> Any:
+    import transformers as tf
+
+    from ..models.gdn import is_attention_layer, key_head_dim
+
+    kinds = ("full_attention", "linear_attention")
+    return tf.OlmoHybridConfig(
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        attention_dropout=cfg.dropout,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        layer_types=[kinds[not is_attention_layer(cfg, i)] for i in range(cfg.n_layers)],
+        linear_num_key_heads=cfg.n_heads,
+        linear_num_value_heads=cfg.n_heads,
+        linear_key_head_dim=key_head_dim(cfg),
+        linear_value_head_dim=cfg.gdn_expand_v * key_head_dim(cfg),
+        linear_conv_kernel_dim=cfg.conv_size,
+        linear_allow_neg_eigval=False,
+        **common,
+    )
+
+
+def _olmo_hybrid_check(cfg: ModelConfig) -> str | None:
+    if cfg.gdn_attention_every == 0:
+        return (
+            "gdn without attention layers: OlmoHybridForCausalLM needs at least one "
+            "full-attention layer (train with --gdn-attention-every K, e.g. 4)"
+        )
+    return None
+
+
 def _mixtral_check(cfg: ModelConfig) -> str | None:
     if cfg.bias:
         return "moe with biases: Mixtral's linears have none"
@@ -255,6 +309,29 @@ _MAMBA_MIXER = (
     "A_log",
     "D",
     "out_proj.weight",
+)
+# gdn's layers (OLMo-hybrid): a GatedDeltaNet layer's pre-MLP norm and an attention layer's
+# output norm are both OLMo's post_attention_layernorm; each layer has one of the two.
+_OLMO_HYBRID_LAYER: tuple[Rule, ...] = (
+    ("input_layernorm.weight", same("norm1.weight")),
+    ("post_attention_layernorm.weight", first("norm2.weight", "attn_norm.weight")),
+    ("post_feedforward_layernorm.weight", same("ffn_norm.weight")),
+    *(
+        (f"linear_attn.{n}_proj.weight", gdn_rows("mixer.in_proj.weight", j))
+        for j, n in enumerate("qkvgab")
+    ),
+    *((f"linear_attn.{n}", same(f"mixer.{n}")) for n in ("conv1d.weight", "A_log", "dt_bias")),
+    ("linear_attn.o_norm.weight", same("mixer.o_norm.weight")),
+    ("linear_attn.o_proj.weight", same("mixer.out_proj.weight")),
+    *((f"self_attn.{n}_proj.weight", part("mixer.qkv.weight", j, 3)) for j, n in enumerate("qkv")),
+    ("self_attn.o_proj.weight", same("mixer.proj.weight")),
+    ("self_attn.q_norm.weight", same("mixer.q_norm.weight")),
+    ("self_attn.k_norm.weight", same("mixer.k_norm.weight")),
+    *(
+        (f"mlp.{n}.weight", part("ffn.fc.weight", j, 2))
+        for j, n in enumerate(("gate_proj", "up_proj"))
+    ),
+    ("mlp.down_proj.weight", same("ffn.proj.weight")),
 )
 
 FORMS_TABLE: tuple[HFForm, ...] = (
@@ -345,6 +422,20 @@ FORMS_TABLE: tuple[HFForm, ...] = (
             ("norm.weight", same("norm1.weight")),
             *((f"mixer.{name}", same(f"mixer.{name}")) for name in _MAMBA_MIXER),
         ),
+    ),
+    HFForm(
+        name="olmo_hybrid",
+        hf_class="OlmoHybridForCausalLM",
+        architecture="gdn",
+        title="OLMo-hybrid",
+        requires=(("mlp", "swiglu"),),
+        flags="--mlp swiglu --gdn-attention-every K",
+        described="gdn with --mlp swiglu --gdn-attention-every K",
+        config=_olmo_hybrid_config,
+        weights=_LLAMA_MODEL,
+        layer_prefix="model.layers.{i}.",
+        layer_weights=_OLMO_HYBRID_LAYER,
+        check=_olmo_hybrid_check,
     ),
 )
 FORMS_BY_NAME = {f.name: f for f in FORMS_TABLE}

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .layers import RotaryEmbedding
+from .layers import RMSNorm, RotaryEmbedding
 
 
 def causal_mask(
@@ -34,10 +34,17 @@ class CausalSelfAttention(nn.Module):
 
     ``window`` limits each query to the last ``window`` positions including itself
     (sliding-window attention); the decode cache then keeps only that many keys.
-    State (decode cache): {"k": (B, H, S, hd), "v": (B, H, S, hd)}.
+    ``qk_norm``: RMSNorm over the whole projected q and over k before the heads are split
+    (OLMo 2 / OLMo-hybrid's attention). State (decode cache): {"k": (B, H, S, hd), "v": ...}.
     """
 
-    def __init__(self, cfg: ModelConfig, window: int | None = None, use_rope: bool | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        window: int | None = None,
+        use_rope: bool | None = None,
+        qk_norm: bool = False,
+    ):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.head_dim = cfg.d_model // cfg.n_heads
@@ -49,10 +56,14 @@ class CausalSelfAttention(nn.Module):
         self.resid_drop = nn.Dropout(cfg.dropout)
         rope = cfg.use_rope if use_rope is None else use_rope
         self.rope = RotaryEmbedding(self.head_dim) if rope else None
+        self.q_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if qk_norm else None
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> Tensor:
         B, T, D = x.shape
         q, k, v = self.qkv(x).split(D, dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         # (B, H, T, hd)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)

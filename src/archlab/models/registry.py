@@ -17,6 +17,7 @@ MODULES = (
     "mamba",
     "moe",
     "hybrid",
+    "gdn",
 )
 
 SPECS: dict[str, ArchitectureSpec] = {}

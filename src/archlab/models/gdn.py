@@ -14,7 +14,7 @@ heads of key dim dk (default 3 d / 4 H) and value dim dv = expand_v dk:
     out      = out_proj(RMSNorm_dv(o) * SiLU(gate))
 
 Training runs the chunked (WY) form, or fla's ``chunk_gated_delta_rule`` on CUDA when fla is
-installed; decoding keeps {"conv": (B, 2 H dk + H dv, conv_size - 1), "ssm": (B, H, dk, dv)}
+installed; decoding keeps {"conv": (B, conv_size - 1, 2 H dk + H dv), "ssm": (B, H, dk, dv)}
 per layer and takes recurrent steps. ``--gdn-attention-every K`` makes every K-th layer
 OLMo-hybrid's full-attention layer (QK-norm, RoPE, post-norm branches: x + N(Attn(x));
 x + N(MLP(x))), the layout ``export`` writes as ``OlmoHybridForCausalLM``.
@@ -166,19 +166,23 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(y.reshape(B, T, self.value_dim))
 
     def _conv(self, xi: Tensor, state: dict | None) -> Tensor:
-        """Causal depthwise conv + SiLU over (B, T, conv_dim); keeps the last inputs in state."""
+        """Causal depthwise conv + SiLU over xi (B, T, conv_dim), as K shifted multiply-adds
+        in this layout (torch's depthwise conv1d takes its slow path on CPU, and its FLOP
+        counter ignores the groups in the backward); keeps the last K - 1 inputs in state."""
         T, K = xi.shape[1], self.conv_size
-        xt = xi.transpose(1, 2)  # (B, conv_dim, T)
+        w = self.conv1d.weight.squeeze(1).t()  # (K, conv_dim)
         if state is None:
-            out = self.conv1d(xt)[..., :T]  # padding K - 1 on both sides; the causal part
+            full = F.pad(xi, (0, 0, K - 1, 0))  # (B, K - 1 + T, conv_dim)
         else:
             prev = state.get("conv")
             if prev is None:
-                prev = xt.new_zeros(xt.shape[0], self.conv_dim, K - 1)
-            full = torch.cat([prev.to(xt.dtype), xt], dim=-1)  # (B, conv_dim, K - 1 + T)
-            state["conv"] = full[..., full.shape[-1] - (K - 1) :]
-            out = F.conv1d(full, self.conv1d.weight, groups=self.conv_dim)
-        return F.silu(out).transpose(1, 2)
+                prev = xi.new_zeros(xi.shape[0], K - 1, self.conv_dim)
+            full = torch.cat([prev.to(xi.dtype), xi], dim=1)
+            state["conv"] = full[:, full.shape[1] - (K - 1) :]
+        out = full[:, :T] * w[0]
+        for j in range(1, K):
+            out = out + full[:, j : j + T] * w[j]
+        return F.silu(out)
 
 
 class GatedDeltaNetBlock(nn.Module):

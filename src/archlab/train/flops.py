@@ -61,6 +61,19 @@ def _mamba(module: nn.Module, seq_len: int) -> MixerFlops:
     return MixerFlops(analytic=9.0 * module.d_inner * module.state_size)
 
 
+def _gated_deltanet(module: nn.Module, seq_len: int) -> MixerFlops:
+    # the chunked rule (models/delta_rule.py), per head and token, C = the chunk as run:
+    # K beta K^T and Q K^T (2 C dk each), the state reads [Q; W] S (4 dk dv), the in-chunk
+    # A V' (2 C dv), the state write K^T V' (2 dk dv); the triangular solve C (dk + dv) is
+    # not a matmul the counter sees. A ragged last chunk is padded: n C / T of the cost.
+    H, dk, dv = module.n_heads, module.head_k_dim, module.head_v_dim
+    T = max(1, seq_len)
+    C = max(1, min(module.chunk_size, T))
+    padded = -(-T // C) * C / T
+    visible = H * (4.0 * C * dk + 2.0 * C * dv + 6.0 * dk * dv) * padded
+    return MixerFlops(visible=visible, analytic=H * C * (dk + dv) * padded)
+
+
 def _hypermixing(module: nn.Module, seq_len: int) -> MixerFlops:
     # causal running summary S_t += w1_t x_t^T and read-out w2_t GELU(S_t): 4 d' d
     d_model = module.hyper_w1.fc.in_features
@@ -87,6 +100,7 @@ MIXER_FLOPS: dict[str, Callable[[nn.Module, int], MixerFlops]] = {
     "CausalSelfAttention": _attention,
     "RustGPTAttention": _rustgpt_attention,
     "MambaMixer": _mamba,
+    "GatedDeltaNet": _gated_deltanet,
     "CausalHyperMixing": _hypermixing,
     "CausalSequenceHyperMixer": _rustgpt_hypermixing,
 }

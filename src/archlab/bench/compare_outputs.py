@@ -46,6 +46,7 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
     )
     floor = meta.get("entropy_floor")
     return [
+        f"Recipe: {recipe_summary(s)}.",
         f"Architectures: {', '.join(s.architectures)} at --model-size {s.model_size}, each in "
         "its own process (its peak memory is its own).",
         f"Data: {s.data} ({meta.get('source', '?')}, {meta.get('tokenizer')} tokenizer, "
@@ -67,15 +68,23 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
         f"Seeds: {', '.join(map(str, s.seed_list))}; validation on the same fixed "
         f"{s.eval_steps} batches every {s.eval_interval} steps and at the end.",
         f"Optimizations: amp {s.use_amp}, compile {s.use_compile}, gradient checkpointing "
-        f"{s.use_gradient_checkpointing}; rmsnorm {_preset(s.use_rmsnorm)}, rope "
-        f"{_preset(s.use_rope)}; device {s.device}; torch threads per run: "
+        f"{s.use_gradient_checkpointing}; device {s.device}; torch threads per run: "
         + (str(s.num_threads) if s.num_threads else "torch's default (see Machine)")
         + ".",
     ]
 
 
-def _preset(v: bool | None) -> str:
-    return "preset default" if v is None else str(v)
+def recipe_summary(s: CompareSettings) -> str:
+    """The recipe in words, with the explicit flags that override it."""
+    from ..recipes import RECIPE_DESCRIPTIONS
+
+    flags = [
+        ("--" if v else "--no-") + key.replace("_", "-")
+        for key, v in (("use_rope", s.use_rope), ("use_rmsnorm", s.use_rmsnorm))
+        if v is not None
+    ]
+    text = f"{s.recipe} ({RECIPE_DESCRIPTIONS[s.recipe]})"
+    return text + (f", overridden by {' '.join(flags)}" if flags else "")
 
 
 @dataclass

@@ -85,6 +85,7 @@ def child_command(
     ]
     for key in ("use_amp", "use_compile", "use_gradient_checkpointing"):
         cmd.append(FLAG_NAMES[key] if getattr(s, key) else "--no-" + FLAG_NAMES[key][2:])
+    cmd += ["--recipe", s.recipe]
     for key in ("use_rmsnorm", "use_rope"):
         value = getattr(s, key)
         if value is not None:
@@ -130,6 +131,7 @@ def rerun_command(s: CompareSettings, out_dir: Path) -> str:
         "num_threads",
         "seed",
         "seeds",
+        "recipe",
     ):
         value = getattr(s, key)
         if value is not None:

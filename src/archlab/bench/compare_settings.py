@@ -30,6 +30,7 @@ DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_RECIPE = "modern"  # the same Transformer++ choices for every architecture
 # Checked against 4x the budget (issue #11; 640k tokens, same protocol, the schedule scaled
 # with the run: 16 warmup steps, cosine over 313), seed 0, BPE-4096 stories, one thread per
 # run on a shared 2-core machine: the ranking by final val loss is the same,
@@ -68,6 +69,7 @@ FLAG_NAMES = {
     "num_threads": "--num-threads",
     "seed": "--seed",
     "seeds": "--seeds",
+    "recipe": "--recipe",
 }
 
 
@@ -100,6 +102,9 @@ class CompareSettings:
     num_threads: int | None = None
     seed: int = 0
     seeds: int = 1
+    # The model recipe every architecture trains with (recipes.py); explicit --use-rope /
+    # --use-rmsnorm win over it (the report then names both).
+    recipe: str = DEFAULT_RECIPE
 
     @property
     def tokens_per_step(self) -> int:
@@ -162,6 +167,10 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
     for key in ("warmup_steps", "eval_interval", "log_interval", "checkpoint_interval"):
         if given.get(key) is not None and given[key] < 0:
             raise UserError(f"{FLAG_NAMES[key]}: must be >= 0 (got {given[key]})")
+    if "recipe" in given:
+        from ..recipes import check_recipe
+
+        given["recipe"] = check_recipe(given["recipe"])
     lr = given.get("learning_rate")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise UserError(f"--learning-rate: must be a positive number (got {lr})")
@@ -225,13 +234,15 @@ def check_against_data(s: CompareSettings, data_dir: Path, meta: dict[str, Any])
             raise UserError(
                 f"--seq-len {s.seq_len}: the {split} split of {data_dir} has only {n} tokens"
             )
+    from ..recipes import apply_recipe
+
     for arch in s.architectures:
+        explicit = {"use_rope": s.use_rope, "use_rmsnorm": s.use_rmsnorm}
         cfg = preset_config(
             arch,
             model_size=s.model_size,
             vocab_size=int(meta["vocab_size"]),
-            use_rope=s.use_rope,
-            use_rmsnorm=s.use_rmsnorm,
+            **apply_recipe(s.recipe, arch, explicit),
         )
         if cfg.uses_learned_positions and s.seq_len > cfg.max_seq_len:
             raise UserError(

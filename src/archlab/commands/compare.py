@@ -75,8 +75,18 @@ def register(subparsers: Any) -> None:
     g.add_argument("--use-amp", action=B, default=None)
     g.add_argument("--use-compile", action=B, default=None)
     g.add_argument("--use-gradient-checkpointing", action=B, default=None)
-    g.add_argument("--use-rmsnorm", action=B, default=None, help="(each preset's default)")
-    g.add_argument("--use-rope", action=B, default=None, help="(each preset's default)")
+    g.add_argument(
+        "--recipe",
+        default=None,
+        metavar="{modern,classic}",
+        help="the model recipe of every architecture: modern (RMSNorm everywhere, RoPE in "
+        "every attention layer, SwiGLU in every MLP, no biases; the default) or classic (the "
+        "seed's GPT-2-style defaults)",
+    )
+    g.add_argument(
+        "--use-rmsnorm", action=B, default=None, help="(the recipe's; an explicit flag wins)"
+    )
+    g.add_argument("--use-rope", action=B, default=None, help="(the recipe's; an explicit flag wins)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per run")
     g.add_argument("--seed", type=int, default=None, help="first seed (0)")
@@ -122,6 +132,7 @@ SETTING_KEYS = (
     "num_threads",
     "seed",
     "seeds",
+    "recipe",
 )
 
 

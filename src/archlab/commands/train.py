@@ -84,6 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     p.set_defaults(architecture=None)  # None: dense, or the checkpoint's architecture
+    p.add_argument(
+        "--recipe",
+        default=None,
+        metavar="{modern,classic}",
+        help="model recipe: modern (RMSNorm, RoPE, SwiGLU, no biases) or classic (the seed's "
+        "GPT-2-style defaults; the default here). Explicit model flags (--use-rope, --mlp, "
+        "...) win over it and the run records them beside the recipe",
+    )
     B = argparse.BooleanOptionalAction
 
     g = p.add_argument_group("run")
@@ -347,6 +355,7 @@ def apply_config_file(args: argparse.Namespace, parser: argparse.ArgumentParser)
 # ---- run -------------------------------------------------------------------------------------
 def build_configs(args: argparse.Namespace):
     """(TrainConfig, ModelSpec, explicit train keys) from parsed (and config-merged) args."""
+    from ..recipes import check_recipe
     from ..train.config import TrainConfig
     from ..train.trainer import ModelSpec
 
@@ -363,6 +372,7 @@ def build_configs(args: argparse.Namespace):
         model_size=getattr(args, "model_size", None),
         preset=getattr(args, "preset", None),
         overrides={k: v for k, v in overrides.items() if v is not None},
+        recipe=check_recipe(args.recipe) if getattr(args, "recipe", None) is not None else None,
     )
     return cfg, spec, explicit
 

@@ -134,6 +134,21 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"--hybrid-local-window: must be >= 1 (got {cfg.local_window})")
 
 
+def _fit_seq_len(
+    cfg: ModelConfig, seq_len: int, explicit: frozenset[str]
+) -> tuple[dict[str, int], str | None]:
+    """A window that is a window: the default is at most half the training length (Samba
+    trains at 4096 with 2048); an explicit one that covers the sequence gets a warning."""
+    if "local_window" not in explicit and cfg.local_window > seq_len // 2:
+        return {"local_window": max(1, seq_len // 2)}, None
+    if cfg.local_window >= seq_len:
+        return {}, (
+            f"warning: --hybrid-local-window {cfg.local_window} >= the training sequence length "
+            f"{seq_len}: the hybrid's sliding-window layers are full causal attention"
+        )
+    return {}, None
+
+
 SPEC = ArchitectureSpec(
     name="hybrid",
     display_name="Hybrid (Mamba + Sliding-Window Attention)",
@@ -143,7 +158,10 @@ SPEC = ArchitectureSpec(
     learned_positions=False,  # Mamba layers carry order; attention layers always use RoPE
     positions=lambda c: "rope (attention layers) + recurrent (Mamba layers)",
     # an even number of layers: as many Mamba as attention layers
-    size_override=lambda base: dict(n_layers=base["n_layers"] + base["n_layers"] % 2),
+    # and a window of half the context (Samba: 2048 of 4096); see _fit_seq_len
+    size_override=lambda base: dict(
+        n_layers=base["n_layers"] + base["n_layers"] % 2, local_window=base["max_seq_len"] // 2
+    ),
     summary_fields=(
         *ATTENTION_FIELDS,
         *SSM_FIELDS,
@@ -152,4 +170,5 @@ SPEC = ArchitectureSpec(
     validate=_validate,
     state_elements=_state_elements,
     linear_in_length=True,  # Mamba is O(T), the windowed attention O(T x window)
+    fit_seq_len=_fit_seq_len,
 )

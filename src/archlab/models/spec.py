@@ -65,6 +65,10 @@ class ArchitectureSpec:
     # Token mixing costs O(T) per sequence (recurrence, a running sum, a fixed window) rather
     # than full attention's O(T^2): `bench scaling` looks for where it becomes cheaper.
     linear_in_length: bool = False
+    # Defaults that depend on the training sequence length, and a warning for an explicit
+    # setting that does not fit it: (cfg, seq_len, explicit fields) -> (changes, warning).
+    # The trainer applies the changes to a fresh run's fields the user left unset.
+    fit_seq_len: Callable[[ModelConfig, int, frozenset[str]], tuple[dict[str, Any], str | None]] | None = None
 
     @property
     def has_mlp(self) -> bool:

@@ -13,6 +13,9 @@ from ..config import (
     preset_config,
     size_fields,
 )
+from ..recipes import apply_recipe
+
+DEFAULT_TRAIN_RECIPE = "classic"  # the seed documents' defaults (see README)
 
 
 @dataclass
@@ -23,12 +26,19 @@ class ModelSpec:
     model_size: str | None = None
     preset: str | None = None
     overrides: dict[str, Any] = field(default_factory=dict)  # explicit ModelConfig fields
+    # --recipe (recipes.py); None: train's default, classic. Explicit overrides win over it.
+    recipe: str | None = None
+
+    @property
+    def resolved_recipe(self) -> str:
+        return self.recipe or DEFAULT_TRAIN_RECIPE
 
     def build(self, data_vocab: int) -> ModelConfig:
         kw = {k: v for k, v in self.overrides.items() if v is not None}
-        check_fields_apply(
-            self.architecture or "dense", self.preset, list(kw), model_size=self.model_size
-        )
+        arch = self.architecture or "dense"
+        check_fields_apply(arch, self.preset, list(kw), model_size=self.model_size)
+        if self.recipe is not None or self.preset is None:
+            kw = apply_recipe(self.resolved_recipe, arch, kw, self.preset)
         vocab = kw.pop("vocab_size", None)
         if vocab is not None and vocab < data_vocab:
             raise ConfigError(
@@ -72,6 +82,14 @@ class ModelSpec:
                         f"--model-size {self.model_size} does not fit {source} "
                         f"({key} = {getattr(cfg, key)}, {self.model_size} has {value})"
                     )
+        if self.recipe is not None and cfg.preset is None:
+            wanted = apply_recipe(self.recipe, cfg.architecture, self.overrides)
+            for key, value in wanted.items():
+                if key not in self.overrides and getattr(cfg, key) != value:
+                    raise ConfigError(
+                        f"--recipe {self.recipe} does not fit {source} ({key} = "
+                        f"{getattr(cfg, key)}, the recipe has {value})"
+                    )
         for key, value in self.overrides.items():
             if value is not None and getattr(cfg, key) != value:
                 flag = "--" + key.replace("_", "-")
@@ -90,6 +108,7 @@ def as_spec(model_arg: ModelConfig | ModelSpec | dict[str, Any] | None) -> Model
             architecture=d.pop("architecture", None),
             model_size=d.pop("model_size", None),
             preset=d.pop("preset", None),
+            recipe=d.pop("recipe", None),
             overrides=d,
         )
     return ModelSpec()

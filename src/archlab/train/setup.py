@@ -233,6 +233,23 @@ def resolve_model_config(
     return model_cfg
 
 
+def fit_to_seq_len(
+    model_cfg: ModelConfig, seq_len: int, explicit: frozenset[str], fresh: bool
+) -> tuple[ModelConfig, str | None]:
+    """The architecture's defaults that depend on the training length (the hybrid's window:
+    at most half of it) for the fields the user left unset, in a fresh run only; and its
+    warning for an explicit setting that does not fit the length."""
+    from ..models import registry
+
+    fit = registry.get(model_cfg.architecture).fit_seq_len
+    if fit is None:
+        return model_cfg, None
+    changes, warning = fit(model_cfg, seq_len, explicit)
+    if changes and fresh:
+        model_cfg = model_cfg.replace(**changes).validate()
+    return model_cfg, warning
+
+
 @dataclass(frozen=True)
 class Budget:
     seq_len: int

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..config import ModelConfig
+from ..recipes import recipe_label
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .device import amp_dtype, device_type, pick_device
@@ -64,6 +65,7 @@ from .setup import (
     check_steps_left,
     checkpoint_model_config,
     claim_run_dir,
+    fit_to_seq_len,
     open_datasets,
     prepare_data,
     resolve_budget,
@@ -156,9 +158,16 @@ class Trainer:
             check_resumed_budget(
                 self.cfg, start.state, self.total_steps, ckpt_mod.run_dir_of(start.resume_ckpt)
             )
+        fresh = ckpt_cfg is None and not isinstance(model_arg, ModelConfig)
+        self.model_cfg, window_warning = fit_to_seq_len(
+            self.model_cfg, self.seq_len, frozenset(spec.overrides), fresh
+        )
+        self.recipe = recipe_label(self.model_cfg, spec.resolved_recipe)
         warning = warmup_warning(self.cfg.warmup_steps, self.total_steps)  # type: ignore[arg-type]
         if warning and self.dist.is_main and self.progress:  # --quiet: errors only
             print(warning, file=sys.stderr)
+        if window_warning and self.dist.is_main:
+            print(window_warning, file=sys.stderr)
         self.train_ds, self.val_ds = open_datasets(self.data_dir, self.seq_len, self.dist)
         self.has_mask = bool(self.meta.get("has_mask"))
         self.sampler = GlobalBatchSampler(

@@ -62,7 +62,13 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
             f"peak learning rates {format_learning_rates(s.grid)} (every architecture at every "
             "rate, same seeds; each row shows the architecture at its best rate)"
             if s.sweep
-            else f"peak learning rate {s.learning_rate:g}"
+            else f"peak learning rate {s.learning_rate:g} (--learning-rate)"
+            if s.learning_rate is not None
+            else "peak learning rates from the shipped table (src/archlab/train/lr_table.json): "
+            + "; ".join(
+                f"{a} {s.rate_of(a):g} ({(s.rate_sources or {}).get(a, 'table')})"
+                for a in s.architectures
+            )
         )
         + f", {s.warmup_steps} linear warmup steps then cosine decay to 10%.",
         f"Seeds: {', '.join(map(str, s.seed_list))}; validation on the same fixed "

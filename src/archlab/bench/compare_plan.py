@@ -67,7 +67,7 @@ def child_command(
         cmd += ["--num-epochs", str(s.num_epochs), "--steps-per-epoch", str(s.steps_per_epoch)]
     cmd += [
         "--learning-rate",
-        repr(s.learning_rate if learning_rate is None else learning_rate),
+        repr(s.rate_of(arch, learning_rate)),
         "--warmup-steps",
         str(s.warmup_steps),
         "--seed",
@@ -116,7 +116,7 @@ def rerun_command(s: CompareSettings, out_dir: Path) -> str:
         parts += ["--num-epochs", str(s.num_epochs), "--steps-per-epoch", str(s.steps_per_epoch)]
     if s.sweep:
         parts += [FLAG_NAMES["learning_rates"], format_learning_rates(s.grid)]
-    else:
+    elif s.learning_rate is not None:
         parts += [FLAG_NAMES["learning_rate"], repr(s.learning_rate)]
     for key in (
         "seq_len",
@@ -159,7 +159,7 @@ def plan_runs(s: CompareSettings, out_dir: Path) -> list[RunSpec]:
             for arch in s.architectures:
                 name = arch + (f"-{lr_tag(lr)}" if s.sweep else "")
                 name += f"-seed{seed}" if s.seeds > 1 else ""
-                runs.append(RunSpec(arch, seed, out_dir / name, learning_rate=lr))
+                runs.append(RunSpec(arch, seed, out_dir / name, learning_rate=s.rate_of(arch, lr)))
     return runs
 
 

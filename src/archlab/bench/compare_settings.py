@@ -29,7 +29,7 @@ from ..train.optim import default_warmup_steps
 DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
-DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_LEARNING_RATE = None  # each architecture at the shipped table's rate (lr_table.py)
 DEFAULT_RECIPE = "modern"  # the same Transformer++ choices for every architecture
 # Checked against 4x the budget (issue #11; 640k tokens, same protocol, the schedule scaled
 # with the run: 16 warmup steps, cosine over 313), seed 0, BPE-4096 stories, one thread per
@@ -86,8 +86,12 @@ class CompareSettings:
     seq_len: int = DEFAULT_SEQ_LEN
     batch_size: int = DEFAULT_BATCH_SIZE
     gradient_accumulation_steps: int = 1
-    learning_rate: float = DEFAULT_LEARNING_RATE
+    learning_rate: float | None = DEFAULT_LEARNING_RATE  # None: the table's, per architecture
     learning_rates: list[float] | None = None  # a sweep: every architecture at every rate
+    # without --learning-rate(s): each architecture's rate from the shipped table and where
+    # it came from (filled by settings_from_flags, stored in compare.json)
+    table_rates: dict[str, float] | None = None
+    rate_sources: dict[str, str] | None = None
     warmup_steps: int = 0  # resolved from the step count when not given
     eval_interval: int = 0  # resolved: about eight evaluations per run
     eval_steps: int = 4
@@ -122,9 +126,19 @@ class CompareSettings:
         return [self.seed + i for i in range(self.seeds)]
 
     @property
-    def grid(self) -> list[float]:
-        """The learning rates every architecture trains at (one without a sweep)."""
+    def grid(self) -> list[float | None]:
+        """The learning rates every architecture trains at (one without a sweep; None: each
+        architecture at its table rate, see rate_of)."""
         return list(self.learning_rates) if self.learning_rates else [self.learning_rate]
+
+    def rate_of(self, arch: str, lr: float | None = None) -> float:
+        """The peak rate of ``arch`` at grid point ``lr`` (None: its table rate)."""
+        if lr is not None:
+            return lr
+        if self.learning_rate is not None:
+            return self.learning_rate
+        assert self.table_rates is not None
+        return self.table_rates[arch]
 
     @property
     def sweep(self) -> bool:
@@ -183,6 +197,12 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
             )
         given["learning_rates"] = check_learning_rates(given["learning_rates"])
     s = CompareSettings(**given)
+    if s.learning_rate is None and s.learning_rates is None and s.table_rates is None:
+        from ..train.lr_table import table_learning_rate
+
+        choices = {a: table_learning_rate(a, s.model_size, s.recipe) for a in s.architectures}
+        s.table_rates = {a: c.rate for a, c in choices.items()}
+        s.rate_sources = {a: c.source for a, c in choices.items()}
     if s.max_tokens is not None and s.max_tokens < s.tokens_per_step:
         raise UserError(
             f"--max-tokens {s.max_tokens:,} is smaller than one optimizer step "
@@ -275,6 +295,8 @@ def check_resume_flags(saved: CompareSettings, raw: dict[str, Any]) -> None:
             f"the grid {format_learning_rates(saved.grid)}"
             if saved.sweep
             else f"one learning rate ({saved.learning_rate:g}), no sweep"
+            if saved.learning_rate is not None
+            else "the table's rate for each architecture, no sweep"
         )
         raise UserError(
             f"--resume: --learning-rates {format_learning_rates(list(rates))} differs from "

@@ -1,7 +1,8 @@
 """What a comparison is read against: the data's baselines and its bytes per token.
 
 - Unigram entropy: the loss of a model that predicts every token by its frequency. A run
-  that does not go below it learned nothing about context ("did not learn").
+  that does not go below it by a margin (LEARNED_MARGIN, 0.1 nats) learned nothing about
+  context ("did not learn").
 - Bigram entropy: the loss of the best model that sees only the previous token.
 - Entropy floor (the built-in generated corpus): the lowest loss any model can reach.
 - Bytes per token of the validation split: turns nats/token into bits per byte, which does
@@ -17,7 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from ..data.baselines import LEARNED_MARGIN, learned
 from ..errors import UserError
+
+__all__ = ["LEARNED_MARGIN", "Reference", "load_reference"]
 
 MAX_BYTES_SAMPLE_TOKENS = 2_000_000  # bytes/token is estimated on at most this many tokens
 
@@ -37,10 +41,9 @@ class Reference:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
 
     def learned(self, final_val_loss: float | None) -> bool | None:
-        """True when the loss is below the unigram baseline; None when either is unknown."""
-        if final_val_loss is None or self.unigram_entropy is None:
-            return None
-        return final_val_loss < self.unigram_entropy
+        """True when the loss is below the unigram baseline by LEARNED_MARGIN; None when
+        either is unknown."""
+        return learned(final_val_loss, self.unigram_entropy)
 
     def bits_per_byte(self, loss_nats: float | None) -> float | None:
         if loss_nats is None or not self.val_bytes_per_token:

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import stats
 from .hardware import hardware_lines
-from .reference import Reference
+from .reference import LEARNED_MARGIN, Reference
 from .results import ArchResult, RunResult, Stat
 
 TABLE_COLUMNS = (
@@ -109,9 +108,14 @@ def _notes(arch: ArchResult, unigram: float | None = None) -> str:
         bad = arch.not_learned_seeds
         which = "" if len(bad) == len(arch.ok_runs) else f" (seed {', '.join(map(str, bad))})"
         ref = f" {unigram:.4f}" if unigram is not None else ""
-        notes.append(f"did not learn{which}: final val loss not below the unigram baseline{ref}")
+        notes.append(
+            f"did not learn{which}: final val loss not {LEARNED_MARGIN:g} nats below the unigram "
+            f"baseline{ref}"
+        )
     if arch.at_edge and arch.learning_rate is not None:
         notes.append(f"best at the edge ({format_lr(arch.learning_rate)}): widen the sweep")
+    if arch.every_rate_failed:
+        notes.append("a seed failed at every rate: shown at the best surviving rate")
     if resumed:
         seeds = ", ".join(str(r.seed) for r in resumed)
         notes.append(f"resumed (seed {seeds}): time covers the last process only")
@@ -121,7 +125,8 @@ def _notes(arch: ArchResult, unigram: float | None = None) -> str:
     errs = "; ".join(arch.errors)
     if arch.status == "failed":
         return f"failed: {errs}"
-    return "; ".join([f"{len(arch.ok_runs)}/{len(arch.runs)} seeds ok", errs] + notes)
+    failed = len(arch.runs) - len(arch.ok_runs)
+    return "; ".join([f"{failed} of {len(arch.runs)} seeds failed", errs] + notes)
 
 
 def table_rows(archs: list[ArchResult], unigram: float | None = None) -> list[list[str]]:
@@ -207,6 +212,15 @@ def terminal_table(archs: list[ArchResult], unigram: float | None = None, width:
 
 # ---- winners ----------------------------------------------------------------------------
 CRITERIA = ("fastest", "least memory", "best loss", "most stable")
+ONE_SEED = "one seed: no significance can be claimed"
+# The smallest lead that crowns a winner, beside p < 0.05 (a significant but tiny difference
+# is a tie): nats/token for the loss, a fraction of the other's value for the rest.
+MIN_EFFECT = {
+    "best loss": (0.02, False),
+    "fastest": (0.05, True),
+    "least memory": (0.05, True),
+    "most stable": (0.2, True),
+}
 
 
 @dataclass
@@ -228,12 +242,21 @@ class Winner:
         who = self.architecture or "none"
         return f"{self.criterion}: {who} ({self.detail})"
 
+    def headline(self) -> str:
+        """The line as printed: "Winner" only for a significant, large enough lead."""
+        if self.kind == "winner":
+            return f"Winner, {self.line()}"
+        if self.kind == "unproven":
+            return f"Leader ({ONE_SEED}), {self.line()}"
+        return f"No winner, {self.line()}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "criterion": self.criterion,
             "architecture": self.architecture,
             "detail": self.detail,
             "kind": self.kind,
+            "headline": self.headline(),
             "tied": self.tied,
             "p_value": self.p_value,
         }
@@ -253,9 +276,11 @@ def _significance_winner(
     excluded: str,
 ) -> Winner:
     """Leader by mean; named only when Welch's test (p < 0.05) puts it ahead of every other
-    candidate; a tie otherwise; with one seed, named with "no significance can be claimed"."""
+    candidate by at least MIN_EFFECT; a tie otherwise; with one seed, a leader for which no
+    significance can be claimed."""
     values = {a.architecture: _values(a, metric) for a in cands}
-    d = stats.decide(values, lower_is_better)
+    effect, relative = MIN_EFFECT[criterion]
+    d = stats.decide(values, lower_is_better, effect, relative)
     if d.kind == "none":
         return Winner(criterion, None, "no data" + excluded, kind="none")
     by_name = {a.architecture: a for a in cands}
@@ -267,32 +292,45 @@ def _significance_winner(
         detail = f"{d.leader} {what} vs {shown}: {sig}"
         return Winner(criterion, None, detail + excluded, d.tied, p, "tie")
     p = max(d.p_values.values()) if d.p_values else None
+    if d.kind == "unproven":
+        sig = ""  # the headline says it
     detail = what + (f"; {sig}" if sig else "")
     return Winner(criterion, d.leader, detail + excluded, [], p, d.kind)
 
 
+def _excluded(groups: list[tuple[str, list[str]]]) -> str:
+    return "".join(f"; excluded, {why}: {', '.join(names)}" for why, names in groups if names)
+
+
 def winners(archs: list[ArchResult]) -> list[Winner]:
     """One outcome per criterion among the architectures that finished a seed and learned
-    (a row whose final val loss is not below the unigram baseline wins nothing).
+    (a row whose final val loss is not below the unigram baseline by the stated margin wins
+    nothing). An architecture with a failed seed (diverged, stopped by the NaN guard, a
+    non-finite loss) cannot win "best loss" or "most stable": its survivors are the lucky
+    seeds.
 
     fastest: highest tokens/s. least memory: lowest model memory (peak minus the process
     before the model; the peak where that is unknown). best loss: lowest final validation
-    loss. These three name a winner only when it is significantly ahead (Welch's t-test over
-    seeds, p < 0.05); otherwise a tie with the p-value; with one seed no significance can be
-    claimed. most stable: fewest NaN/skipped steps, ties broken by the lowest training-loss
-    roughness (std of step-to-step loss change over the second half).
+    loss. most stable: lowest training-loss roughness (std of step-to-step loss change over
+    the second half) among the rows with the fewest NaN/skipped steps. Each names a winner
+    only when Welch's t-test over seeds puts it ahead of every other candidate (p < 0.05) by
+    at least MIN_EFFECT; otherwise a tie; with one seed a leader without significance.
     """
     ok = [a for a in archs if a.ok_runs]
     if not ok:
         return [Winner(c, None, "every run failed", kind="none") for c in CRITERIA]
     cands = [a for a in ok if a.learned is not False]
     dropped = [a.architecture for a in ok if a.learned is False]
-    excluded = f"; excluded, did not learn: {', '.join(dropped)}" if dropped else ""
     if not cands:
         return [
             Winner(c, None, "no run learned: none below the unigram baseline", kind="none")
             for c in CRITERIA
         ]
+    failed = [a.architecture for a in cands if a.status != "ok"]
+    whole = [a for a in cands if a.status == "ok"]
+    not_learned = ("did not learn", dropped)
+    excluded = _excluded([not_learned])
+    excluded_failed = _excluded([not_learned, ("a seed failed", failed)])
 
     mem_metric = (
         "model_mem_bytes"
@@ -312,33 +350,46 @@ def winners(archs: list[ArchResult]) -> list[Winner]:
             lambda v: f"{v / MIB:.1f} {mem_label}",
             excluded,
         ),
+    ]
+    if not whole:
+        why = "every candidate had a failed seed" + excluded_failed
+        out += [Winner(c, None, why, kind="none") for c in ("best loss", "most stable")]
+        return out
+    out.append(
         _significance_winner(
             "best loss",
-            cands,
+            whole,
             "final_val_loss",
             True,
             lambda v: f"final val loss {v:.4f}",
-            excluded,
-        ),
-    ]
-
-    def stability_key(x: ArchResult) -> tuple[float, float]:
-        nan = x.mean("nan_count")
-        rough = x.mean("roughness")
-        return (math.inf if nan is None else nan, math.inf if rough is None else rough)
-
-    best_key = min(stability_key(x) for x in cands)
-    tied = [x.architecture for x in cands if stability_key(x) == best_key]
-    nan, rough = best_key
-    detail = f"{nan:.0f} NaN/skipped steps" if math.isfinite(nan) else "no NaN count"
-    if math.isfinite(rough):
-        detail += f", train-loss roughness {rough:.4f}"
-    detail += ", among the runs that learned" if dropped else ""
-    if len(tied) > 1:
-        out.append(Winner("most stable", None, detail + excluded, tied, None, "tie"))
-    else:
-        out.append(Winner("most stable", tied[0], detail + excluded))
+            excluded_failed,
+        )
+    )
+    out.append(_most_stable(whole, excluded_failed))
     return out
+
+
+def _most_stable(cands: list[ArchResult], excluded: str) -> Winner:
+    """Fewest NaN/skipped steps first (every seed's count); among those, the roughness
+    decided by the same test as the other criteria, or no crown."""
+    nan = {a.architecture: a.mean("nan_count") or 0.0 for a in cands}
+    fewest = min(nan.values())
+    more = [k for k, v in nan.items() if v > fewest]
+    pool = [a for a in cands if nan[a.architecture] == fewest]
+    excluded += _excluded([("more NaN/skipped steps", more)])
+    has_rough = [a for a in pool if _values(a, "roughness")]
+    if not has_rough:
+        detail = f"{fewest:.0f} NaN/skipped steps; no train-loss roughness measured"
+        return Winner("most stable", None, detail + excluded, kind="none")
+    w = _significance_winner(
+        "most stable",
+        has_rough,
+        "roughness",
+        True,
+        lambda v: f"train-loss roughness {v:.4f}, {fewest:.0f} NaN/skipped steps",
+        excluded,
+    )
+    return w
 
 
 # ---- files --------------------------------------------------------------------------------
@@ -419,7 +470,7 @@ def report_markdown(
     lines += [reference.header_line(), ""]
     lines.append(markdown_table(archs, reference.unigram_entropy))
     lines += ["", "Winners:", ""]
-    lines += [f"- {w.line()}" for w in wins]
+    lines += [f"- {w.headline()}" for w in wins]
     lines += mfu_lines(archs)
     sweep = [a for a in archs if len(a.grid) > 1]
     if sweep:
@@ -502,12 +553,20 @@ COLUMN_NOTES = (
     "/ bytes per token of the val split): independent of the tokenizer.",
     "Gap to floor: final val loss minus the data's entropy floor (meta.json "
     "`entropy_floor`), the lowest loss any model can reach on generated data.",
-    "NaN/skipped: optimizer steps skipped because the loss or gradient was not finite.",
-    "Notes: 'did not learn' when the final val loss is not below the unigram baseline "
-    "(such a row wins nothing); 'best at the edge' when the best rate is the lowest or "
-    "highest of the grid.",
+    "NaN/skipped: optimizer steps skipped because the loss or gradient was not finite (over "
+    "every seed, failed ones included).",
+    f"Notes: 'did not learn' when the final val loss is not {LEARNED_MARGIN:g} nats below the "
+    "unigram baseline (such a row wins nothing); 'k of n seeds failed' when a seed diverged "
+    "(NaN guard, non-finite loss): such a row cannot win best loss or most stable, and a "
+    "sweep never picks a rate at which a seed failed; 'best at the edge' when the best rate "
+    "is the lowest or highest of the grid.",
     "±: with several seeds a cell shows the mean ± the half-width of its 95% confidence "
-    "interval (Student t over the seeds that finished); winners need Welch's t-test p < 0.05.",
+    "interval (Student t over the seeds that finished); a winner needs Welch's t-test "
+    "p < 0.05 against every other row and a lead of at least "
+    + ", ".join(
+        f"{100 * v:g}% ({k})" if rel else f"{v:g} nats ({k})" for k, (v, rel) in MIN_EFFECT.items()
+    )
+    + "; with one seed the first row is a leader, no winner.",
 )
 
 

@@ -133,6 +133,7 @@ class ArchResult:
     learning_rate: float | None = None
     grid: list[ArchResult] = field(default_factory=list)
     at_edge: bool = False
+    every_rate_failed: bool = False  # a sweep where a seed failed at every rate
 
     @property
     def ok_runs(self) -> list[RunResult]:
@@ -178,6 +179,7 @@ class ArchResult:
             "run_dirs": [r.run_dir for r in self.runs],
             "stats": {k: asdict(v) for k, v in self.stats.items()},
             "best_at_edge_of_grid": self.at_edge,
+            "every_rate_had_a_failed_seed": self.every_rate_failed,
         }
 
 
@@ -345,6 +347,8 @@ def aggregate(
             ]
             ok = [r for r in mine if r.ok]
             stats = {m: Stat.of([getattr(r, m) for r in ok]) for m in METRICS}
+            # a failed seed's NaN/skipped steps count: the row must not read "0" for it
+            stats["nan_count"] = Stat.of([r.nan_count for r in mine])
             rate = lr if lr is not None else (mine[0].learning_rate if mine else None)
             out.append(ArchResult(architecture=arch, runs=mine, stats=stats, learning_rate=rate))
     return out
@@ -352,7 +356,9 @@ def aggregate(
 
 def best_points(points: list[ArchResult], order: list[str]) -> list[ArchResult]:
     """Each architecture at its best learning rate: the lowest mean final validation loss
-    among its points with a finished seed (a point that learned beats one that did not).
+    among its points where no seed failed (a point that learned beats one that did not);
+    only when a seed failed at every rate, among the points with a finished seed
+    (``every_rate_failed`` then says so).
 
     The returned row carries ``grid`` (all of the architecture's points, rate order) and
     ``at_edge`` (the best rate is the lowest or highest of a grid of two or more rates).
@@ -366,11 +372,15 @@ def best_points(points: list[ArchResult], order: list[str]) -> list[ArchResult]:
         if not mine:
             continue
         scored = [p for p in mine if p.mean("final_val_loss") is not None]
+        whole = [p for p in scored if p.status == "ok"]  # a rate where a seed failed: never
+        every_failed = bool(scored) and not whole and len(mine) > 1
+        scored = whole or scored
         if scored:
             best = min(scored, key=lambda p: (p.learned is False, p.mean("final_val_loss")))
         else:
             best = mine[len(mine) // 2]
         best.grid = mine
+        best.every_rate_failed = every_failed
         best.at_edge = bool(scored) and len(mine) >= 2 and (best is mine[0] or best is mine[-1])
         out.append(best)
     return out

@@ -63,32 +63,58 @@ class Decision:
     tied: list[str] = field(default_factory=list)  # leader first; only for "tie"
     p_values: dict[str, float] = field(default_factory=dict)  # other candidate -> p vs leader
     runner_up: str | None = None
+    # tied candidates whose difference is significant but below the minimum effect:
+    # candidate -> its difference to the leader
+    small: dict[str, float] = field(default_factory=dict)
+    min_effect: str = ""  # the minimum effect in words, for the line
 
     @property
     def p_runner_up(self) -> float | None:
         return self.p_values.get(self.runner_up) if self.runner_up else None
 
 
-def decide(candidates: dict[str, Sequence[float]], lower_is_better: bool) -> Decision:
+def decide(
+    candidates: dict[str, Sequence[float]],
+    lower_is_better: bool,
+    min_effect: float = 0.0,
+    relative: bool = False,
+) -> Decision:
     """Leader by mean; a winner only if Welch's test puts it ahead of each other candidate
-    at p < ALPHA. Candidates with no values are ignored."""
+    at p < ALPHA *and* by at least ``min_effect`` (absolute, or a fraction of the other
+    candidate's mean when ``relative``). Candidates with no values are ignored."""
     cands = {k: list(v) for k, v in candidates.items() if v}
     if not cands:
         return Decision("none", None)
     sign = 1.0 if lower_is_better else -1.0
     order = sorted(cands, key=lambda k: sign * statistics.fmean(cands[k]))
     leader = order[0]
+    effect = (f"{100 * min_effect:g}%" if relative else f"{min_effect:g}") if min_effect else ""
     if len(order) == 1:
-        return Decision("winner", leader)
+        return Decision("winner", leader, min_effect=effect)
     runner_up = order[1]
     if any(len(cands[k]) < 2 for k in order):
-        return Decision("unproven", leader, runner_up=runner_up)
+        return Decision("unproven", leader, runner_up=runner_up, min_effect=effect)
     p_values = {k: welch_p(cands[leader], cands[k]) for k in order[1:]}
     p_values = {k: (1.0 if p is None else p) for k, p in p_values.items()}
-    tied = [leader] + [k for k in order[1:] if p_values[k] >= ALPHA]
+    lead = statistics.fmean(cands[leader])
+    small = {}
+    for k in order[1:]:
+        diff = abs(statistics.fmean(cands[k]) - lead)
+        need = min_effect * abs(statistics.fmean(cands[k])) if relative else min_effect
+        if p_values[k] < ALPHA and diff < need:
+            small[k] = diff
+    tied = [leader] + [k for k in order[1:] if p_values[k] >= ALPHA or k in small]
     if len(tied) == 1:
-        return Decision("winner", leader, p_values=p_values, runner_up=runner_up)
-    return Decision("tie", leader, tied=tied, p_values=p_values, runner_up=runner_up)
+        return Decision("winner", leader, p_values=p_values, runner_up=runner_up, min_effect=effect)
+    return Decision(
+        "tie",
+        leader,
+        tied=tied,
+        p_values=p_values,
+        runner_up=runner_up,
+        small=small,
+        min_effect=effect,
+    )
 
 
 def describe(d: Decision) -> str:
@@ -102,9 +128,21 @@ def describe(d: Decision) -> str:
             return "the only candidate"
         # the weakest of its wins (usually the runner-up's) is the one to quote
         closest = max(d.p_values, key=lambda k: d.p_values[k])
-        return f"Welch's t-test vs {closest}: p = {format_p(d.p_values[closest])}"
-    shown = ", ".join(f"{k} p = {format_p(d.p_values[k])}" for k in d.tied[1:])
-    return f"not significant vs {d.leader} ({shown})"
+        text = f"Welch's t-test vs {closest}: p = {format_p(d.p_values[closest])}"
+        return text + (
+            f", ahead by at least the minimum effect {d.min_effect}" if d.min_effect else ""
+        )
+    parts = []
+    for k in d.tied[1:]:
+        if k in d.small:
+            parts.append(
+                f"{k} p = {format_p(d.p_values[k])} but difference {d.small[k]:.3g} below the "
+                f"minimum effect {d.min_effect}"
+            )
+        else:
+            parts.append(f"{k} p = {format_p(d.p_values[k])}")
+    what = "not significant or too small" if d.small else "not significant"
+    return f"{what} vs {d.leader} ({', '.join(parts)})"
 
 
 __all__ = ["ALPHA", "Decision", "ci95_halfwidth", "decide", "describe", "format_p", "welch_p"]

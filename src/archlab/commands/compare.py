@@ -86,7 +86,9 @@ def register(subparsers: Any) -> None:
     g.add_argument(
         "--use-rmsnorm", action=B, default=None, help="(the recipe's; an explicit flag wins)"
     )
-    g.add_argument("--use-rope", action=B, default=None, help="(the recipe's; an explicit flag wins)")
+    g.add_argument(
+        "--use-rope", action=B, default=None, help="(the recipe's; an explicit flag wins)"
+    )
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per run")
     g.add_argument("--seed", type=int, default=None, help="first seed (0)")
@@ -233,7 +235,7 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
     print(_terminal_form(outcome))
     print()
     for w in outcome.winners:
-        print(f"Winner, {w.line()}")
+        print(w.headline())
     print()
     files = ", ".join(f for f in compare.output_files(settings) if f != "report.md")
     per = "(architecture, learning rate)" if settings.sweep else "architecture"

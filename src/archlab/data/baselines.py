@@ -37,6 +37,22 @@ import numpy as np
 UNIGRAM_ALPHA = 0.5
 KN_DISCOUNT = 0.75
 BASELINE_KEYS = ("unigram_entropy", "bigram_entropy")
+# "Learned" means at least this far below the unigram entropy (nats/token): a model that has
+# learned nothing about context sits at the unigram entropy, and 0.1 nats is 10.5% more
+# likelihood per token than that, well outside the noise of a few validation batches.
+LEARNED_MARGIN = 0.1
+
+
+def learned(final_val_loss: float | None, unigram_entropy: float | None) -> bool | None:
+    """Whether a run learned: final val loss LEARNED_MARGIN below the unigram entropy (None
+    when either is unknown or not finite)."""
+    if final_val_loss is None or unigram_entropy is None:
+        return None
+    if not (math.isfinite(final_val_loss) and math.isfinite(unigram_entropy)):
+        return None if not math.isfinite(unigram_entropy) else False
+    return final_val_loss < unigram_entropy - LEARNED_MARGIN
+
+
 BASELINES_NOTE = (
     "nats/token on the val split under counts from the train split: unigram add-0.5, "
     "bigram interpolated Kneser-Ney (D=0.75); see archlab.data.baselines"

@@ -68,7 +68,9 @@ class ArchitectureSpec:
     # Defaults that depend on the training sequence length, and a warning for an explicit
     # setting that does not fit it: (cfg, seq_len, explicit fields) -> (changes, warning).
     # The trainer applies the changes to a fresh run's fields the user left unset.
-    fit_seq_len: Callable[[ModelConfig, int, frozenset[str]], tuple[dict[str, Any], str | None]] | None = None
+    fit_seq_len: (
+        Callable[[ModelConfig, int, frozenset[str]], tuple[dict[str, Any], str | None]] | None
+    ) = None
 
     @property
     def has_mlp(self) -> bool:

@@ -38,7 +38,9 @@ class TrainConfig:
     steps_per_epoch: int = 1000
     max_tokens: int | None = None  # a token budget; overrides num_epochs * steps_per_epoch
     # optimiser and schedule
-    learning_rate: float = 3e-4
+    # None: the shipped table's rate for the model (train/lr_table.py), chosen at setup
+    learning_rate: float | None = None
+    learning_rate_source: str | None = None  # where the rate came from (summary, reports)
     min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay; extendable on resume)
     decay_fraction: float = 0.2  # wsd: the decay takes the last 20% of the run
@@ -104,7 +106,9 @@ class TrainConfig:
             raise ConfigError(f"--max-tokens: must be >= 1 (got {self.max_tokens})")
         if self.num_threads is not None and self.num_threads < 1:
             raise ConfigError(f"--num-threads: must be >= 1 (got {self.num_threads})")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+        if self.learning_rate is not None and not (
+            self.learning_rate > 0 and math.isfinite(self.learning_rate)
+        ):
             raise ConfigError(
                 f"--learning-rate: must be a positive number (got {self.learning_rate})"
             )

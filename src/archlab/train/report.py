@@ -325,6 +325,23 @@ def run_summary(
     }
 
 
+def run_context(meta: dict[str, Any], recipe: str | None, val_loss: float | None) -> dict[str, Any]:
+    """What a final loss is read against: the data's unigram and bigram entropies (meta.json)
+    and whether the run learned (LEARNED_MARGIN below the unigram), and the model's recipe."""
+    from ..data.baselines import learned
+
+    def finite(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    unigram, bigram = finite(meta.get("unigram_entropy")), finite(meta.get("bigram_entropy"))
+    return {
+        "recipe": recipe,
+        "unigram_entropy": unigram,
+        "bigram_entropy": bigram,
+        "learned": learned(val_loss, unigram),
+    }
+
+
 def failure_summary(
     exc: BaseException,
     *,
@@ -363,6 +380,33 @@ def failure_summary(
     }
 
 
+def _baseline_lines(s: dict[str, Any]) -> list[str]:
+    """The baselines beside the final loss, and "did not learn" when it is not below them."""
+    from ..data.baselines import LEARNED_MARGIN
+
+    uni, bi = s.get("unigram_entropy"), s.get("bigram_entropy")
+    lines = []
+    if uni is not None:
+        lines.append(
+            f"Baselines: unigram entropy {uni:.4f}"
+            + (f", bigram entropy {bi:.4f}" if bi is not None else "")
+            + " nats/token"
+        )
+    if s.get("learned") is False:
+        lines.append(
+            f"Did not learn: the final val loss is not {LEARNED_MARGIN:g} nats below the "
+            "unigram entropy (raise the budget or the learning rate)"
+        )
+    cfg = s.get("train_config") or {}
+    if cfg.get("learning_rate") is not None:
+        lines.append(
+            f"Learning rate: {cfg['learning_rate']:g} ({cfg.get('learning_rate_source') or 'given'})"
+        )
+    if s.get("recipe"):
+        lines.append(f"Recipe: {s['recipe']}")
+    return lines
+
+
 def print_summary(s: dict[str, Any], run_dir: Path | None) -> None:
     """The human summary on stdout (the seed documents' "Training Summary" block)."""
     floor = s["entropy_floor"]
@@ -382,6 +426,7 @@ def print_summary(s: dict[str, Any], run_dir: Path | None) -> None:
         ),
         f"Final validation loss: {s['final_val_loss']:.4f}"
         + (f" (entropy floor {floor:.4f})" if isinstance(floor, (int, float)) else ""),
+        *_baseline_lines(s),
         f"Tokens/s: {s['tokens_per_s']:,.0f}",
         f"NaN/Inf steps skipped: {s['nan_count']}",
         f"MFU: {100 * s['mfu']:.2f}% (of {s['peak_flops'] / 1e9:,.1f} GFLOP/s per device, "

@@ -42,6 +42,7 @@ from .device import amp_dtype, device_type, pick_device
 from .distributed import all_reduce_max, all_reduce_sum, init_distributed, shutdown
 from .evaluate import Evaluator, eval_batches
 from .hooks import DebugHooks
+from .lr_table import rate_for_model
 from .metrics import (
     check_logging_backends,
     peak_memory_bytes,
@@ -50,7 +51,15 @@ from .metrics import (
 )
 from .model_spec import ModelSpec, as_spec, requested_architecture, requested_preset
 from .optim import resume_note, warmup_warning
-from .report import LogInterval, RunLog, StepTimes, failure_summary, print_summary, run_summary
+from .report import (
+    LogInterval,
+    RunLog,
+    StepTimes,
+    failure_summary,
+    print_summary,
+    run_context,
+    run_summary,
+)
 from .run_state import (
     GlobalBatchSampler,
     RunCheckpointer,
@@ -104,6 +113,7 @@ class Trainer:
         # What setup has reached so far; a failure's summary reports what exists.
         self.run_dir: Path | None = None
         self.model_cfg: ModelConfig | None = None
+        self.recipe: str | None = None
         self.model: Any = None
         self.meta: dict[str, Any] = {}
         self.step = 0
@@ -162,7 +172,16 @@ class Trainer:
         self.model_cfg, window_warning = fit_to_seq_len(
             self.model_cfg, self.seq_len, frozenset(spec.overrides), fresh
         )
-        self.recipe = recipe_label(self.model_cfg, spec.resolved_recipe)
+        recipe = spec.resolved_recipe
+        if isinstance(model_arg, ModelConfig) or ckpt_cfg is not None:  # read off the model
+            recipe = "modern" if recipe_label(self.model_cfg, "modern") == "modern" else recipe
+        self.recipe = recipe_label(self.model_cfg, recipe)
+        if self.cfg.learning_rate is None:  # the shipped table's rate for this model
+            choice = rate_for_model(self.model_cfg, spec.model_size, recipe)
+            self.cfg.learning_rate = choice.rate
+            self.cfg.learning_rate_source = choice.source
+        elif self.cfg.learning_rate_source is None:
+            self.cfg.learning_rate_source = "given (--learning-rate)"
         warning = warmup_warning(self.cfg.warmup_steps, self.total_steps)  # type: ignore[arg-type]
         if warning and self.dist.is_main and self.progress:  # --quiet: errors only
             print(warning, file=sys.stderr)
@@ -425,6 +444,7 @@ class Trainer:
             data_dir=self.data_dir,
             resumed_from=self.resume_ckpt,
         )
+        summary.update(run_context(self.meta, self.recipe, val_loss if evaluated else None))
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)  # type: ignore[operator]
             self.summary_written = True
@@ -451,6 +471,7 @@ class Trainer:
             entropy_floor=self.meta.get("entropy_floor"),
             train_cfg=self.cfg,
         )
+        summary.update(run_context(self.meta, self.recipe, None))
         with contextlib.suppress(OSError):
             write_json_atomic(self.run_dir / "summary.json", summary)
             self.summary_written = True

@@ -290,9 +290,23 @@ def test_seeds_give_mean_and_std(tmp_path: Path, fake_children) -> None:
     # mean ± the 95% confidence half-width: t(0.975, 2) * std / sqrt(3) = 4.3027 * std / 1.7321
     assert row[C["Final val loss"]] == "2.1000 ± 0.2484" and row[C["Notes"]] == "3 seeds"
     assert row[C["Tokens/s"]] == "2,000 ± 2,484"
+    # the recipe is named in the protocol and results.json; each rate's source too
+    from archlab.train.lr_table import table_learning_rate
+
+    doc = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert doc["settings"]["recipe"] == "modern"
+    assert doc["settings"]["learning_rate"] is None
+    moe = table_learning_rate("moe", "nano", "modern")
+    assert doc["settings"]["table_rates"]["moe"] == moe.rate
+    md = (tmp_path / "c" / "report.md").read_text()
+    assert "- Recipe: modern (RMSNorm everywhere, RoPE in every attention layer" in md
+    assert f"moe {moe.rate:g} ({moe.source})" in md
+    assert res.runs[1].learning_rate == moe.rate
 
 
 def test_child_command_spells_out_the_protocol() -> None:
+    from archlab.train.lr_table import table_learning_rate
+
     s = compare.settings_from_flags(
         dict(
             architectures=["mamba"],
@@ -321,7 +335,8 @@ def test_child_command_spells_out_the_protocol() -> None:
         "--no-use-compile",
         "--no-use-rope",
         "--out-dir /o/mamba",
-        "--learning-rate 0.001",
+        f"--learning-rate {table_learning_rate('mamba', 'nano', 'modern').rate!r}",
+        "--recipe modern",
         "--warmup-steps 2",  # 5% of the 40 steps
     ):
         assert part in text, part

@@ -122,7 +122,7 @@ def test_read_run_and_aggregate_over_seeds(tmp_path: Path) -> None:
     assert rows[0][col["Final val loss"]] == "2.1000 ± 1.2706"
     assert rows[0][col["Tokens/s"]] == "1,100 ± 1,271"
     assert rows[1][col["Final val loss"]] == "2.5000"  # one ok seed: no spread
-    assert "1/2 seeds ok" in rows[1][col["Notes"]] and "SIGKILL" in rows[1][col["Notes"]]
+    assert "1 of 2 seeds failed" in rows[1][col["Notes"]] and "SIGKILL" in rows[1][col["Notes"]]
 
 
 def test_resumed_run_is_flagged(tmp_path: Path) -> None:

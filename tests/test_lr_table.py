@@ -169,3 +169,23 @@ def test_a_row_written_by_the_sweep_reads_back(tmp_path):
     row = entry_from_runs("classic", "moe", "nano", 128, runs, "cmd")
     path = _table(tmp_path, row)
     assert table_learning_rate("moe", "nano", "classic", path).rate == 3e-3
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_a_bad_table_stops_the_commands_with_one_line(command, tmp_path, monkeypatch, capsys):
+    from archlab.cli import main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    monkeypatch.setenv("ARCHLAB_LR_TABLE", str(bad))
+    out = tmp_path / "out"
+    assert main([command, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"learning-rate table {bad}: cannot be read" in err
+    assert not out.exists()
+    # a table without the architecture's row: one line naming the sweep to run
+    monkeypatch.setenv("ARCHLAB_LR_TABLE", str(_table(tmp_path, _entry(arch="moe"))))
+    assert main([command, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no swept entry for dense" in err
+    assert not out.exists()

@@ -393,6 +393,11 @@ def run(args: argparse.Namespace) -> int:
         check_fields_apply(
             spec.architecture or "dense", spec.preset, list(spec.overrides), spec.model_size
         )
+        if cfg.learning_rate is None:  # the table's rate: a bad table fails before any work
+            from ..train.lr_table import check_rows
+
+            recipe = spec.resolved_recipe if spec.preset is None else "classic"
+            check_rows(spec.architecture or "dense", recipe)
     hooks = DebugHooks(
         nan_at_steps=frozenset(args.debug_nan_at_step or ()),
         sigkill_at_step=args.debug_sigkill_at_step,

@@ -183,6 +183,11 @@ def _swept_for(architecture: str, recipe: str, path: Path | None) -> list[SweptE
     return sorted(rows, key=lambda e: e.d_model)
 
 
+def check_rows(architecture: str, recipe: str, path: Path | None = None) -> None:
+    """Fail early (one line) when the table is unreadable or has no row for this pair."""
+    _swept_for(architecture, recipe, path)
+
+
 def rate_for_width(
     architecture: str, recipe: str, d_model: int, path: Path | None = None
 ) -> LearningRateChoice:

@@ -8,7 +8,8 @@ stated rule from the architecture's swept entry: inverse in the model width, as 
 transfer does for Adam's hidden-layer rate (rate x d_model_swept / d_model, from the nearest
 swept width below; a model narrower than every swept width keeps the narrowest rate). An
 architecture/recipe with no swept entry at all is a one-line error naming the row to sweep:
-never a silent constant.
+never a silent constant; an architecture swept under one recipe only takes that rate under
+the other too, labelled "derived: the <recipe> recipe's rate", until its own sweep is in.
 
 Rules of a sweep (checked when the table is read): the chosen rate is the one with the lowest
 mean final val loss over seeds among the rates run with every seed of the sweep where no seed
@@ -168,19 +169,30 @@ def load_table(path: Path | None = None) -> dict[tuple[str, str, str], SweptEntr
     return _load(str(path), mtime)
 
 
-def _swept_for(architecture: str, recipe: str, path: Path | None) -> list[SweptEntry]:
-    from ..recipes import check_recipe
+def _rows(arch: str, recipe: str, path: Path | None) -> list[SweptEntry]:
+    rows = [e for (r, a, _), e in load_table(path).items() if r == recipe and a == arch]
+    return sorted(rows, key=lambda e: e.d_model)
+
+
+def _swept_for(architecture: str, recipe: str, path: Path | None) -> tuple[list[SweptEntry], str]:
+    """The architecture's swept rows under ``recipe``; when that recipe has none, the other
+    recipe's (the rule: a rate transfers across recipes until its own sweep is in; labelled).
+    An architecture with no row at all is a one-line error naming the sweep to run."""
+    from ..recipes import RECIPES, check_recipe
 
     recipe = check_recipe(recipe)
     arch = canonical_architecture(architecture)
-    rows = [e for (r, a, _), e in load_table(path).items() if r == recipe and a == arch]
-    if not rows:
-        where = path or table_path()
-        raise UserError(
-            f"learning-rate table {where}: no swept entry for {arch} ({recipe} recipe); sweep "
-            f"it with: {SWEEP_COMMAND.replace('ARCH', arch)} (or pass --learning-rate)"
-        )
-    return sorted(rows, key=lambda e: e.d_model)
+    rows = _rows(arch, recipe, path)
+    if rows:
+        return rows, ""
+    for other in RECIPES:
+        if other != recipe and (rows := _rows(arch, other, path)):
+            return rows, f"derived: the {other} recipe's rate (no {recipe} sweep of {arch} yet); "
+    where = path or table_path()
+    raise UserError(
+        f"learning-rate table {where}: no swept entry for {arch} ({recipe} recipe); sweep "
+        f"it with: {SWEEP_COMMAND.replace('ARCH', arch)} (or pass --learning-rate)"
+    )
 
 
 def check_rows(architecture: str, recipe: str, path: Path | None = None) -> None:
@@ -194,27 +206,33 @@ def rate_for_width(
     """The rate for a width between (or beyond) the swept sizes: the swept entry at that width
     if there is one, else the rule (inverse in width) from the nearest swept width below it;
     a width narrower than every swept one keeps the narrowest swept rate."""
-    rows = _swept_for(architecture, recipe, path)
+    rows, transfer = _swept_for(architecture, recipe, path)
     for e in rows:
         if e.d_model == d_model:
-            return LearningRateChoice(e.rate, e.label(), "swept")
+            return _choice(e.rate, e.label(), transfer)
     below = [e for e in rows if e.d_model < d_model]
     if not below:  # narrower than every swept width: the rule is not extrapolated upwards
         ref = rows[0]
-        return LearningRateChoice(
+        return _choice(
             ref.rate,
-            f"derived: {ref.size} rate {ref.rate:g} unchanged (d_model {d_model} is narrower "
-            f"than the swept {ref.d_model}; {ref.label()})",
-            "derived",
+            f"{ref.size} rate {ref.rate:g} unchanged (d_model {d_model} is narrower than the "
+            f"swept {ref.d_model}; {ref.label()})",
+            transfer or "derived: ",
         )
     ref = below[-1]
-    rate = ref.rate * ref.d_model / d_model
-    return LearningRateChoice(
-        rate,
-        f"derived: {ref.size} rate {ref.rate:g} x d_model {ref.d_model} / {d_model} "
-        f"(muP-style 1/width; {ref.label()})",
-        "derived",
+    return _choice(
+        ref.rate * ref.d_model / d_model,
+        f"{ref.size} rate {ref.rate:g} x d_model {ref.d_model} / {d_model} (muP-style 1/width; "
+        f"{ref.label()})",
+        transfer or "derived: ",
     )
+
+
+def _choice(rate: float, text: str, prefix: str) -> LearningRateChoice:
+    """A swept rate as is; a derived one labelled "derived: ..." (its rule first)."""
+    if not prefix:
+        return LearningRateChoice(rate, text, "swept")
+    return LearningRateChoice(rate, prefix + text, "derived")
 
 
 def table_learning_rate(
@@ -224,10 +242,10 @@ def table_learning_rate(
     if size not in MODEL_SIZES:
         raise UserError(f"--model-size: unknown size {size!r} (allowed: {', '.join(MODEL_SIZES)})")
     arch = canonical_architecture(architecture)
-    rows = _swept_for(arch, recipe, path)
+    rows, transfer = _swept_for(arch, recipe, path)
     for e in rows:
         if e.size == size:
-            return LearningRateChoice(e.rate, e.label(), "swept")
+            return _choice(e.rate, e.label(), transfer)
     return rate_for_width(arch, recipe, int(size_fields(arch, size)["d_model"]), path)
 
 

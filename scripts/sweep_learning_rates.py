@@ -53,6 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="run nothing: write the table from the run folders already in --out-dir",
     )
+    p.add_argument(
+        "--known-losses",
+        default=None,
+        help="JSON list of earlier runs of the same protocol ({architecture, recipe, "
+        "learning_rate, seed, final_val_loss, status}) counted beside the new ones; the "
+        "entries they enter say so (--known-note)",
+    )
+    p.add_argument("--known-note", default="", help="where --known-losses came from")
     p.add_argument("--table", default=str(TABLE_PATH), help="table to update (the shipped one)")
     return p.parse_args(argv)
 
@@ -167,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if same_model(arch, args.model_size, first, recipe)
     }
     jobs = [(r, a) for r in recipes for a in archs if (r, a) not in shared]
+    known = json.loads(Path(args.known_losses).read_text()) if args.known_losses else []
     if not args.collect_only:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             list(pool.map(lambda job: sweep_one(args, *job), jobs))
@@ -176,6 +185,16 @@ def main(argv: list[str] | None = None) -> int:
             source = shared.get((recipe, arch), recipe)
             folder = Path(args.out_dir) / source
             runs = [r for d in folder.glob(f"{arch}*") for r in collect_runs(d, arch)]
+            runs = [r for r in runs if int(r["seed"]) < args.seeds]  # seeds beyond: unused
+            have = {(float(r["learning_rate"]), int(r["seed"])) for r in runs}
+            extra = [
+                r
+                for r in known
+                if r["architecture"] == arch
+                and r["recipe"] == source
+                and (float(r["learning_rate"]), int(r["seed"])) not in have
+            ]
+            runs += extra
             screen = f" --screen {args.screen}" if args.screen else ""
             script = (
                 f"python scripts/sweep_learning_rates.py --architectures {arch} --recipes "
@@ -187,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                 if source != recipe
                 else ""
             )
+            if extra:
+                rates = ", ".join(f"{float(r['learning_rate']):g} seed {r['seed']}" for r in extra)
+                notes = "; ".join(n for n in (notes, f"{rates}: {args.known_note}") if n)
             d_model = int(size_fields(arch, args.model_size)["d_model"])
             try:
                 entry = entry_from_runs(recipe, arch, args.model_size, d_model, runs, script, notes)

@@ -28,6 +28,7 @@ COMMANDS = (
     "prepare",
     "summary",
     "compare",
+    "scale",
     "bench",
     "generate",
     "chat",

@@ -40,6 +40,7 @@ class CompareProgress:
     """
 
     _STEP = re.compile(r"^step (\d+)/(\d+)\s*(.*?)(?:\s+elapsed \S+(?:\s+eta \S+)?)?$")
+    label = "compare"  # names the whole grid in the plain progress lines
 
     def __init__(
         self,
@@ -114,7 +115,7 @@ class CompareProgress:
         if now - self.last >= self.every_s:
             tail = ""
             if self.n_runs:
-                tail = f" | compare: {self._runs_text()}, eta {format_duration(self.eta())}"
+                tail = f" | {self.label}: {self._runs_text()}, eta {format_duration(self.eta())}"
             self.stream.write(f"{prefix} {line}{tail}\n")
             self.stream.flush()
             self.last = now

@@ -90,5 +90,10 @@ def test_too_few_points() -> None:
     two = fitting.fit_power_law([1e10, 1e11], [3.0, 2.5], "x")
     assert two.law is not None and not two.free_e and two.law.E == 0.0 and two.draws is None
     assert two.law(1e11) == pytest.approx(2.5) and "E fixed at 0" in two.note
+    assert "exact, no interval" in two.note
+    # three runs at three computes: E fixed too, one degree of freedom left for an interval
+    c3 = [1e10, 1e11, 1e12]
+    three = fitting.fit_power_law(c3, [3.0, 2.6, 2.25], "x", draws=200)
+    assert not three.free_e and three.draws is not None and three.interval("alpha") is not None
     one = fitting.fit_power_law([1e10, 1e10], [3.0, 3.1], "x")
     assert one.law is None and "no fit" in one.note

@@ -5,7 +5,8 @@ numbers stay well conditioned; for a fixed alpha the model is linear in (E, A), 
 non-negative least squares (E >= 0, A >= 0: a loss floor and a loss that falls with compute);
 alpha is found on a fine log grid (ALPHA_RANGE) refined by a parabola, then the three
 parameters are polished together with ``scipy.optimize.least_squares``. With fewer than three
-distinct compute values E is not identifiable and is fixed at 0 (a pure power law), said so.
+distinct compute values, or no more runs than three, E is not identifiable (the curve would
+pass through every point) and is fixed at 0 (a pure power law, two parameters), said so.
 
 The intervals: a residual bootstrap over seeds and points. Every run (a seed at a rung) is a
 point; each draw adds residuals resampled with replacement from all runs (scaled by
@@ -171,10 +172,12 @@ def fit_power_law(
     if distinct < 2:
         fit.note = "fewer than two compute values: no fit"
         return fit
-    free_e = distinct >= 3
+    # E is fitted only from three compute values and more runs than the three parameters
+    # (else the curve passes through every point and there is nothing left to bootstrap)
+    free_e = distinct >= 3 and len(y) > 3
     if not free_e:
         fit.free_e = False
-        fit.note = "two compute values: E fixed at 0 (a pure power law), no interval"
+        fit.note = f"{len(y)} runs at {distinct} compute values: E fixed at 0 (a pure power law)"
     c_ref = float(np.exp(np.mean(np.log(c_raw))))
     c = c_raw / c_ref
     E, A, alpha = _grid_fit(c, y[None], free_e)[0]
@@ -197,8 +200,7 @@ def fit_power_law(
     k = 3 if free_e else 2
     n = len(y)
     if n <= k:
-        if free_e:
-            fit.note = f"{n} points for {k} parameters: exact, no interval"
+        fit.note += "; as many runs as parameters: exact, no interval"
         return fit
     fitted = E + A * np.power(c, -alpha)
     r = (y - fitted) * math.sqrt(n / (n - k))

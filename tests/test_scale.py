@@ -172,3 +172,30 @@ def test_the_eta_is_weighted_by_each_runs_flops(tmp_path: Path) -> None:
     p.status("[2/3 b]", "step 5/10 loss 1.0")  # half of b: 1.5 units in 10 s, 2.5 left
     assert p.eta() == pytest.approx(10.0 * 2.5 / 1.5, rel=0.01)
     assert "scale: 1/3 runs done, eta 00:1" in p.stream.getvalue()
+
+
+def test_the_study_folder_is_locked(tmp_path: Path, capsys) -> None:
+    """A second `archlab scale` into a folder another process holds: one line, exit 2."""
+    import subprocess
+    import sys
+
+    from archlab.fsutil import LOCK_NAME
+
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "scale.json").write_text("{}")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'%d\\n' % os.getpid())\n"
+         "print('locked', flush=True); time.sleep(60)", str(out / LOCK_NAME)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["scale", "--resume", "--out-dir", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"(pid {holder.pid})" in err and "\n" not in err
+    finally:
+        holder.kill()
+        holder.wait()

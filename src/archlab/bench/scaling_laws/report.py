@@ -207,15 +207,22 @@ def fitted_curves(fits: list[fitting.Fit]) -> dict[str, Any]:
     return out
 
 
-def top_rung_ranking(s: ScaleSettings, rungs: list[Rung], results: dict[str, list[RunResult]]):
-    """Architectures by mean final val loss at the largest depth (lowest first)."""
+def top_rung_ranking(
+    s: ScaleSettings, rungs: list[Rung], results: dict[str, list[RunResult]]
+) -> tuple[list[tuple[str, float]], str]:
+    """Architectures by mean final val loss at the largest depth (lowest first), and the
+    leader's significance over seeds (compare's Welch test, bench/stats.py)."""
+    from .. import stats
+
     top = max(s.depths)
-    scored = []
-    for r in (r for r in rungs if r.depth == top):
-        loss = Stat.of([x.final_val_loss for x in results.get(r.name, []) if x.ok]).mean
-        if loss is not None:
-            scored.append((loss, r.architecture))
-    return [(a, loss) for loss, a in sorted(scored)]
+    losses = {
+        r.architecture: [x.final_val_loss for x in results.get(r.name, []) if x.ok]
+        for r in rungs
+        if r.depth == top
+    }
+    scored = sorted((Stat.of(v).mean, a) for a, v in losses.items() if Stat.of(v).mean is not None)
+    decision = stats.decide({a: v for a, v in losses.items() if v}, lower_is_better=True)
+    return [(a, loss) for loss, a in scored], stats.describe(decision)
 
 
 def write_outputs(
@@ -242,7 +249,7 @@ def write_outputs(
     pairs = [(f, g) for i, f in enumerate(fits) for g in fits[i + 1 :]]
     crossings = [fitting.crossover(f, g) for f, g in pairs]
     preds = predictions(s, fits)
-    ranking = top_rung_ranking(s, rungs, by_rung)
+    ranking, significance = top_rung_ranking(s, rungs, by_rung)
     points = {
         a: [(r.train_flops, r.final_val_loss) for r in results if r.architecture == a and r.ok]
         for a in s.architectures
@@ -269,6 +276,7 @@ def write_outputs(
         "crossovers": [c.to_dict() for c in crossings],
         "predictions": preds,
         "top_rung_ranking": [{"architecture": a, "final_val_loss": v} for a, v in ranking],
+        "top_rung_significance": significance,
         "runs": [
             r.to_dict(curves=False) | {"depth": run.rung.depth, "rung": run.rung.name}
             for run, r in zip(runs, results, strict=True)
@@ -277,7 +285,7 @@ def write_outputs(
     _atomic(out_dir / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
     _write_csv(out_dir / "results.csv", runs, results)
     md = scale_markdown(
-        s, table, fits, crossings, preds, ranking, data_meta, command, wall_s,
+        s, table, fits, crossings, preds, (ranking, significance), data_meta, command, wall_s,
         hardware_lines(hardware), runs, results,
     )  # fmt: skip
     _atomic(out_dir / "scale.md", md)
@@ -381,8 +389,9 @@ def scale_markdown(
         )
     if not crossings:
         lines.append("- (one architecture: no pairs)")
+    ranking, significance = ranking
     lines += ["", "### Ranking at the largest rung (final val loss, lowest first)", ""]
-    lines.append(", ".join(f"{a} {v:.4f}" for a, v in ranking) or "-")
+    lines.append((", ".join(f"{a} {v:.4f}" for a, v in ranking) or "-") + f" ({significance})")
     lines += ["", "## Protocol", ""]
     lines += [f"- {n}" for n in protocol_notes(s, [r.rung for r in runs])]
     lines += ["", "### Settings", ""]

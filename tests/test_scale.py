@@ -199,3 +199,18 @@ def test_the_study_folder_is_locked(tmp_path: Path, capsys) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_interrupted_study_says_how_to_continue_it(tmp_path: Path) -> None:
+    import signal
+
+    from archlab.bench.compare_plan import RunSpec
+    from archlab.bench.compare_runner import _interrupt_message
+    from archlab.bench.scaling_laws.plan import LadderProgress
+
+    spec = RunSpec("dense", 0, tmp_path / "study" / "dense-d2-seed0")
+    text = _interrupt_message(spec, signal.SIGINT, LadderProgress.label)
+    assert text == (
+        "SIGINT: dense-d2-seed0 stopped before its first checkpoint; continue the study with: "
+        f"archlab scale --resume --out-dir {tmp_path / 'study'}"
+    )

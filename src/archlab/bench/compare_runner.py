@@ -196,7 +196,7 @@ def run_child(
         finally:
             _restore_handlers(previous)
     if received:
-        raise Interrupted(_interrupt_message(spec, received[0]), received[0])
+        raise Interrupted(_interrupt_message(spec, received[0], progress.label), received[0])
     return rc, last_line
 
 
@@ -215,7 +215,7 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def _interrupt_message(spec: RunSpec, signum: int) -> str:
+def _interrupt_message(spec: RunSpec, signum: int, command: str = "compare") -> str:
     """Where the interrupted run stopped, read from its summary.json."""
     try:
         summary = json.loads((spec.run_dir / "summary.json").read_text())
@@ -226,7 +226,8 @@ def _interrupt_message(spec: RunSpec, signum: int) -> str:
         if summary.get("checkpoint")
         else f"{spec.name} stopped before its first checkpoint"
     )
+    what = "comparison" if command == "compare" else "study"
     return (
-        f"{signal.Signals(signum).name}: {where}; continue the comparison with: archlab compare "
+        f"{signal.Signals(signum).name}: {where}; continue the {what} with: archlab {command} "
         f"--resume --out-dir {shlex.quote(str(spec.run_dir.parent))}"
     )

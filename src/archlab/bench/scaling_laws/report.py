@@ -20,7 +20,7 @@ from ..report import format_flops
 from ..results import RunResult, Stat
 from . import fit as fitting
 from .plan import LadderRun
-from .settings import Rung, ScaleSettings
+from .settings import Rung, ScaleSettings, recipes_available
 
 SEED_SIZES = ("tiny", "medium", "large")
 EXTRAPOLATE = 100.0  # the plot's dashed curves reach 100x the largest measured compute
@@ -331,7 +331,12 @@ def protocol_notes(s: ScaleSettings, rungs: list[Rung]) -> list[str]:
         "Learning rate per (architecture, width): "
         + ("; ".join(sources) if sources else "-")
         + ". Warmup and cosine schedule as compare's (5% warmup, at most 100 steps).",
-        f"Recipe {s.recipe}; seeds {', '.join(map(str, s.seed_list))}; every run in its own "
+        (
+            f"Recipe {s.recipe}"
+            if recipes_available()
+            else "The trainer's model defaults (this checkout has no --recipe)"
+        )
+        + f"; seeds {', '.join(map(str, s.seed_list))}; every run in its own "
         "process (compare's runner); final val loss on the same fixed validation batches.",
         f"Fit: L(C) = E + A C^-alpha per architecture over every run (scipy; E, A >= 0); "
         f"{100 * fitting.LEVEL:.0f}% intervals from a residual bootstrap over seeds and points "

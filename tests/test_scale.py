@@ -214,3 +214,17 @@ def test_an_interrupted_study_says_how_to_continue_it(tmp_path: Path) -> None:
         "SIGINT: dense-d2-seed0 stopped before its first checkpoint; continue the study with: "
         f"archlab scale --resume --out-dir {tmp_path / 'study'}"
     )
+
+
+def test_runs_that_did_not_learn_are_shown_but_not_fitted() -> None:
+    from archlab.bench.results import RunResult
+
+    s = settings.settings_from_flags({"architectures": ["dense"], "bootstrap": 100})
+    runs = []
+    for k, (c, loss) in enumerate([(1e9, 6.1), (1e10, 3.0), (1e11, 2.4), (1e12, 2.1), (1e13, 2.0)]):
+        r = RunResult("dense", 0, f"r{k}", status="ok", final_val_loss=loss, train_flops=c)
+        r.learned = loss < 5.4  # the first one is above the unigram baseline
+        runs.append(r)
+    [f] = report.fit_all(s, runs)
+    assert f.n_points == 4 and 1e9 not in f.compute
+    assert f.note.startswith("1 run(s) that did not learn left out")

@@ -89,7 +89,8 @@ def table_rows(rungs: list[Rung], results: dict[str, list[RunResult]]) -> list[l
                 f"{r.learning_rate:g}",
                 _cell(loss, ".4f"),
                 _cell(secs, ".1f"),
-                f"{len(ok)}/{len(mine)}",
+                f"{len(ok)}/{len(mine)}"
+                + (" (did not learn)" if any(x.learned is False for x in ok) else ""),
             ]
         )
     return rows
@@ -111,18 +112,24 @@ def markdown(columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> str
 
 
 def fit_all(s: ScaleSettings, runs: list[RunResult]) -> list[fitting.Fit]:
+    """One law per architecture over its finished runs that learned: a run whose final val
+    loss is not below the data's unigram baseline (compare's "did not learn") is left out of
+    the fit, as it wins nothing in compare, and the fit's note names how many."""
     out = []
     for arch in s.architectures:
         ok = [r for r in runs if r.architecture == arch and r.ok and r.train_flops]
-        out.append(
-            fitting.fit_power_law(
-                [r.train_flops for r in ok],
-                [r.final_val_loss for r in ok],
-                arch,
-                draws=s.bootstrap,
-                seed=s.seed,
-            )
+        learned = [r for r in ok if r.learned is not False]
+        f = fitting.fit_power_law(
+            [r.train_flops for r in learned],
+            [r.final_val_loss for r in learned],
+            arch,
+            draws=s.bootstrap,
+            seed=s.seed,
         )
+        if len(learned) < len(ok):
+            left = f"{len(ok) - len(learned)} run(s) that did not learn left out"
+            f.note = left + (f"; {f.note}" if f.note else "")
+        out.append(f)
     return out
 
 
@@ -235,9 +242,10 @@ def write_outputs(
     hardware: dict[str, Any],
     command: str,
     wall_s: float | None,
+    reference: Any = None,
 ) -> StudyOutcome:
     from .. import plots
-    from ..compare_outputs import data_summary
+    from ..compare_outputs import data_summary, reference_lines
     from ..hardware import hardware_lines
 
     by_rung: dict[str, list[RunResult]] = {}
@@ -261,6 +269,7 @@ def write_outputs(
         f"{100 * fitting.LEVEL:.0f}% bootstrap interval; dotted: Pareto frontier of the runs)",
         fits=fitted_curves(fits),
         frontier=True,
+        references=[] if reference is None else reference_lines(reference),
     )
     plots.save_figure(fig, out_dir / "loss_vs_flops.png")
     data_meta = data_summary(Path(s.data), meta)
@@ -338,7 +347,9 @@ def protocol_notes(s: ScaleSettings, rungs: list[Rung]) -> list[str]:
         )
         + f"; seeds {', '.join(map(str, s.seed_list))}; every run in its own "
         "process (compare's runner); final val loss on the same fixed validation batches.",
-        f"Fit: L(C) = E + A C^-alpha per architecture over every run (scipy; E, A >= 0); "
+        "Fit: L(C) = E + A C^-alpha per architecture over every finished run that learned "
+        "(final val loss below the unigram baseline; 'did not learn' runs are shown, not "
+        "fitted) (scipy; E, A >= 0); "
         f"{100 * fitting.LEVEL:.0f}% intervals from a residual bootstrap over seeds and points "
         f"({s.bootstrap} draws). A crossover is called only when >= "
         f"{100 * fitting.CALL_FRACTION:.0f}% of paired draws cross and its interval spans < "

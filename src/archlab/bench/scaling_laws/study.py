@@ -88,5 +88,5 @@ def run_study(
     results = [collect_run(r.spec, reference, *codes.get(r.name, (None, None))) for r in runs]
     return report.write_outputs(
         s, out_dir, rungs, runs, results, meta, hardware_info(), command,
-        time.monotonic() - t0,
+        time.monotonic() - t0, reference,
     )  # fmt: skip

@@ -12,8 +12,24 @@ from archlab.bench import plots
 from archlab.bench.scaling_laws import report, settings
 from archlab.cli import main
 
-TINY = ["--depths", "1,2", "--tokens-per-param", "0.3", "--seq-len", "16", "--batch-size", "4",
-        "--eval-steps", "1", "--num-threads", "1", "--bootstrap", "100"]  # fmt: skip
+TINY = [
+    "--depths",
+    "1,2",
+    "--tokens-per-param",
+    "0.3",
+    "--learning-rate",
+    "0.01",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--eval-steps",
+    "1",
+    "--num-threads",
+    "1",
+    "--bootstrap",
+    "100",
+]  # fmt: skip (lr 0.01: every tiny run learns, so both are fitted)
 
 
 @pytest.fixture(scope="module")

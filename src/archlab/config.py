@@ -96,6 +96,10 @@ class ModelConfig:
     conv_size: int = 4
     expand: int = 2
     dt_rank: int = 0  # 0 -> ceil(d_model / 16)
+    # Mamba-2 (state_size, conv_size, expand as above; the size presets set its own)
+    ssd_head_dim: int = 64  # headdim: d_inner / ssd_head_dim heads, one scalar decay each
+    ssd_groups: int = 1  # ngroups: heads share B and C within a group
+    ssd_chunk_size: int = 64  # chunk length of the chunked (training) form; a speed knob
     # MoE
     num_experts: int = 8
     top_k: int = 2

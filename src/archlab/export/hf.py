@@ -13,6 +13,8 @@ is refused with the reason (:class:`NotExportable`). The mapping per form:
 * ``mixtral`` -> ``MixtralForCausalLM``: the Llama form with a top-k (k >= 2) mixture of
   SwiGLU experts; Mixtral renormalises the top-k router probabilities as archlab does.
 * ``mamba`` -> ``MambaForCausalLM``: the module names of state-spaces/mamba are archlab's.
+* ``mamba2`` -> ``Mamba2ForCausalLM``: likewise (the gated norm is ``mixer.norm``); heads,
+  head dim, groups, state size and chunk size are written to its config.
 
 Each form (what selects it, its config, its weight names) is one entry of
 ``hf_forms.FORMS_TABLE``; the tokenizer conversion is ``hf_tokenizer``. This module picks the
@@ -41,7 +43,7 @@ class NotExportable(UserError):
 
 
 def hf_form(cfg: ModelConfig) -> str:
-    """The transformers form of ``cfg`` ("gpt2", "llama", "mixtral", "mamba") or NotExportable."""
+    """The transformers form of ``cfg`` ("gpt2", "llama", "mixtral", "mamba", "mamba2") or NotExportable."""
     from ..models import registry
 
     def refuse(why: str) -> NotExportable:

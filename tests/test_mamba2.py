@@ -367,3 +367,31 @@ def test_mamba2_flags_are_refused_elsewhere(arch, flag, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"not used by --architecture {arch}" in err and "mamba2" in err
+
+
+@pytest.mark.parametrize("T,chunk", [(1, 64), (37, 8), (64, 64), (100, 32), (300, 64)])
+def test_flops_count_equals_torch_flop_counter(T, chunk):
+    """train/flops.py's SSD count == FlopCounterMode over the chunked SSD; the mixer's
+    projections are 2 x their parameters per token, as flops.py counts every linear."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from archlab.train.flops import mixer_flops
+
+    cfg = _cfg(chunk_size=chunk)
+    mixer = Mamba2Mixer(cfg)
+    b, H, P, G, N = 2, mixer.nheads, mixer.headdim, mixer.ngroups, mixer.state_size
+    inputs = _ssd_inputs(b, T, H, P, G, N, with_state=False)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        ssd_chunked(**inputs, chunk_size=chunk)
+    assert counter.get_total_flops() == pytest.approx(
+        mixer_flops(mixer, T).visible * b * T, rel=1e-12
+    )
+    counter = FlopCounterMode(display=False)
+    x = torch.randn(b, T, cfg.d_model)
+    with counter, torch.no_grad():
+        mixer(x)
+    linears = 2 * (mixer.in_proj.weight.numel() + mixer.out_proj.weight.numel()) * b * T
+    conv = 2 * mixer.conv1d.weight.numel() * b * (T + cfg.conv_size - 1)  # padded both sides
+    expected = mixer_flops(mixer, T).visible * b * T + linears + conv
+    assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)

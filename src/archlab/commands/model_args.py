@@ -46,7 +46,7 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
     g.add_argument(
         "--n-heads", type=int, default=None, help="attention heads (dense, moe, hybrid, gdn)"
     )
-    g.add_argument("--d-ff", type=int, default=None, help="MLP width (all but mamba)")
+    g.add_argument("--d-ff", type=int, default=None, help="MLP width (all but mamba, mamba2)")
     g.add_argument("--max-seq-len", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
     _bool_flag(g, "--use-rope", "rotary position embedding instead of learned positions")

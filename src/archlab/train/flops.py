@@ -61,6 +61,21 @@ def _mamba(module: nn.Module, seq_len: int) -> MixerFlops:
     return MixerFlops(analytic=9.0 * module.d_inner * module.state_size)
 
 
+def _ssd(module: nn.Module, seq_len: int) -> MixerFlops:
+    # Mamba-2's chunked SSD (models/ssd.py) at chunk Q = min(chunk, T) over nc = ceil(T / Q)
+    # chunks (a ragged last chunk is padded), all matmuls: per chunk C B^T 2 Q^2 N per group,
+    # the masked scores times x 2 Q^2 P per head, each chunk's state 2 Q P N and the carried
+    # state's output 2 Q N P per head; per sequence the state passing 2 (nc + 1)^2 P N per
+    # head. The decay mask's product with the scores (Q^2 per head and chunk) is elementwise.
+    T = max(1, seq_len)
+    H, P, G, N = module.nheads, module.headdim, module.ngroups, module.state_size
+    Q = max(1, min(module.chunk_size, T))
+    nc = -(-T // Q)
+    per_chunk = 2.0 * Q * Q * N * G + H * (2.0 * Q * Q * P + 4.0 * Q * P * N)
+    visible = (nc * per_chunk + H * 2.0 * (nc + 1) ** 2 * P * N) / T
+    return MixerFlops(visible=visible, analytic=H * Q * Q * nc / T)
+
+
 def _gated_deltanet(module: nn.Module, seq_len: int) -> MixerFlops:
     # the chunked rule (models/delta_rule.py), per head and token, C = the chunk as run:
     # K beta K^T and Q K^T (2 C dk each), the state reads [Q; W] S (4 dk dv), the in-chunk
@@ -101,6 +116,7 @@ MIXER_FLOPS: dict[str, Callable[[nn.Module, int], MixerFlops]] = {
     "RustGPTAttention": _rustgpt_attention,
     "MambaMixer": _mamba,
     "GatedDeltaNet": _gated_deltanet,
+    "Mamba2Mixer": _ssd,
     "CausalHyperMixing": _hypermixing,
     "CausalSequenceHyperMixer": _rustgpt_hypermixing,
 }

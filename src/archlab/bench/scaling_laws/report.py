@@ -150,7 +150,7 @@ def seed_size_compute(s: ScaleSettings, arch: str) -> dict[str, float]:
 
 
 def _interval(iv: tuple[float, float] | None, fmt: str) -> str:
-    return "no interval" if iv is None else f"[{iv[0]:{fmt}}, {iv[1]:{fmt}}]"
+    return "no interval (too wide to call)" if iv is None else f"[{iv[0]:{fmt}}, {iv[1]:{fmt}}]"
 
 
 def fits_rows(fits: list[fitting.Fit]) -> list[list[str]]:

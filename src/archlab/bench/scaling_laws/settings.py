@@ -1,6 +1,7 @@
 """What a scaling study is: its settings, the ladder's one dial, budgets, rates and checks.
 
-The dial is nanochat's ``--depth``: depth D gives the dense reference shape n_layers = D,
+The dial is nanochat's ``--depth`` (a size rule's own head width, e.g. Mamba-2's, is capped at
+``head_dim``): depth D gives the dense reference shape n_layers = D,
 d_model = width_per_depth x D, heads of ``head_dim`` channels, MLP 4 x d_model, context =
 seq_len; every other architecture takes that shape through its own size rule
 (``SPEC.size_override``, the rule the size presets use: Mamba doubles the layers, the
@@ -191,6 +192,10 @@ def arch_shape(arch: str, depth: int, s: ScaleSettings) -> dict[str, int]:
     base = dense_shape(depth, s)
     spec = registry.get(arch)
     shape = dict(base, **(spec.size_override(base) if spec.size_override else {}))
+    for key in [k for k in shape if k.endswith("head_dim")]:
+        # a head width the size rule fixes for preset widths (Mamba-2's 64) is capped at the
+        # study's --head-dim, so that the narrow rungs still split into whole heads
+        shape[key] = min(shape[key], s.head_dim)
     only_some: dict[str, tuple[str, ...]] = config_attr("ARCHITECTURE_FIELDS")
     return {k: v for k, v in shape.items() if k not in only_some or arch in only_some[k]}
 

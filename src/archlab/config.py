@@ -205,7 +205,8 @@ class ModelConfig:
             raise ConfigError(
                 f"--mlp {self.mlp}: the rustgpt preset is the seed's fixed model (ReLU feed-forward)"
             )
-        if not self.bias and self.preset == "rustgpt":
+        uses_bias = self.architecture in __getattr__("ARCHITECTURE_FIELDS").get("bias", ())
+        if not self.bias and self.preset == "rustgpt" and uses_bias:
             raise ConfigError("--no-bias: the rustgpt preset is the seed's fixed model (biases)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: must be in [0, 1) (got {self.dropout})")
@@ -334,7 +335,9 @@ def preset_config(
             use_rope=False,
             use_rmsnorm=False,
             tie_weights=False,
-            bias=True,
+            # the seed's linears have biases; an architecture without attention/MLP linears
+            # (mamba) has no bias to set, and no --bias anybody gave to blame
+            bias=arch in __getattr__("ARCHITECTURE_FIELDS").get("bias", (arch,)),
             hypernetwork_hidden_dim=32,
             hypermixer_mixing_dim=64,
             preset="rustgpt",

@@ -252,6 +252,7 @@ RANGES: dict[str, Any] = {
     "mqar_power_a": Float(0.0, open_min=True),
     "eval.limit": Float(0.0, 1e9, open_min=True),
     "eval.max_tokens": _POSITIVE,
+    "prepare.vocab_size": Int(1, 2**32 - 1),  # the largest id a uint32 token file holds
 }
 
 # Text flags where an empty string is a meaningful value.

@@ -61,6 +61,7 @@ from .setup import (
     FolderClaims,
     build_optimization,
     build_run_model,
+    check_seq_len_early,
     check_steps_left,
     checkpoint_model_config,
     claim_run_dir,
@@ -133,16 +134,18 @@ class Trainer:
         self.cfg, self.resume_ckpt = start.cfg, start.resume_ckpt
         if self.cfg.num_threads is not None:  # after a resume merged the run's saved setting
             torch.set_num_threads(self.cfg.num_threads)
-        # 2. The run folder, locked. From here a failure is this run's own and is recorded in
-        # its summary.json; a resumed run's folder only once its checkpoint is restored.
+        # 2. Before any folder is made or data prepared: explicit model settings must fit a
+        # checkpoint we continue from, a resume must have steps left, --seq-len must fit.
+        ckpt_cfg = checkpoint_model_config(start, model_arg, spec)
+        check_steps_left(start, self.dist.world_size)
+        check_seq_len_early(self.cfg, model_arg, spec, ckpt_cfg)
+        # 3. The run folder, locked. From here a failure is this run's own and is recorded in
+        # its summary.json; a resumed run's folder only once its checkpoint is restored. Then
+        # the data, tokenized with the source checkpoint's tokenizer.
         arch = requested_architecture(spec, model_arg)
         self.run_dir = claim_run_dir(self.cfg, start, arch, self.dist, self.claims)
         self.stop.run_dir = self.run_dir
         self.owns_run_dir = start.resume_ckpt is None
-        # 3. Explicit model settings must fit a checkpoint we continue from (checked before
-        # any data is prepared), then the data, tokenized with that checkpoint's tokenizer.
-        ckpt_cfg = checkpoint_model_config(start, model_arg, spec)
-        check_steps_left(start, self.dist.world_size)
         preset = requested_preset(spec, model_arg, ckpt_cfg)
         verbose = bool(self.progress)
         self.data_dir, self.meta = prepare_data(self.cfg, start, preset, self.dist, verbose)

@@ -81,8 +81,10 @@ def merge_resumed_config(
             setattr(saved, key, new)
         elif new != old:
             flag = "--" + key.replace("_", "-")
+            was = "not given" if old is None else old
             raise UserError(
-                f"{flag} {new} differs from the run being resumed ({old}); drop it or start a new run"
+                f"{flag} {new} differs from the run being resumed ({flag}: {was}); drop it or "
+                "start a new run"
             )
     if "out_dir" not in explicit or saved.out_dir is None:
         saved.out_dir = str(ckpt_mod.run_dir_of(resume_ckpt))

@@ -187,8 +187,6 @@ RANGES: dict[str, Any] = {
             "log_interval",
             "keep_checkpoints",
             "max_nan_steps",
-            "num_threads",
-            "threads",
             "vocab_size",
             "d_model",
             "n_layers",
@@ -237,6 +235,9 @@ RANGES: dict[str, Any] = {
             "max_documents",
         )
     },  # fmt: skip
+    # more threads than this only crashes OpenMP (--num-threads 100000: a segmentation fault)
+    "num_threads": Int(1, 1024),
+    "threads": Int(1, 1024),
     "learning_rate": Float(0.0, open_min=True),
     "weight_decay": Float(0.0),
     "grad_clip": Float(0.0),
@@ -273,8 +274,8 @@ def checked_type(command: str, action: argparse.Action) -> Any:
     if name == "parse_count":
         return Count()
     if current is None and action.choices is None and action.nargs != 0:
-        if isinstance(action.default, str):  # argparse would run the type on the default
-            return None
+        if isinstance(action.default, str) and not action.default.strip():
+            return None  # argparse runs the type on a string default: "" is that flag's own
         return Text(may_be_empty=action.dest in MAY_BE_EMPTY)
     return current
 

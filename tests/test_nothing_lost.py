@@ -253,6 +253,10 @@ CASES = [
          _run("eval", "--checkpoint", "{root}/runs/a", "--tasks", "broken", "--include-path",
               "{root}/tasks"), 2, "broken.yaml: YAML syntax error at line 3", needs="lm_eval",
          slow=True),
+    Case("--resume of a file", _run("train", "--resume", "{root}/runs/a/summary.json"), 2,
+         "summary.json is a file, not a run or checkpoint folder"),
+    Case("--num-threads 100000 (OpenMP would crash)", _run("train", "--num-threads", "100000"),
+         2, "argument --num-threads: must be an integer in [1, 1024]"),
     # ---- the environment --------------------------------------------------------------------
     Case("out of memory (one allocation of TiBs)",
          _run("train", *NANO, "--vocab-size", "1000000000000", "--data", "{root}/data/chars",

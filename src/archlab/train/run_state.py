@@ -66,6 +66,8 @@ def resume_paths(resume: str | bool, out_dir: str | None) -> tuple[Path, Path]:
     run_path = Path(target)
     if not run_path.exists():
         raise UserError(f"--resume: {run_path} does not exist")
+    if not run_path.is_dir():
+        raise UserError(f"--resume: {run_path} is a file, not a run or checkpoint folder")
     is_ckpt = (run_path / "model.safetensors").exists() or (run_path / "config.json").exists()
     return run_path, ckpt_mod.run_dir_of(run_path) if is_ckpt else run_path
 

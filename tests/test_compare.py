@@ -344,7 +344,7 @@ def test_child_command_spells_out_the_protocol() -> None:
         ),
         (["--max-tokens", "1M", "--num-epochs", "1"], "exclusive"),
         (["--num-epochs", "2"], "--num-epochs and --steps-per-epoch go together"),
-        (["--seeds", "0"], "--seeds: must be >= 1"),
+        (["--seeds", "0"], "--seeds: must be an integer >= 1"),
         (["--model-size", "nano,micro"], "one size per comparison"),
     ],
 )

@@ -235,6 +235,15 @@ RANGES: dict[str, Any] = {
             "max_documents",
         )
     },  # fmt: skip
+    "gdn_head_dim": _POSITIVE,
+    "gdn_expand_v": _POSITIVE,
+    "gdn_chunk_size": _POSITIVE,
+    "gdn_attention_every": _NONNEG,  # 0: no attention layer
+    "width_per_depth": _POSITIVE,
+    "head_dim": _POSITIVE,
+    "bootstrap": _POSITIVE,
+    "decay_fraction": Float(0.0, 1.0),
+    "tokens_per_param": Float(0.0, open_min=True),
     # more threads than this only crashes OpenMP (--num-threads 100000: a segmentation fault)
     "num_threads": Int(1, 1024),
     "threads": Int(1, 1024),

@@ -243,7 +243,6 @@ RANGES: dict[str, Any] = {
     "head_dim": _POSITIVE,
     "bootstrap": _POSITIVE,
     "decay_fraction": Float(0.0, 1.0),
-    "tokens_per_param": Float(0.0, open_min=True),
     # more threads than this only crashes OpenMP (--num-threads 100000: a segmentation fault)
     "num_threads": Int(1, 1024),
     "threads": Int(1, 1024),

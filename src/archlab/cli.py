@@ -45,6 +45,9 @@ LOWER = {
     "generate": "lower --max-new-tokens or use a smaller model",
     "chat": "lower --max-new-tokens or use a smaller model",
     "eval": "lower --batch-size or --seq-len",
+    "prepare": "lower the example counts (--mqar-train-examples, --sc-train-examples, ...), "
+    "--num-stories or --max-tokens",
+    "summary": "lower the model's size (--d-model, --n-layers, --num-experts)",
 }
 
 

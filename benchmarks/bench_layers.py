@@ -4,7 +4,7 @@ One training step (forward + cross-entropy + backward) of each model at d_model 
 for several sequence lengths, beside the Hugging Face ``transformers`` reference models built at
 the same shapes from a config (random init, nothing downloaded):
 
-    ours:       dense, hypermixer, mamba, moe, hybrid, mamba2   (the ``nano`` preset shape of each
+    ours:       dense, hypermixer, mamba, moe, hybrid, mamba2, gdn   (the ``nano`` preset shape of each
                 architecture: layer counts differ so that parameter counts match)
     mamba-chunked / hypermixer-chunked: ours with the torch chunked scan / mixer instead of the
                 fused numba kernels (ARCHLAB_SCAN=chunked, ARCHLAB_HYPERMIX=chunked; for
@@ -56,14 +56,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-OURS = ("dense", "hypermixer", "mamba", "moe", "hybrid", "mamba2")
+OURS = ("dense", "hypermixer", "mamba", "moe", "hybrid", "mamba2", "gdn")
 EXTRA = (
     "mamba-chunked", "hypermixer-chunked", "mamba-seq", "hf-mamba", "hf-mamba2", "hf-mixtral", "hf-gpt2",
     "hf-llama", "scan", "scan-chunked", "scan-seq", "scan-mambapy", "scan-hf", "mix",
     "mix-chunked",
 )  # fmt: skip
 DEFAULT_MODELS = (
-    "dense,hypermixer,mamba,moe,hybrid,mamba2,mamba-chunked,hypermixer-chunked,mamba-seq,scan,"
+    "dense,hypermixer,mamba,moe,hybrid,mamba2,gdn,mamba-chunked,hypermixer-chunked,mamba-seq,scan,"
     "scan-chunked,scan-seq,scan-mambapy,scan-hf,mix,mix-chunked,hf-mamba,hf-mixtral,hf-gpt2"
 )
 # (ours, reference, what the ratio means)
@@ -89,7 +89,8 @@ def _ours_config(arch: str, T: int, args: argparse.Namespace):
     from archlab import preset_config
 
     kw = dict(vocab_size=args.vocab_size, max_seq_len=T, d_model=args.d_model)
-    kw["d_ff"] = 4 * args.d_model
+    nano = preset_config(arch, "nano")  # the preset's MLP ratio (4 d; gdn's 3 d)
+    kw["d_ff"] = nano.d_ff * args.d_model // nano.d_model
     if args.n_layers:
         kw["n_layers"] = args.n_layers
     return preset_config(arch, "nano", **kw)
@@ -401,7 +402,9 @@ def print_report(results: dict, models: list[str], lens: list[int], args) -> Non
                 cells.append(f"T={T}: reference {_fmt_time(b)}")
         if cells:
             print(f"- {label}: " + ", ".join(cells))
-    flat = [m for m in ("mamba", "mamba2", "hypermixer", "hybrid", "dense", "moe") if m in models]
+    flat = [
+        m for m in ("mamba", "mamba2", "gdn", "hypermixer", "hybrid", "dense", "moe") if m in models
+    ]
     pairs = [(lo, hi) for lo in (512,) for hi in (max(lens),) if lo in lens and hi > lo]
     for lo, hi in pairs:
         cells = []

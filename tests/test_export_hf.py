@@ -109,6 +109,8 @@ def check_round_trip(run: Path, out: Path, hf_class: str, learned_positions: boo
         ("dense", ("--use-rope", "--use-rmsnorm", "--mlp", "swiglu"), "LlamaForCausalLM"),
         ("moe", ("--use-rope", "--use-rmsnorm", "--mlp", "swiglu", "--num-experts", "4"),
          "MixtralForCausalLM"),
+        ("gdn", ("--mlp", "swiglu", "--gdn-attention-every", "2", "--gdn-chunk-size", "8"),
+         "OlmoHybridForCausalLM"),
     ],
 )  # fmt: skip
 def test_round_trip_of_trained_model(tmp_path, bpe_data, capsys, arch, extra, hf_class):
@@ -120,7 +122,7 @@ def test_round_trip_of_trained_model(tmp_path, bpe_data, capsys, arch, extra, hf
         assert (out / name).is_file(), name
     check_round_trip(
         run, out, hf_class,
-        learned_positions="--use-rope" not in extra and arch not in ("mamba", "mamba2"),
+        learned_positions="--use-rope" not in extra and arch not in ("mamba", "mamba2", "gdn"),
     )  # fmt: skip
     if arch == "mamba2":  # the SSD shape reaches transformers' config
         config = json.loads((out / "config.json").read_text())
@@ -182,6 +184,8 @@ REFUSED = [
     ("moe", {"use_rope": True, "use_rmsnorm": True, "mlp": "swiglu", "bias": True}, "biases"),
     ("dense", {"use_rope": True, "use_rmsnorm": True}, "RoPE + RMSNorm + GELU"),
     ("dense", {"mlp": "swiglu"}, "learned positions + LayerNorm + SWIGLU"),
+    ("gdn", {"gdn_attention_every": 2}, "gdn needs --mlp swiglu --gdn-attention-every K"),
+    ("gdn", {"mlp": "swiglu"}, "OlmoHybridForCausalLM needs at least one full-attention layer"),
 ]
 
 
@@ -213,6 +217,8 @@ def test_hf_form_of_each_exportable_form():
     assert hf_form(preset_config("dense", bias=True, **llama)) == "llama"
     assert hf_form(preset_config("moe", **llama)) == "mixtral"
     assert hf_form(preset_config("moe", top_k=3, num_experts=4, **llama)) == "mixtral"
+    gdn = dict(SMALL_CFG, mlp="swiglu", gdn_attention_every=2)
+    assert hf_form(preset_config("gdn", **gdn)) == "olmo_hybrid"
     with pytest.raises(NotExportable, match="no transformers class"):
         hf_form(preset_config("hybrid", **SMALL_CFG))
 

@@ -78,15 +78,24 @@ def _ssd(module: nn.Module, seq_len: int) -> MixerFlops:
 
 def _gated_deltanet(module: nn.Module, seq_len: int) -> MixerFlops:
     # the chunked rule (models/delta_rule.py), per head and token, C = the chunk as run:
-    # K beta K^T and Q K^T (2 C dk each), the state reads [Q; W] S (4 dk dv), the in-chunk
-    # A V' (2 C dv), the state write K^T V' (2 dk dv); the triangular solve C (dk + dv) is
-    # not a matmul the counter sees. A ragged last chunk is padded: n C / T of the cost.
+    # K beta K^T and Q K^T (2 C dk each), (I + L)^-1 [beta V, beta e^gamma K] (2 C (dk + dv)),
+    # the state reads [Q; W] S (4 dk dv), the in-chunk A V' (2 C dv), the state write
+    # K^T V' (2 dk dv); the inverse itself (doubling merges 2 sum s^2 forward, 4 C^2 for its
+    # hand-written backward: a third of it per forward-equivalent). A ragged last chunk is
+    # padded: n C / T of the cost.
     H, dk, dv = module.n_heads, module.head_k_dim, module.head_v_dim
     T = max(1, seq_len)
     C = max(1, min(module.chunk_size, T))
     padded = -(-T // C) * C / T
-    visible = H * (4.0 * C * dk + 2.0 * C * dv + 6.0 * dk * dv) * padded
-    return MixerFlops(visible=visible, analytic=H * C * (dk + dv) * padded)
+    s, P, merges = min(8, C), min(8, C), 0.0
+    while P < C:
+        P *= 2
+    while s < P:
+        merges += 2.0 * s * s
+        s *= 2
+    inverse = (merges + 4.0 * P * P * P / C) / 3.0
+    rule = 4.0 * C * dk + 2.0 * C * (dk + dv) + 2.0 * C * dv + 6.0 * dk * dv
+    return MixerFlops(visible=H * (rule + inverse) * padded)
 
 
 def _hypermixing(module: nn.Module, seq_len: int) -> MixerFlops:

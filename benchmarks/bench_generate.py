@@ -8,6 +8,7 @@ on the equivalent reference model at equal shapes, random init (no download):
     dense       (learned positions, LayerNorm, GELU MLP)  GPT2LMHeadModel
     dense-rope  (RoPE; our GELU MLP vs Llama's SwiGLU)     LlamaForCausalLM
     mamba                                                 MambaForCausalLM (torch path)
+    mamba2                                                Mamba2ForCausalLM (torch path)
     moe         (our GELU experts vs Mixtral's SwiGLU)     MixtralForCausalLM
     hypermixer, hybrid                                    no transformers equivalent
 
@@ -43,7 +44,7 @@ import torch
 from archlab import build_model, preset_config
 from archlab.generate import DecodeState, SamplingParams, generate_ids
 
-ARCHS = ("dense", "dense-rope", "hypermixer", "mamba", "moe", "hybrid")
+ARCHS = ("dense", "dense-rope", "hypermixer", "mamba", "moe", "hybrid", "mamba2")
 BURST, BURST_WARM = 16, 4  # decode-latency tokens per architecture per turn, the first untimed
 VOCAB = 4096
 
@@ -90,6 +91,10 @@ def hf_model(arch: str, cfg, max_len: int):
             use_bias=False, use_conv_bias=True, **common,
         )  # fmt: skip
         return tf.MambaForCausalLM(c)
+    if arch == "mamba2":
+        from archlab.export.hf_forms import _mamba2_config
+
+        return tf.Mamba2ForCausalLM(_mamba2_config(cfg, common))
     if arch == "moe":
         c = tf.MixtralConfig(
             hidden_size=cfg.d_model, intermediate_size=swiglu_width(cfg.resolved_expert_d_ff),

@@ -4,7 +4,7 @@ One training step (forward + cross-entropy + backward) of each model at d_model 
 for several sequence lengths, beside the Hugging Face ``transformers`` reference models built at
 the same shapes from a config (random init, nothing downloaded):
 
-    ours:       dense, hypermixer, mamba, moe, hybrid   (the ``nano`` preset shape of each
+    ours:       dense, hypermixer, mamba, moe, hybrid, mamba2, gdn   (the ``nano`` preset shape of each
                 architecture: layer counts differ so that parameter counts match)
     mamba-chunked / hypermixer-chunked: ours with the torch chunked scan / mixer instead of the
                 fused numba kernels (ARCHLAB_SCAN=chunked, ARCHLAB_HYPERMIX=chunked; for
@@ -12,6 +12,7 @@ the same shapes from a config (random init, nothing downloaded):
     mamba-seq:  our Mamba with the sequential reference scan instead of the fused one
     hf-mamba:   MambaForCausalLM, same layers/state/conv/expand as our mamba (on CPU it runs its
                 slow sequential path; the CUDA kernels are not installed)
+    hf-mamba2:  Mamba2ForCausalLM, same shape as our mamba2 (its torch chunked path on CPU)
     hf-mixtral: MixtralForCausalLM, same layers/heads/experts/top-k/expert width as our moe
     hf-gpt2:    GPT2LMHeadModel, same layers/heads/MLP width as our dense (learned positions)
     hf-llama:   LlamaForCausalLM (SwiGLU, RoPE), same layers/heads, MLP width 4 d (opt-in)
@@ -55,14 +56,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-OURS = ("dense", "hypermixer", "mamba", "moe", "hybrid")
+OURS = ("dense", "hypermixer", "mamba", "moe", "hybrid", "mamba2", "gdn")
 EXTRA = (
-    "mamba-chunked", "hypermixer-chunked", "mamba-seq", "hf-mamba", "hf-mixtral", "hf-gpt2",
+    "mamba-chunked", "hypermixer-chunked", "mamba-seq", "hf-mamba", "hf-mamba2", "hf-mixtral", "hf-gpt2",
     "hf-llama", "scan", "scan-chunked", "scan-seq", "scan-mambapy", "scan-hf", "mix",
     "mix-chunked",
 )  # fmt: skip
 DEFAULT_MODELS = (
-    "dense,hypermixer,mamba,moe,hybrid,mamba-chunked,hypermixer-chunked,mamba-seq,scan,"
+    "dense,hypermixer,mamba,moe,hybrid,mamba2,gdn,mamba-chunked,hypermixer-chunked,mamba-seq,scan,"
     "scan-chunked,scan-seq,scan-mambapy,scan-hf,mix,mix-chunked,hf-mamba,hf-mixtral,hf-gpt2"
 )
 # (ours, reference, what the ratio means)
@@ -76,6 +77,7 @@ COMPARISONS = (
     ("scan", "scan-hf", "selective scan alone vs transformers MambaMixer layer (slow path)"),
     ("mix", "mix-chunked", "HyperMixing mixer alone: fused vs chunked"),
     ("mamba", "hf-mamba", "Mamba: ours vs transformers MambaForCausalLM"),
+    ("mamba2", "hf-mamba2", "Mamba-2: ours vs transformers Mamba2ForCausalLM"),
     ("moe", "hf-mixtral", "MoE: ours vs transformers MixtralForCausalLM"),
     ("dense", "hf-gpt2", "dense: ours vs transformers GPT2LMHeadModel"),
     ("dense", "hf-llama", "dense: ours vs transformers LlamaForCausalLM"),
@@ -87,7 +89,8 @@ def _ours_config(arch: str, T: int, args: argparse.Namespace):
     from archlab import preset_config
 
     kw = dict(vocab_size=args.vocab_size, max_seq_len=T, d_model=args.d_model)
-    kw["d_ff"] = 4 * args.d_model
+    nano = preset_config(arch, "nano")  # the preset's MLP ratio (4 d; gdn's 3 d)
+    kw["d_ff"] = nano.d_ff * args.d_model // nano.d_model
     if args.n_layers:
         kw["n_layers"] = args.n_layers
     return preset_config(arch, "nano", **kw)
@@ -114,6 +117,12 @@ def _hf_model(name: str, T: int, args: argparse.Namespace):
             tie_word_embeddings=True, use_cache=False,
         )  # fmt: skip
         return tf.MambaForCausalLM(hf)
+    if name == "hf-mamba2":
+        from archlab.export.hf_forms import _mamba2_config
+
+        cfg = _ours_config("mamba2", T, args)
+        common = dict(vocab_size=V, tie_word_embeddings=True, use_cache=False)
+        return tf.Mamba2ForCausalLM(_mamba2_config(cfg, common))
     if name == "hf-mixtral":
         cfg = _ours_config("moe", T, args)
         hf = tf.MixtralConfig(
@@ -393,7 +402,9 @@ def print_report(results: dict, models: list[str], lens: list[int], args) -> Non
                 cells.append(f"T={T}: reference {_fmt_time(b)}")
         if cells:
             print(f"- {label}: " + ", ".join(cells))
-    flat = [m for m in ("mamba", "hypermixer", "hybrid", "dense", "moe") if m in models]
+    flat = [
+        m for m in ("mamba", "mamba2", "gdn", "hypermixer", "hybrid", "dense", "moe") if m in models
+    ]
     pairs = [(lo, hi) for lo in (512,) for hi in (max(lens),) if lo in lens and hi > lo]
     for lo, hi in pairs:
         cells = []

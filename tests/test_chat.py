@@ -25,6 +25,7 @@ from archlab.generate import (
     generate,
     generate_ids,
     load,
+    normalise_words,
 )
 
 QA = [
@@ -127,7 +128,71 @@ def test_overfit_model_answers_its_training_question(word_tok):
         opt.step()
     assert loss.item() < 0.05
     s = ChatSession(loaded_of(model.eval(), word_tok), max_new_tokens=30, greedy=True)
-    assert s.ask(q) == word_tok.decode(word_tok.encode(a))  # "The sun is ... heat ."
+    assert s.ask(q) == a  # "heat ." detokenised to the training text's "heat."
+    # typed without capitals or "?": normalised to the trained spelling, the same answer
+    assert s.ask("what IS the Sun") == a
+
+
+def test_questions_are_normalised_to_the_word_vocabulary(word_tok):
+    assert normalise_words(word_tok, "what is the sun") == "What is the sun ?"
+    assert normalise_words(word_tok, "WHERE do Fish live?!") == "Where do fish live ? !"
+    assert normalise_words(word_tok, "hello there, Zork") == "hello there , Zork"
+    ids = word_tok.encode(normalise_words(word_tok, "what is the sun"))
+    assert ids == word_tok.encode("What is the sun?")
+
+
+def test_line_editing_uses_readline_where_python_has_it():
+    """With readline imported, input() edits the line: Up recalls the last question instead
+    of sending ^[[A to the model (checked on a pseudo-terminal below)."""
+    from archlab.commands.chat import enable_line_editing
+
+    pytest.importorskip("readline")
+    assert enable_line_editing() is True and "readline" in sys.modules
+
+
+@pytest.mark.slow  # a chat process on a pseudo-terminal: ~10 s on 2 cores
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_up_arrow_recalls_the_previous_question_on_a_terminal(run_dir):
+    import os
+    import pty
+    import select
+    import subprocess
+    import time
+
+    pytest.importorskip("readline")
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "archlab", "chat", "--checkpoint", str(run_dir), "--greedy",
+           "--max-new-tokens", "3"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    seen = b""
+
+    def read_until(needle: bytes, count: int, timeout: float = 60.0) -> None:
+        nonlocal seen
+        end = time.monotonic() + timeout
+        while seen.count(needle) < count and time.monotonic() < end:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(master, 4096)
+                except OSError:
+                    break
+
+    try:
+        read_until(b"You: ", 1)
+        os.write(master, b"where do fish live\r")
+        read_until(b"You: ", 2)
+        os.write(master, b"\x1b[A\r")  # Up arrow, Enter: the same question again
+        read_until(b"You: ", 3)
+        os.write(master, b"exit\r")
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert text.count("Assistant: ") == 2 and "^[[A" not in text and "\x1b[A" not in text
+    assert text.count("where do fish live") == 2  # typed, then recalled by readline
 
 
 # ---- the command ------------------------------------------------------------------------------

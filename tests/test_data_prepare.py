@@ -227,7 +227,10 @@ def test_given_tokenizer_and_resolve(tmp_path, monkeypatch):
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(["prepare", *argv])
+    try:
+        code = main(["prepare", *argv])
+    except SystemExit as exc:  # a value its flag's type refuses (argparse, one line, exit 2)
+        code = int(exc.code or 0)
     cap = capsys.readouterr()
     return code, cap.out, cap.err
 

@@ -43,7 +43,8 @@ def bpe_data(tmp_path_factory) -> Path:
 def trained_run(tmp: Path, data: Path, arch: str, *extra: str) -> Path:
     """A few optimizer steps of a small model (weights far from their initialisation)."""
     run = tmp / f"run-{arch}"
-    shape = SMALL if arch != "mamba" else SMALL[:2] + SMALL[4:6]  # mamba: no heads, no MLP
+    ssm = arch in ("mamba", "mamba2")
+    shape = SMALL if not ssm else SMALL[:2] + SMALL[4:6]  # mamba(2): no heads, no MLP
     rc = main(
         ["train", "--architecture", arch, *shape, "--max-seq-len", "64", "--batch-size", "4",
          "--num-epochs", "1", "--steps-per-epoch", "6", "--seq-len", "32",
@@ -103,9 +104,13 @@ def check_round_trip(run: Path, out: Path, hf_class: str, learned_positions: boo
     [
         ("dense", (), "GPT2LMHeadModel"),
         ("mamba", ("--state-size", "8"), "MambaForCausalLM"),
+        ("mamba2", ("--state-size", "8", "--ssd-head-dim", "16", "--ssd-chunk-size", "8"),
+         "Mamba2ForCausalLM"),
         ("dense", ("--use-rope", "--use-rmsnorm", "--mlp", "swiglu"), "LlamaForCausalLM"),
         ("moe", ("--use-rope", "--use-rmsnorm", "--mlp", "swiglu", "--num-experts", "4"),
          "MixtralForCausalLM"),
+        ("gdn", ("--mlp", "swiglu", "--gdn-attention-every", "2", "--gdn-chunk-size", "8"),
+         "OlmoHybridForCausalLM"),
     ],
 )  # fmt: skip
 def test_round_trip_of_trained_model(tmp_path, bpe_data, capsys, arch, extra, hf_class):
@@ -116,8 +121,13 @@ def test_round_trip_of_trained_model(tmp_path, bpe_data, capsys, arch, extra, hf
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (out / name).is_file(), name
     check_round_trip(
-        run, out, hf_class, learned_positions="--use-rope" not in extra and arch != "mamba"
-    )
+        run, out, hf_class,
+        learned_positions="--use-rope" not in extra and arch not in ("mamba", "mamba2", "gdn"),
+    )  # fmt: skip
+    if arch == "mamba2":  # the SSD shape reaches transformers' config
+        config = json.loads((out / "config.json").read_text())
+        assert (config["num_heads"], config["head_dim"], config["state_size"]) == (4, 16, 8)
+        assert config["n_groups"] == 1 and config["chunk_size"] == 8
 
 
 def test_gpt2_with_biases_and_untied_head(tmp_path, bpe_data, capsys):
@@ -174,6 +184,8 @@ REFUSED = [
     ("moe", {"use_rope": True, "use_rmsnorm": True, "mlp": "swiglu", "bias": True}, "biases"),
     ("dense", {"use_rope": True, "use_rmsnorm": True}, "RoPE + RMSNorm + GELU"),
     ("dense", {"mlp": "swiglu"}, "learned positions + LayerNorm + SWIGLU"),
+    ("gdn", {"gdn_attention_every": 2}, "gdn needs --mlp swiglu --gdn-attention-every K"),
+    ("gdn", {"mlp": "swiglu"}, "OlmoHybridForCausalLM needs at least one full-attention layer"),
 ]
 
 
@@ -199,11 +211,14 @@ def test_hf_form_of_each_exportable_form():
     assert hf_form(preset_config("dense", **SMALL_CFG)) == "gpt2"
     assert hf_form(preset_config("dense", bias=True, tie_weights=False, **SMALL_CFG)) == "gpt2"
     assert hf_form(preset_config("mamba", **SMALL_CFG)) == "mamba"
+    assert hf_form(preset_config("mamba2", **SMALL_CFG)) == "mamba2"
     llama = dict(use_rope=True, use_rmsnorm=True, mlp="swiglu", **SMALL_CFG)
     assert hf_form(preset_config("dense", **llama)) == "llama"
     assert hf_form(preset_config("dense", bias=True, **llama)) == "llama"
     assert hf_form(preset_config("moe", **llama)) == "mixtral"
     assert hf_form(preset_config("moe", top_k=3, num_experts=4, **llama)) == "mixtral"
+    gdn = dict(SMALL_CFG, mlp="swiglu", gdn_attention_every=2)
+    assert hf_form(preset_config("gdn", **gdn)) == "olmo_hybrid"
     with pytest.raises(NotExportable, match="no transformers class"):
         hf_form(preset_config("hybrid", **SMALL_CFG))
 

@@ -16,9 +16,11 @@ from archlab.generate import (
     DecodeState,
     SamplingParams,
     TextStream,
+    detokenize_words,
     generate,
     generate_ids,
     sample_token,
+    stream_text,
     top_k_filter,
     top_p_filter,
 )
@@ -395,12 +397,47 @@ def test_text_stream_never_splits_a_multibyte_character():
     assert "" in pieces  # the partial bytes of é, —, 🙂 were held back
 
 
-def test_text_stream_flushes_an_incomplete_character_at_the_end():
+def test_text_stream_drops_a_character_generation_stopped_inside():
     tok = ByteTokenizer()
     stream = TextStream(tok, [])
     assert stream.push(ord("a")) == "a"
     assert stream.push("é".encode()[0]) == ""
-    assert stream.flush() == "\ufffd"
+    assert stream.flush() == ""  # not "\ufffd": only complete characters are shown
+    ids = tok.encode("ok 🙂")[:-2]  # max_new_tokens ran out after 2 of the emoji's 4 bytes
+    text, _ = stream_text(tok, tok.encode("say "), iter(ids))
+    assert text == "ok "
+
+
+def test_text_stream_never_emits_a_replacement_for_valid_text_with_byte_level_bpe():
+    """Real byte-level BPE (tokens holding parts of two characters), every split of valid
+    text into prompt and continuation: the pieces join to the text, none holds U+FFFD."""
+    import random
+
+    from archlab.data.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    alphabet = list("ab d,") + list("éü—“”🙂日本語😀ß")
+    corpus = ["".join(rng.choice(alphabet) for _ in range(60)) for _ in range(200)]
+    tok = train_bpe(corpus, 400)
+    assert any(tok.decode([i]).count("\ufffd") > 1 for i in range(tok.vocab_size))
+    for _ in range(300):
+        ids = tok.encode("".join(rng.choice(alphabet) for _ in range(rng.randint(2, 30))))
+        k = rng.randint(1, len(ids))
+        prompt, cont = ids[:k], ids[k:]
+        pieces: list[str] = []
+        text, _ = stream_text(tok, prompt, iter(cont), emit=pieces.append)
+        assert "\ufffd" not in text and all("\ufffd" not in p for p in pieces)
+        if not tok.decode(prompt).endswith("\ufffd"):  # the prompt ends on a character
+            assert tok.decode(prompt) + text == tok.decode(ids)
+
+
+def test_word_level_text_is_detokenised_while_streaming():
+    assert detokenize_words("Saturn ' s rings , ( big ) .") == "Saturn's rings, (big)."
+    tok = WordTokenizer("plants need sunlight , water and air . ( yes )".split())
+    stream = TextStream(tok, tok.encode("plants need"))
+    pieces = [stream.push(t) for t in tok.encode("sunlight , water and air . ( yes )")]
+    assert "".join(pieces) + stream.flush() == " sunlight, water and air. (yes)"
+    assert pieces[:2] == [" sunlight", ","]
 
 
 def test_text_stream_keeps_word_spacing_after_the_prompt():

@@ -181,12 +181,15 @@ def test_checkpoint_without_tokenizer(word_run, tmp_path, capsys):
 def test_checkpoint_with_garbage_tokenizer_and_config(word_run, tmp_path, capsys):
     run, ckpt = copy_run(word_run, tmp_path)
     (ckpt / "checksums.json").unlink()  # so the loader parses the files themselves
+    argv = ["generate", "--checkpoint", str(run), "--prompt", "the sun"]
+    assert main(argv) == 2  # without checksums: refused unless the user says so
+    assert "no checksums.json" in one_error_line(capsys)
     (ckpt / "tokenizer.json").write_text("{not json")
-    assert main(["generate", "--checkpoint", str(run), "--prompt", "the sun"]) == 2
+    assert main([*argv, "--skip-checksums"]) == 2
     assert "tokenizer" in one_error_line(capsys)
     shutil.copy(word_run / "tokenizer.json", ckpt / "tokenizer.json")
     (ckpt / "config.json").write_text('{"architecture": "dense", "d_model": -3}')
-    assert main(["generate", "--checkpoint", str(run), "--prompt", "the sun"]) == 2
+    assert main([*argv, "--skip-checksums"]) == 2
     assert "config.json" in one_error_line(capsys)
 
 

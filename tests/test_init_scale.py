@@ -18,7 +18,7 @@ from archlab.models import build_model
 from archlab.models.init_audit import branch_scales, format_scales, worst_ratio
 
 BOUND = 3.0
-ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn"]
+ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn", "mamba2"]
 
 CASES = [pytest.param(a, s, None, {}, id=f"{a}-{s}") for s in ("nano", "micro") for a in ARCHS]
 CASES += [
@@ -50,7 +50,7 @@ def build(arch, size, preset, kw, seed=0):
 def test_no_residual_branch_dwarfs_the_embedding_stream(arch, size, preset, kw):
     model, idx = build(arch, size, preset, kw)
     rows = branch_scales(model, idx)
-    n_branches = {"mamba": 1}.get(arch, 2) * model.cfg.n_layers
+    n_branches = {"mamba": 1, "mamba2": 1}.get(arch, 2) * model.cfg.n_layers
     assert len(rows) == n_branches
     assert all(r.out_rms == r.out_rms for r in rows)  # no NaN
     assert worst_ratio(rows) <= BOUND, "\n" + format_scales(rows)

@@ -25,7 +25,7 @@ import pytest
 
 from archlab.data import load_baselines, prepare_dataset
 
-ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn"]
+ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn", "mamba2"]
 # The schedule, explicit: AdamW (the trainer's betas 0.9/0.95, weight decay 0.1), linear
 # warmup then cosine to 10% of the peak, clipping at 1.0, fixed val batches.
 SCHEDULE = {

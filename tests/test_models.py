@@ -10,7 +10,7 @@ import torch
 from archlab import ConfigError, build_model, count_parameters, preset_config
 from archlab.cli import main
 
-ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn"]
+ARCHS = ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn", "mamba2"]
 _MODULES = {
     "dense": "dense",
     "hypermixer": "hypermixer",
@@ -18,6 +18,7 @@ _MODULES = {
     "moe": "moe",
     "hybrid": "hybrid",
     "gdn": "gdn",
+    "mamba2": "mamba2",
 }
 
 
@@ -41,6 +42,7 @@ def small_config(arch: str, **kw):
         top_k=2,
         local_window=5,
         state_size=8,
+        ssd_chunk_size=5,
     )
     base.update(kw)
     return preset_config(arch, "nano", **base)
@@ -207,7 +209,7 @@ def test_nano_and_micro_sizes():
 
 
 @pytest.mark.parametrize("size", ["nano", "micro", "tiny", "medium", "large"])
-@pytest.mark.parametrize("arch", ["hypermixer", "mamba", "moe", "hybrid", "gdn"])
+@pytest.mark.parametrize("arch", ["hypermixer", "mamba", "moe", "hybrid", "gdn", "mamba2"])
 def test_every_architecture_within_15_percent_of_dense(arch, size):
     _require(arch)
     dense_total, _ = count_parameters(preset_config("dense", size))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,33 @@ def tree(tmp_path_factory) -> Path:
         assert main(argv) == 0
     (root / "mine").mkdir()
     (root / "mine" / "notes.txt").write_text("the user's own file\n")
+    configs = root / "configs"
+    configs.mkdir()
+    for name, text in CONFIGS.items():
+        (configs / f"{name}.yaml").write_text(text + "\n")
+    (configs / "garbage-tokenizer.json").write_text('{"garbage": true}\n')
+    tasks = root / "tasks"
+    tasks.mkdir()
+    (tasks / "broken.yaml").write_text("task: broken\ndataset_path: json\n  bad: [indent\n")
+    # token ids at or above the vocabulary: meta.json's vocabulary too small for train.bin;
+    # a val.bin holding id 60000 (and, like an older folder, no max id in meta.json)
+    small = root / "data" / "small-vocab"
+    shutil.copytree(data, small)
+    meta = json.loads((small / "meta.json").read_text())
+    meta["vocab_size"] = 5
+    (small / "meta.json").write_text(json.dumps(meta))
+    high = root / "data" / "high-id"
+    shutil.copytree(data, high)
+    meta = json.loads((high / "meta.json").read_text())
+    meta.pop("val_max_id")
+    (high / "meta.json").write_text(json.dumps(meta))
+    with open(high / "val.bin", "r+b") as f:
+        f.seek(10)
+        f.write(np.array([60000], dtype=meta["dtype"]).tobytes())
+    unsealed = root / "runs" / "unsealed"
+    shutil.copytree(root / "runs" / "a", unsealed)
+    for sums in unsealed.rglob("checksums.json"):
+        sums.unlink()
     try:
         import transformers  # noqa: F401
 
@@ -95,6 +123,29 @@ class Case:
     says: str  # a part of the one stderr line
     needs_hf: bool = False
     cwd: str | None = None  # relative to the tree's root
+    needs: str | None = None  # a module to import, or "no-cuda"
+    creates: str | None = None  # the new run folder that records its own failure
+    slow: bool = False
+
+
+CONFIGS = {
+    "max-tokens-overflow": "max_tokens: 1e400",
+    "seq-len-inf": "seq_len: .inf",
+    "out-dir-list": "out_dir: [a, b]",
+    "architecture-list": "architecture: [dense]",
+    "init-from-number": "init_from: 3",
+    "seed-huge": "seed: 1.0e+23",
+    "beta-out-of-range": "beta2: 1.5",
+}
+
+
+def _cfg(name: str) -> Callable[[Path], list[str]]:
+    return lambda r: ["train", "--config", str(r / "configs" / f"{name}.yaml")]
+
+
+def _run(*argv: str) -> Callable[[Path], list[str]]:
+    """argv with {root} filled in."""
+    return lambda r: [a.format(root=r) for a in argv]
 
 
 def _export(out: str, *extra: str) -> Callable[[Path], list[str]]:
@@ -120,6 +171,101 @@ CASES = [
          "exists and is not empty (use --force", needs_hf=True),
     Case("export onto a file", _export("{root}/mine/notes.txt", "--force"), 2,
          "exists and is not a folder", needs_hf=True),
+    # ---- numbers, from flags and from --config files --------------------------------------
+    Case("train --seed -1", _run("train", "--seed", "-1"), 2,
+         "argument --seed: must be an integer in [0, 4294967295] (got '-1')"),
+    Case("train --seed 1e23", _run("train", "--seed", "1e23"), 2, "argument --seed: must be"),
+    Case("generate --seed -1", _run("generate", "--checkpoint", "{root}/runs/a", "--prompt",
+                                    "a", "--seed", "-1"), 2, "argument --seed: must be"),
+    Case("compare --seed 1e23", _run("compare", "--seed", "1e23"), 2, "argument --seed"),
+    Case("bench recall --seed -1", _run("bench", "recall", "--seed", "-1"), 2,
+         "argument --seed"),
+    Case("eval --seed 1e23", _run("eval", "--checkpoint", "{root}/runs/a", "--tasks", "x",
+                                  "--seed", "1e23"), 2, "argument --seed"),
+    Case("train --max-tokens 1e400", _run("train", "--max-tokens", "1e400"), 2,
+         "argument --max-tokens: must be a token count"),
+    Case("train --learning-rate nan", _run("train", "--learning-rate", "nan"), 2,
+         "argument --learning-rate: must be a finite number > 0 (got 'nan')"),
+    Case("train --dropout inf", _run("train", "--dropout", "inf"), 2, "argument --dropout"),
+    Case("eval --limit nan", _run("eval", "--checkpoint", "{root}/runs/a", "--tasks", "x",
+                                  "--limit", "nan"), 2, "argument --limit: must be"),
+    Case("eval --limit inf", _run("eval", "--checkpoint", "{root}/runs/a", "--tasks", "x",
+                                  "--limit", "inf"), 2, "argument --limit: must be"),
+    Case("eval --limit 1e30", _run("eval", "--checkpoint", "{root}/runs/a", "--tasks", "x",
+                                   "--limit", "1e30"), 2, "argument --limit: must be"),
+    Case("eval --num-fewshot -3", _run("eval", "--checkpoint", "{root}/runs/a", "--tasks", "x",
+                                       "--num-fewshot", "-3"), 2,
+         "argument --num-fewshot: must be an integer >= 0"),
+    Case("config max_tokens: 1e400", _cfg("max-tokens-overflow"), 2,
+         "max_tokens: must be a token count"),
+    Case("config seq_len: .inf", _cfg("seq-len-inf"), 2,
+         "seq_len: must be an integer >= 1 (got inf)"),
+    Case("config out_dir: [a, b]", _cfg("out-dir-list"), 2, "out_dir: expected text (got a list"),
+    Case("config architecture: [dense]", _cfg("architecture-list"), 2,
+         "architecture: expected text (got a list"),
+    Case("config init_from: 3", _cfg("init-from-number"), 2, "init_from: expected text"),
+    Case("config seed: 1e23", _cfg("seed-huge"), 2, "seed: must be an integer in"),
+    Case("config beta2: 1.5", _cfg("beta-out-of-range"), 2, "beta2: must be a number in [0, 1)"),
+    # ---- empty values -----------------------------------------------------------------------
+    Case('train --out-dir ""', _run("train", "--out-dir", ""), 2, "argument --out-dir: empty value"),
+    Case('train --data ""', _run("train", "--data", ""), 2, "argument --data: empty value"),
+    Case('bench recall --d-models ""', _run("bench", "recall", "--d-models", ""), 2,
+         "argument --d-models: empty value"),
+    Case('bench recall --kv-pairs ""', _run("bench", "recall", "--kv-pairs", ""), 2,
+         "argument --kv-pairs: empty value"),
+    Case('bench recall --learning-rates ""', _run("bench", "recall", "--learning-rates", ""), 2,
+         "argument --learning-rates: empty value"),
+    Case('prepare --out ""', _run("prepare", "stories", "--out", ""), 2,
+         "argument --out/--out-dir: empty value"),
+    # ---- flags that would change nothing, wrong names -------------------------------------
+    Case("eval --limit without --tasks", _run("eval", "--checkpoint", "{root}/runs/a",
+                                              "--limit", "5"), 2,
+         "--limit apply only with --tasks"),
+    Case("eval --include-path without --tasks",
+         _run("eval", "--checkpoint", "{root}/runs/a", "--include-path", "{root}/tasks"), 2,
+         "--include-path apply only with --tasks"),
+    Case("train --top-k on dense", _run("train", "--top-k", "2", "--data", "{root}/data/chars"),
+         2, "--top-k: not used by --architecture dense"),
+    Case("rustgpt preset on mamba", _run("train", "--preset", "rustgpt", "--architecture",
+                                         "mamba", "--data", "{root}/data/chars"), 2,
+         "--preset rustgpt: only defined for --architecture dense or hypermixer"),
+    Case("--init-from differs on resume", _run("train", "--resume", "{root}/runs/a",
+                                               "--init-from", "{root}/runs/b"), 2,
+         "differs from the run being resumed (--init-from: not given)"),
+    Case("--seq-len beyond the window, data not prepared",
+         _run("train", "--seq-len", "100000", "--data", "{root}/mine/notes.txt"), 2,
+         "--seq-len 100000 exceeds the model's max_seq_len 256", cwd="mine"),
+    # ---- files that are not what their name says ----------------------------------------
+    Case("data ids above meta.json's vocabulary",
+         _run("train", *NANO, "--data", "{root}/data/small-vocab", "--out-dir",
+              "{root}/mine/new-run"), 2,
+         "train.bin holds token id", creates="mine/new-run"),
+    Case("eval on a val.bin holding id 60000",
+         _run("eval", "--checkpoint", "{root}/runs/a", "--data", "{root}/data/high-id"), 2,
+         "val.bin holds token id 60000"),
+    Case("a checkpoint without checksums.json",
+         _run("generate", "--checkpoint", "{root}/runs/unsealed", "--prompt", "a"), 2,
+         "has no checksums.json"),
+    Case("a JSON file that is not a tokenizer",
+         _run("prepare", "stories", "--tokenizer", "{root}/configs/garbage-tokenizer.json",
+              "--out", "{root}/mine/d", "--quiet"), 2, "garbage-tokenizer.json is not a tokenizer"),
+    Case("a task YAML with a syntax error",
+         _run("eval", "--checkpoint", "{root}/runs/a", "--tasks", "broken", "--include-path",
+              "{root}/tasks"), 2, "broken.yaml: YAML syntax error at line 3", needs="lm_eval",
+         slow=True),
+    Case("--resume of a file", _run("train", "--resume", "{root}/runs/a/summary.json"), 2,
+         "summary.json is a file, not a run or checkpoint folder"),
+    Case("--num-threads 100000 (OpenMP would crash)", _run("train", "--num-threads", "100000"),
+         2, "argument --num-threads: must be an integer in [1, 1024]"),
+    # ---- the environment --------------------------------------------------------------------
+    Case("out of memory (one allocation of TiBs)",
+         _run("train", *NANO, "--vocab-size", "1000000000000", "--data", "{root}/data/chars",
+              "--quiet", "--out-dir", "{root}/mine/oom"), 2,
+         "out of memory: one allocation of", creates="mine/oom"),
+    Case("compare --device cuda without CUDA",
+         _run("compare", "--device", "cuda", "--architectures", "dense", "--data",
+              "{root}/data/chars", "--out-dir", "{root}/mine/cmp"), 2,
+         "--device cuda: no CUDA device is available", needs="no-cuda"),
     # ---- resume -------------------------------------------------------------------------
     Case("resume of a finished run", lambda r: ["train", "--resume", str(r / "runs" / "a")], 0,
          "already finished at step 4; give a larger --max-tokens to continue"),
@@ -132,10 +278,18 @@ CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.name, marks=[pytest.mark.slow] if c.slow else []) for c in CASES],
+)
 def test_each_mistake_is_one_line_and_touches_nothing(case, tree, capsys, monkeypatch):
     if case.needs_hf:
         pytest.importorskip("transformers")
+    if case.needs == "no-cuda":
+        if torch.cuda.is_available():
+            pytest.skip("CUDA is available here")
+    elif case.needs is not None:
+        pytest.importorskip(case.needs)
     if case.cwd is not None:
         monkeypatch.chdir(tree / case.cwd)
     before = snapshot(tree)
@@ -144,7 +298,13 @@ def test_each_mistake_is_one_line_and_touches_nothing(case, tree, capsys, monkey
     line = one_line(captured.err)
     assert rc == case.code, line
     assert case.says in line, line
-    assert snapshot(tree) == before
+    after = snapshot(tree)
+    if case.creates is not None:  # a new run's folder holds its failure summary, nothing else
+        new = {k for k in after if k.startswith(case.creates + "/")}
+        assert new == {f"{case.creates}/summary.json"}, new
+        shutil.rmtree(tree / case.creates)
+        after = {k: v for k, v in after.items() if k not in new}
+    assert after == before
     assert not [p for p in tree.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
 
 
@@ -287,3 +447,68 @@ def test_a_binary_latest_pointer_falls_back_to_the_newest_checkpoint(tree, tmp_p
     rc = main(["train", "--resume", str(run), "--steps-per-epoch", "5", "--quiet", *THREADS])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((run / "summary.json").read_text())["steps"] == 5
+
+
+# ---- streams that cannot be written --------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _archlab(*argv: str, **kw) -> subprocess.CompletedProcess:
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    return subprocess.run([sys.executable, "-m", "archlab", *argv], env=env, text=True, **kw)
+
+
+def test_closed_or_full_streams_never_kill_a_run_and_a_lost_result_is_one_line(tree, tmp_path):
+    run = str(tree / "runs" / "a")
+    # generate with standard output closed (>&-): nothing could show the text
+    gen = ["generate", "--checkpoint", run, "--prompt", "a", "--max-new-tokens", "2"]
+    r = _archlab(*gen, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    assert r.returncode == 1 and one_line(r.stderr).endswith(
+        "standard output is closed; nothing could show the result (redirect it to a file instead)"
+    )
+    # training with stderr closed and stdout on a full device: the run finishes and is saved
+    out = tmp_path / "run"
+    argv = ["train", *NANO, "--steps-per-epoch", "3", "--eval-steps", "1", *THREADS,
+            "--data", str(tree / "data" / "chars"), "--out-dir", str(out)]  # fmt: skip
+    with open("/dev/full", "w") as full:
+        r = _archlab(*argv, stdout=full, stderr=subprocess.DEVNULL, preexec_fn=lambda: os.close(2))
+    assert r.returncode == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "ok"
+
+
+# ---- prepare ------------------------------------------------------------------------------------
+def test_prepare_bounds_a_huge_bpe_vocabulary_and_leaves_no_lock_or_temporary(tmp_path, capsys):
+    out = tmp_path / "d"
+    argv = ["prepare", "stories", "--tokenizer", "bpe", "--vocab-size", "1000000000",
+            "--num-stories", "60", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["requested_vocab_size"] == 1_000_000_000
+    assert 256 < meta["vocab_size"] < 10_000  # what the corpus gives, not a billion
+    assert meta["dtype"] == "uint16" and meta["train_max_id"] < meta["vocab_size"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no .d.lock, no .d.tmp-*
+
+
+# ---- every flag of every command goes through values.py ------------------------------------------
+def test_every_flag_has_a_checked_type():
+    """A new flag declares type=int/float (ranges in values.RANGES) or a values type; a text
+    flag is a values.Text. Anything else would skip the finiteness/range/empty checks."""
+    import argparse
+
+    from archlab.cli import build_parser
+    from archlab.values import CHECKED
+
+    unchecked = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}".strip())
+            elif action.type is not None and not isinstance(action.type, CHECKED):
+                unchecked.append(f"{name} {action.option_strings or action.dest}")
+
+    walk(build_parser(), "")
+    assert unchecked == []

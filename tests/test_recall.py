@@ -54,7 +54,7 @@ def test_chance_level_is_one_over_the_values():
     assert TaskData("selective-copy", 16, 4, 32).num_values == 13
 
 
-@pytest.mark.parametrize("arch", ["dense", "mamba", "hypermixer", "hybrid"])
+@pytest.mark.parametrize("arch", ["dense", "mamba", "hypermixer", "hybrid", "mamba2"])
 def test_state_size_matches_the_decode_cache(arch):
     spec = RunSpec(
         task="mqar", architecture=arch, d_model=32, pairs=2, learning_rate=1e-3, seed=0,
@@ -71,6 +71,7 @@ def test_state_size_matches_the_decode_cache(arch):
         "mamba": 2 * (2 * d * 16),  # d_inner x N, 2 layers
         "hypermixer": 2 * (d // 2 * d),  # d' x d, 2 layers
         "hybrid": 2 * d * 16 + 2 * 16 * d,  # one Mamba layer + one KV cache
+        "mamba2": 2 * (2 * d * cfg.state_size),  # H x headdim x N = d_inner x N, 2 layers
     }[arch]
     assert st["state_elements"] == expected
     if arch == "dense":

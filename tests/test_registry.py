@@ -29,8 +29,13 @@ SRC = Path(models_pkg.__file__).parent
 
 
 def test_registry_lists_the_architectures_in_cli_order():
-    assert NAMES == ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn"]
-    assert registry.ALIASES == {"transformer": "dense", "ssm": "mamba", "gated-deltanet": "gdn"}
+    assert NAMES == ["dense", "hypermixer", "mamba", "moe", "hybrid", "gdn", "mamba2"]
+    assert registry.ALIASES == {
+        "transformer": "dense",
+        "ssm": "mamba",
+        "gated-deltanet": "gdn",
+        "ssd": "mamba2",
+    }
     for alias, name in registry.ALIASES.items():
         assert canonical_architecture(alias.upper()) == name
 

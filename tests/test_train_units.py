@@ -318,11 +318,14 @@ def test_corrupt_checkpoint_gives_one_line_error_and_keeps_the_previous(
         assert torch.equal(t, good[n]), n
 
 
-def test_unverified_truncation_is_still_caught(tmp_path, tokenizer_file):
+def test_unverified_truncation_is_still_caught(tmp_path, tokenizer_file, monkeypatch):
     """Without checksums.json (a hand-made folder), safetensors itself rejects a cut file."""
     model, cfg = _model()
     path = ck.save_checkpoint(tmp_path / "run", 1, model, cfg, tokenizer_file, {"step": 1})
     (path / "checksums.json").unlink()
+    with pytest.raises(UserError, match="no checksums.json .* pass --skip-checksums"):
+        ck.load_model(path)
+    monkeypatch.setenv(ck.SKIP_CHECKSUMS_ENV, "1")
     f = path / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-64])
     with pytest.raises(UserError, match="cannot load model.safetensors"):

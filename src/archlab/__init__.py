@@ -19,21 +19,15 @@ __all__ = [
 ]
 
 
-# OpenMP spin (before torch loads libgomp). After each parallel op, torch's OpenMP workers
-# spin for GOMP's default 300,000 iterations (milliseconds with PAUSE on current x86) before
-# they sleep. The fused numba kernels run on threads of their own right after such ops, so
-# on 2 cores the spinning worker took half a core from them: Mamba's training step at T=128
-# and 2 threads ran at 3.07x dense with the default and 2.20x with 10,000 spins, while dense
-# itself was unchanged (45.0 vs 44.0 us/token; benchmarks/bench_layers.py, issue #12).
-# A value the user set (GOMP_SPINCOUNT or OMP_WAIT_POLICY) is kept; once torch is imported
-# the setting can no longer take effect, so it is not made then.
-OPENMP_SPINCOUNT = "10000"
-if (
-    "torch" not in _sys.modules
-    and "GOMP_SPINCOUNT" not in _os.environ
-    and "OMP_WAIT_POLICY" not in _os.environ
-):
-    _os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
+# OpenMP spin: torch's workers spin ~300,000 iterations after each parallel op, taking a core
+# from the fused kernels' threads. Shortened to 10,000 in either import order, a user's
+# GOMP_SPINCOUNT / OMP_WAIT_POLICY kept (see _openmp.py).
+from . import _openmp  # noqa: E402
+
+if "torch" not in _sys.modules:
+    _openmp.before_torch()
+else:
+    _openmp.after_torch()
 
 
 def _started_as_command() -> bool:

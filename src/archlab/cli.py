@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -28,6 +29,7 @@ COMMANDS = (
     "prepare",
     "summary",
     "compare",
+    "scale",
     "bench",
     "generate",
     "chat",
@@ -43,7 +45,23 @@ LOWER = {
     "generate": "lower --max-new-tokens or use a smaller model",
     "chat": "lower --max-new-tokens or use a smaller model",
     "eval": "lower --batch-size or --seq-len",
+    "prepare": "lower the example counts (--mqar-train-examples, --sc-train-examples, ...), "
+    "--num-stories or --max-tokens",
+    "summary": "lower the model's size (--d-model, --n-layers, --num-experts)",
 }
+
+
+# Flags with two spellings: messages name the first; a user who typed the second sees it.
+SPELLINGS = {"--expert-capacity": "--top-k"}
+
+
+def respell(message: str, argv: list[str]) -> str:
+    """Name a flag in a message the way the user typed it (--top-k, not --expert-capacity)."""
+    for name, alias in SPELLINGS.items():
+        typed = {a.split("=")[0] for a in argv}
+        if alias in typed and name not in typed:
+            message = re.sub(rf"{re.escape(name)}\b(?!-)", alias, message)
+    return message
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -53,6 +71,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+LOADS_CHECKPOINTS = ("train", "generate", "chat", "eval", "export")
 DEBUG_HELP = "show the full Python traceback of an error (also: ARCHLAB_DEBUG=1)"
 
 
@@ -78,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         command_parser.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
         )
+    for name in LOADS_CHECKPOINTS:
+        if name in sub.choices:
+            sub.choices[name].add_argument(
+                "--skip-checksums",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="load a checkpoint that has no checksums.json without verifying its files",
+            )
     install_checks(parser)  # every value: type, finiteness, range (values.py)
     return parser
 
@@ -106,6 +133,25 @@ def _sigterm_as_exception() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _checksum_policy(args: argparse.Namespace) -> Iterator[None]:
+    """--skip-checksums as an environment variable (child processes inherit it), for the
+    command's life only (an in-process caller's environment is given back)."""
+    name = "ARCHLAB_SKIP_CHECKSUMS"
+    if not getattr(args, "skip_checksums", False):
+        yield
+        return
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,14 +196,16 @@ def _main(argv: list[str] | None) -> int:
     )
     prefix = f"archlab {args.command}"
 
+    typed = sys.argv[1:] if argv is None else argv
+
     def fail(message: str, code: int) -> int:
         if debug:
             traceback.print_exc()
-        print(f"{prefix}: {message}", file=sys.stderr)
+        print(f"{prefix}: {respell(message, typed)}", file=sys.stderr)
         return code
 
     try:
-        with _sigterm_as_exception():
+        with _sigterm_as_exception(), _checksum_policy(args):
             return run_command(args)
     except UserError as exc:
         if exc.exit_code == 0:  # NothingToDo: a notice, not an error

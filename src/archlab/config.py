@@ -96,6 +96,10 @@ class ModelConfig:
     conv_size: int = 4
     expand: int = 2
     dt_rank: int = 0  # 0 -> ceil(d_model / 16)
+    # Mamba-2 (state_size, conv_size, expand as above; the size presets set its own)
+    ssd_head_dim: int = 64  # headdim: d_inner / ssd_head_dim heads, one scalar decay each
+    ssd_groups: int = 1  # ngroups: heads share B and C within a group
+    ssd_chunk_size: int = 64  # chunk length of the chunked (training) form; a speed knob
     # MoE
     num_experts: int = 8
     top_k: int = 2
@@ -201,7 +205,8 @@ class ModelConfig:
             raise ConfigError(
                 f"--mlp {self.mlp}: the rustgpt preset is the seed's fixed model (ReLU feed-forward)"
             )
-        if not self.bias and self.preset == "rustgpt":
+        uses_bias = self.architecture in __getattr__("ARCHITECTURE_FIELDS").get("bias", ())
+        if not self.bias and self.preset == "rustgpt" and uses_bias:
             raise ConfigError("--no-bias: the rustgpt preset is the seed's fixed model (biases)")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout: must be in [0, 1) (got {self.dropout})")
@@ -330,7 +335,9 @@ def preset_config(
             use_rope=False,
             use_rmsnorm=False,
             tie_weights=False,
-            bias=True,
+            # the seed's linears have biases; an architecture without attention/MLP linears
+            # (mamba) has no bias to set, and no --bias anybody gave to blame
+            bias=arch in __getattr__("ARCHITECTURE_FIELDS").get("bias", (arch,)),
             hypernetwork_hidden_dim=32,
             hypermixer_mixing_dim=64,
             preset="rustgpt",

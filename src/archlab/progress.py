@@ -46,6 +46,17 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
+def parse_duration(text: str) -> float | None:
+    """format_duration's text back to seconds (1:02:03 or 02:03); None for anything else."""
+    parts = text.split(":")
+    if not 2 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    seconds = 0.0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return seconds
+
+
 def format_count(n: float, scale: bool = False) -> str:
     """12,345 or, with ``scale``, 12.3k / 4.56M (for characters, bytes, tokens)."""
     if not scale:

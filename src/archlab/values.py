@@ -187,8 +187,6 @@ RANGES: dict[str, Any] = {
             "log_interval",
             "keep_checkpoints",
             "max_nan_steps",
-            "num_threads",
-            "threads",
             "vocab_size",
             "d_model",
             "n_layers",
@@ -237,6 +235,17 @@ RANGES: dict[str, Any] = {
             "max_documents",
         )
     },  # fmt: skip
+    "gdn_head_dim": _POSITIVE,
+    "gdn_expand_v": _POSITIVE,
+    "gdn_chunk_size": _POSITIVE,
+    "gdn_attention_every": _NONNEG,  # 0: no attention layer
+    "width_per_depth": _POSITIVE,
+    "head_dim": _POSITIVE,
+    "bootstrap": _POSITIVE,
+    "decay_fraction": Float(0.0, 1.0),
+    # more threads than this only crashes OpenMP (--num-threads 100000: a segmentation fault)
+    "num_threads": Int(1, 1024),
+    "threads": Int(1, 1024),
     "learning_rate": Float(0.0, open_min=True),
     "weight_decay": Float(0.0),
     "grad_clip": Float(0.0),
@@ -252,6 +261,7 @@ RANGES: dict[str, Any] = {
     "mqar_power_a": Float(0.0, open_min=True),
     "eval.limit": Float(0.0, 1e9, open_min=True),
     "eval.max_tokens": _POSITIVE,
+    "prepare.vocab_size": Int(1, 2**32 - 1),  # the largest id a uint32 token file holds
 }
 
 # Text flags where an empty string is a meaningful value.
@@ -272,8 +282,8 @@ def checked_type(command: str, action: argparse.Action) -> Any:
     if name == "parse_count":
         return Count()
     if current is None and action.choices is None and action.nargs != 0:
-        if isinstance(action.default, str):  # argparse would run the type on the default
-            return None
+        if isinstance(action.default, str) and not action.default.strip():
+            return None  # argparse runs the type on a string default: "" is that flag's own
         return Text(may_be_empty=action.dest in MAY_BE_EMPTY)
     return current
 

@@ -149,7 +149,7 @@ def train_one(
         (spec.run_dir / "summary.json").unlink(missing_ok=True)  # stale failure record
     spec.command = child_command(
         s, spec.architecture, spec.seed, spec.run_dir, resume=cont, learning_rate=spec.learning_rate
-    )
+    ) + list(spec.extra_args)
     progress.note(f"{prefix} {'resuming' if cont else 'training'} ...")
     t0 = time.monotonic()
     progress.begin_run(prefix)
@@ -185,6 +185,7 @@ def child_commands(s: CompareSettings, specs: list[RunSpec]) -> dict[str, str]:
                 resume=False,
                 learning_rate=spec.learning_rate,
             )
+            + list(spec.extra_args)
         )
         for spec in specs
     }

@@ -27,6 +27,8 @@ class RunSpec:
     run_dir: Path
     command: list[str] = field(default_factory=list)
     learning_rate: float | None = None  # None: the comparison's --learning-rate
+    # more `archlab train` flags after child_command's (a scaling study's model shape)
+    extra_args: list[str] = field(default_factory=list)
 
     @property
     def name(self) -> str:

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..errors import Interrupted
-from ..progress import Progress, eta_seconds, format_duration, progress_mode
+from ..progress import Progress, eta_seconds, format_duration, parse_duration, progress_mode
 from .compare_plan import RunSpec
 
 _PROGRESS = re.compile(r"^step \d+/\d+ ")
 _TRACE_NOISE = re.compile(r"^(Traceback|\s+File |\s+\^|\s{4})")
+_ESTIMATE = re.compile(r"^estimate: (\S+) for ([\d,]+) steps")  # train's pre-run line
 
 
 class CompareProgress:
@@ -40,6 +41,7 @@ class CompareProgress:
     """
 
     _STEP = re.compile(r"^step (\d+)/(\d+)\s*(.*?)(?:\s+elapsed \S+(?:\s+eta \S+)?)?$")
+    label = "compare"  # names the whole grid in the plain progress lines
 
     def __init__(
         self,
@@ -62,6 +64,7 @@ class CompareProgress:
         self.session_steps = 0  # steps trained by this comparison process (for its ETA)
         self.run_first: int | None = None  # first step reported by the current run
         self.run_step = 0
+        self.step_estimate_s: float | None = None  # seconds per step, from a child's estimate
         self.overall: Any = None
         self.current: Any = None
         if self.mode == "bar" and n_runs:
@@ -80,10 +83,23 @@ class CompareProgress:
         return f"{self.runs_done}/{self.n_runs} runs done"
 
     def eta(self) -> float | None:
+        """Until a run of this session has finished: the current run's pre-run estimate per
+        step (train/estimate.py) times the steps left, not the rate of cold first steps;
+        then the rate this session has measured."""
         done = self.session_steps + (self.run_step - (self.run_first or 0))
         left = self.n_runs * self.steps_per_run - self.runs_done * self.steps_per_run
         left -= self.run_step
+        if self.session_steps == 0 and self.step_estimate_s is not None:
+            return self.step_estimate_s * max(left, 0)
         return eta_seconds(done, max(left, 0), time.monotonic() - self.t0)
+
+    def estimate(self, line: str) -> None:
+        """A child's ``estimate: 04:37 for 200 steps ...`` line."""
+        m = _ESTIMATE.match(line)
+        seconds = parse_duration(m.group(1)) if m else None
+        steps = int(m.group(2).replace(",", "")) if m else 0
+        if seconds is not None and steps > 0:
+            self.step_estimate_s = seconds / steps
 
     # ---- a run ----------------------------------------------------------------------------
     def begin_run(self, prefix: str) -> None:
@@ -108,13 +124,14 @@ class CompareProgress:
             if self.current is not None and m:
                 self.current.set(self.run_step, postfix=m.group(3))
             if self.overall is not None:
-                self.overall.set(self.runs_done * self.steps_per_run + self.run_step)
+                eta = f"{self._runs_text()}, eta {format_duration(self.eta())}"
+                self.overall.set(self.runs_done * self.steps_per_run + self.run_step, eta)
             return
         now = time.monotonic()
         if now - self.last >= self.every_s:
             tail = ""
             if self.n_runs:
-                tail = f" | compare: {self._runs_text()}, eta {format_duration(self.eta())}"
+                tail = f" | {self.label}: {self._runs_text()}, eta {format_duration(self.eta())}"
             self.stream.write(f"{prefix} {line}{tail}\n")
             self.stream.flush()
             self.last = now
@@ -183,6 +200,9 @@ def run_child(
                         continue
                     if _PROGRESS.match(line):
                         progress.status(prefix, line)
+                    elif _ESTIMATE.match(line):
+                        progress.estimate(line)
+                        progress.note(f"{prefix} {line}")
                     elif line.startswith("step ") and "val loss" in line:
                         progress.note(f"{prefix} {line}")
                     elif not _TRACE_NOISE.match(piece):
@@ -195,7 +215,7 @@ def run_child(
         finally:
             _restore_handlers(previous)
     if received:
-        raise Interrupted(_interrupt_message(spec, received[0]), received[0])
+        raise Interrupted(_interrupt_message(spec, received[0], progress.label), received[0])
     return rc, last_line
 
 
@@ -214,7 +234,7 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def _interrupt_message(spec: RunSpec, signum: int) -> str:
+def _interrupt_message(spec: RunSpec, signum: int, command: str = "compare") -> str:
     """Where the interrupted run stopped, read from its summary.json."""
     try:
         summary = json.loads((spec.run_dir / "summary.json").read_text())
@@ -225,7 +245,8 @@ def _interrupt_message(spec: RunSpec, signum: int) -> str:
         if summary.get("checkpoint")
         else f"{spec.name} stopped before its first checkpoint"
     )
+    what = "comparison" if command == "compare" else "study"
     return (
-        f"{signal.Signals(signum).name}: {where}; continue the comparison with: archlab compare "
+        f"{signal.Signals(signum).name}: {where}; continue the {what} with: archlab {command} "
         f"--resume --out-dir {shlex.quote(str(spec.run_dir.parent))}"
     )

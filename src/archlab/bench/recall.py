@@ -31,6 +31,8 @@ import json
 import math
 import os
 import resource
+import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -39,8 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import Interrupted
 from .recall_settings import RecallSettings, rerun_command, run_spec
-from .recall_worker import RunSpec, write_json_atomic
+from .recall_worker import RunSpec, read_curve, training_trend, write_json_atomic
 
 
 def run_name(arch: str, d_model: int, pairs: int, lr: float, seed: int) -> str:
@@ -152,22 +155,37 @@ def run_grid(
         done = read_result(run.run_dir) if resume else None
         # finished, or diverged (a result of the protocol); a crash is run again
         if done is not None and (done.get("ok") or "final_train_loss" in done):
+            if "converged" not in done:  # a run of an older version: judge its logged curve
+                values = s.task_data(done["pairs"]).num_values
+                done.update(training_trend(read_curve(run.run_dir), s.steps, values))
             results.append(done)
         else:
             todo.append(run)
     if resume and len(todo) < len(runs):
         say(f"--resume: {len(runs) - len(todo)} runs already finished; {len(todo)} to go")
     t_grid = time.monotonic()
-    for i, run in enumerate(todo, start=1):
-        t0 = time.monotonic()
-        res = run_one(run, out_dir / "logs" / f"{run.name}.log", t0)
-        results.append(res)
-        elapsed = time.monotonic() - t_grid
-        eta = elapsed / i * (len(todo) - i)
-        say(
-            f"[{len(runs) - len(todo) + i}/{len(runs)}] {run.name}: {_describe(res)} "
-            f"({res['wall_seconds']:.1f} s; elapsed {_fmt_time(elapsed)}, ETA {_fmt_time(eta)})"
-        )
+    try:
+        for i, run in enumerate(todo, start=1):
+            t0 = time.monotonic()
+            res = run_one(run, out_dir / "logs" / f"{run.name}.log", t0)
+            results.append(res)
+            elapsed = time.monotonic() - t_grid
+            eta = elapsed / i * (len(todo) - i)
+            say(
+                f"[{len(runs) - len(todo) + i}/{len(runs)}] {run.name}: {_describe(res)} "
+                f"({res['wall_seconds']:.1f} s; elapsed {_fmt_time(elapsed)}, "
+                f"ETA {_fmt_time(eta)})"
+            )
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the finished runs stay on disk
+        record_session(settings_path, time.monotonic() - t_grid, interrupted=True)
+        finished = sum(1 for r in results if r.get("ok") or "final_train_loss" in r)
+        raise Interrupted(
+            f"interrupted: {finished} of {len(runs)} runs finished (kept in {out_dir}); "
+            f"continue the grid with: archlab bench recall --resume --out-dir "
+            f"{shlex.quote(str(out_dir))}",
+            getattr(exc, "signum", signal.SIGINT),
+        ) from None
+    sessions = record_session(settings_path, time.monotonic() - t_grid, interrupted=False)
     order = {r.name: k for k, r in enumerate(runs)}
     results.sort(
         key=lambda r: order.get(
@@ -176,9 +194,23 @@ def run_grid(
     )
     cells = aggregate(s, results)
     paths = recall_report.write_outputs(
-        out_dir, s, results, cells, command, hardware_info(), time.monotonic() - t_grid
+        out_dir, s, results, cells, command, hardware_info(), sessions
     )
     return {"results": results, "cells": cells, "paths": paths}
+
+
+def record_session(settings_path: Path, wall_seconds: float, interrupted: bool) -> list[dict]:
+    """Append this session's wall time to recall.json's ``sessions``; returns them all, so
+    the report's grid wall time is the total over every --resume, not the last session's."""
+    try:
+        doc = json.loads(settings_path.read_text())
+    except (OSError, ValueError):
+        return [{"wall_seconds": round(wall_seconds, 3), "interrupted": interrupted}]
+    doc.setdefault("sessions", []).append(
+        {"ended": time.time(), "wall_seconds": round(wall_seconds, 3), "interrupted": interrupted}
+    )
+    write_json_atomic(settings_path, doc)
+    return doc["sessions"]
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -217,6 +249,8 @@ def aggregate(s: RecallSettings, results: list[dict[str, Any]]) -> list[dict[str
                                 ]
                             ),
                             "test_accuracies": [r["test_accuracy"] for r in ok],
+                            "loss_falling": sum(1 for r in ok if r.get("loss_falling")),
+                            "at_chance_loss": sum(1 for r in ok if r.get("at_chance_loss")),
                             "errors": sorted({r.get("error") for r in rs if not r.get("ok")}),
                         }
                     )
@@ -234,6 +268,11 @@ def aggregate(s: RecallSettings, results: list[dict[str, Any]]) -> list[dict[str
                     "test_accuracy": best["test_accuracy"] if best else None,
                     "test_accuracies": best["test_accuracies"] if best else [],
                     "long_accuracy": best["long_accuracy"] if best else None,
+                    # runs of the chosen rate whose loss was still falling at the end, or had
+                    # never left the no-context level: the cell is the budget's, not the
+                    # architecture's ability
+                    "loss_falling": best["loss_falling"] if best else 0,
+                    "at_chance_loss": best["at_chance_loss"] if best else 0,
                     "long_seq_len": s.seq_len * s.test_factor,
                     "long_note": some.get("long_note") if some else None,
                     "state_elements": some.get("state_elements") if some else None,

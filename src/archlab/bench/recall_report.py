@@ -32,6 +32,10 @@ RUN_COLUMNS = (
     "long_seq_len",
     "long_note",
     "final_train_loss",
+    "late_loss",
+    "loss_falling",
+    "at_chance_loss",
+    "converged",
     "parameters",
     "state_elements",
     "cache_elements",
@@ -67,8 +71,25 @@ def fmt_count(n: int | None) -> str:
     return str(n)
 
 
+# Marks on cells whose training had not converged (recall_worker.training_trend).
+FALLING_MARK, CHANCE_MARK = "†", "‡"
+MARKS_LEGEND = (
+    f"{FALLING_MARK} training loss still falling at the end (the last 20% of steps below the "
+    f"20% before by more than 5%); {CHANCE_MARK} training loss never left the no-context "
+    "level ln(values) (a plateau at chance, which more steps can end). Either way the cell "
+    "is this budget's result, not the architecture's ability: raise --steps."
+)
+
+
+def convergence_mark(cell: dict[str, Any]) -> str:
+    return (FALLING_MARK if cell.get("loss_falling") else "") + (
+        CHANCE_MARK if cell.get("at_chance_loss") else ""
+    )
+
+
 def cell_text(cell: dict[str, Any]) -> str:
-    """``0.982 (lr 0.003, state 8k)``; seeds: mean ± spread; failures say so."""
+    """``0.982 (lr 0.003, state 8k)``; seeds: mean ± spread; failures say so; † / ‡ when
+    the chosen rate's training had not converged."""
     if cell["test_accuracy"] is None:
         return f"failed ({cell['error']})"
     accs = cell["test_accuracies"]
@@ -76,7 +97,11 @@ def cell_text(cell: dict[str, Any]) -> str:
     if len(accs) > 1:
         spread = (max(accs) - min(accs)) / 2
         acc += f" ± {spread:.3f}"
-    return f"{acc} (lr {cell['best_learning_rate']:g}, state {fmt_count(cell['state_elements'])})"
+    mark = convergence_mark(cell)
+    return (
+        f"{acc}{' ' + mark if mark else ''} (lr {cell['best_learning_rate']:g}, "
+        f"state {fmt_count(cell['state_elements'])})"
+    )
 
 
 def long_text(cell: dict[str, Any]) -> str:
@@ -152,8 +177,18 @@ def positions_line(settings) -> str:
     return f"{flag[settings.use_rope]} ({'; '.join(parts)})"
 
 
+def wall_time_text(sessions: list[dict[str, Any]]) -> str:
+    """``12.3 min`` or, after --resume, ``12.3 min over 3 sessions (8.5 + 0.3 + 3.5 min)``."""
+    total = sum(x["wall_seconds"] for x in sessions)
+    text = f"{total / 60:.1f} min"
+    if len(sessions) > 1:
+        parts = " + ".join(f"{x['wall_seconds'] / 60:.1f}" for x in sessions)
+        text += f" over {len(sessions)} sessions ({parts} min)"
+    return text
+
+
 def markdown(
-    settings, results, cells, command: str, hardware: dict[str, Any], wall_seconds: float
+    settings, results, cells, command: str, hardware: dict[str, Any], sessions: list[dict]
 ) -> str:
     from .hardware import hardware_lines
 
@@ -176,13 +211,19 @@ def markdown(
         f"{', '.join(f'{lr:g}' for lr in settings.learning_rates)}); the cell shows its test "
         f"accuracy{' (mean ± half range over seeds)' if settings.seeds > 1 else ''}.",
         "",
-        f"{ok} of {len(results)} runs finished; grid wall time {wall_seconds / 60:.1f} min, "
+        f"{ok} of {len(results)} runs finished; grid wall time {wall_time_text(sessions)}, "
         f"CPU time of the runs {cpu / 60:.1f} min (each run's whole process: start, "
         "training, evaluation).",
         "",
         state_note(settings),
         "",
     ]
+    unsettled = sum(1 for c in cells if convergence_mark(c))
+    if unsettled:
+        lines += [
+            f"**{unsettled} of {len(cells)} cells had not converged** ({MARKS_LEGEND})",
+            "",
+        ]
     for pairs, table in tables(settings, cells).items():
         lines += [f"## {pairs} {what}, length {settings.seq_len}", "", table, ""]
     lines += [
@@ -200,8 +241,8 @@ def markdown(
     lines += [f"![accuracy vs d_model]({PLOT_NAME})", "", "## Every run", ""]
     lines += [
         "| architecture | d_model | " + what + " | lr | seed | val acc | test acc | "
-        f"acc at {long_len} | final train loss | params | train s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"acc at {long_len} | final train loss | converged | params | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.get("ok"):
@@ -210,12 +251,12 @@ def markdown(
                 f"| {r['architecture']} | {r['d_model']} | {r['pairs']} | "
                 f"{r['learning_rate']:g} | {r['seed']} | {fmt_acc(r['val_accuracy'])} | "
                 f"{fmt_acc(r['test_accuracy'])} | {long} | {r['final_train_loss']:.3f} | "
-                f"{r['parameters']:,} | {r['train_seconds']:.1f} |"
+                f"{converged_text(r)} | {r['parameters']:,} | {r['train_seconds']:.1f} |"
             )
         else:
             lines.append(
                 f"| {r['architecture']} | {r['d_model']} | {r['pairs']} | "
-                f"{r['learning_rate']:g} | {r['seed']} | FAILED: {r.get('error')} | | | | | |"
+                f"{r['learning_rate']:g} | {r['seed']} | FAILED: {r.get('error')} | | | | | | |"
             )
     lines += [
         "",
@@ -247,6 +288,14 @@ def markdown(
         "",
     ]
     return "\n".join(lines)
+
+
+def converged_text(run: dict[str, Any]) -> str:
+    if run.get("converged") is None:
+        return "?"
+    if run["converged"]:
+        return "yes"
+    return "no: " + ("loss still falling" if run.get("loss_falling") else "loss at chance level")
 
 
 def results_csv(results: list[dict[str, Any]]) -> str:
@@ -304,7 +353,7 @@ def write_outputs(
     cells,
     command: str,
     hardware: dict[str, Any],
-    wall_seconds: float,
+    sessions: list[dict[str, Any]],
 ) -> dict[str, Path]:
     from .plots import save_figure
 
@@ -323,7 +372,8 @@ def write_outputs(
         "settings": settings.to_dict(),
         "command": command,
         "hardware": hardware,
-        "wall_seconds": round(wall_seconds, 3),
+        "wall_seconds": round(sum(x["wall_seconds"] for x in sessions), 3),
+        "sessions": sessions,
         "cells": cells,
         "runs": results,
     }
@@ -331,6 +381,6 @@ def write_outputs(
     _atomic_write(paths["results.csv"], results_csv(results))
     save_figure(figure(settings, cells), paths[PLOT_NAME])
     _atomic_write(
-        paths["recall.md"], markdown(settings, results, cells, command, hardware, wall_seconds)
+        paths["recall.md"], markdown(settings, results, cells, command, hardware, sessions)
     )
     return paths

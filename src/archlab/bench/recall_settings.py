@@ -19,7 +19,7 @@ from ..models import registry
 from .recall_tasks import DEFAULT_VOCAB, TaskData, check_task
 from .recall_worker import RunSpec, model_config, resolve_device
 
-# The default grid, sized to finish in about 10 minutes on 2 CPU cores (measured with the five
+# The default grid, sized to finish in 10-15 minutes on 2 idle CPU cores (measured with the five
 # architectures of the registry; see README): every registered architecture, in registry order.
 DEFAULT_ARCHITECTURES = tuple(registry.SPECS)
 DEFAULT_D_MODELS = (32, 64)

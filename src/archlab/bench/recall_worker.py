@@ -207,6 +207,7 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
     g = torch.Generator().manual_seed(spec.seed)
     log_every = max(1, spec.steps // 50)
     metrics = open(run_dir / "metrics.jsonl", "w") if run_dir is not None else None
+    curve: list[tuple[int, float]] = []
     diverged_at: int | None = None
     loss_value = float("nan")
     t0, c0 = time.perf_counter(), time.process_time()
@@ -231,6 +232,8 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if (step + 1) % log_every == 0 or step + 1 == spec.steps:
+                curve.append((step + 1, loss_value))
             if metrics is not None and ((step + 1) % log_every == 0 or step + 1 == spec.steps):
                 rec = {
                     "step": step + 1,
@@ -261,6 +264,7 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
         "train_seconds": round(train_s, 3),
         "train_cpu_seconds": round(train_cpu, 3),
         "steps_run": spec.steps if diverged_at is None else diverged_at,
+        **training_trend(curve, spec.steps, data.num_values),
         "device": str(device),
     }
     if diverged_at is not None:
@@ -293,6 +297,45 @@ def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, 
         result["long_seq_len"] = long_len
     result["seconds"] = round(time.perf_counter() - t_start, 3)
     return result
+
+
+# Training has not converged when the mean logged loss of the last 20% of the run is below
+# that of the 20% before by more than this share (and by more than FALLING_MIN nats), or when
+# it never left the no-context level ln(values) (a plateau more steps may leave: Mamba on
+# selective copying sat there for ~350 steps before its loss fell to 0.03).
+FALLING_SHARE, FALLING_MIN, CHANCE_SHARE = 0.05, 0.01, 0.95
+
+
+def training_trend(curve: list[tuple[int, float]], steps: int, num_values: int) -> dict[str, Any]:
+    """Whether a run's loss curve (logged (step, loss)) had settled by its end.
+
+    ``loss_falling``: the last fifth's mean loss is below the fifth before by more than
+    FALLING_SHARE (relative) and FALLING_MIN (absolute); ``at_chance_loss``: the last fifth's
+    mean loss is within 5% of ln(values), the loss of a uniform guess over the answers.
+    """
+    late = [loss for s, loss in curve if s > 0.8 * steps and math.isfinite(loss)]
+    before = [loss for s, loss in curve if 0.6 * steps < s <= 0.8 * steps and math.isfinite(loss)]
+    if not late:
+        return {"loss_falling": None, "at_chance_loss": None, "converged": None}
+    end = sum(late) / len(late)
+    prev = sum(before) / len(before) if before else end
+    falling = prev - end > max(FALLING_SHARE * prev, FALLING_MIN)
+    at_chance = end >= CHANCE_SHARE * math.log(num_values)
+    return {
+        "late_loss": round(end, 4),
+        "loss_falling": falling,
+        "at_chance_loss": at_chance,
+        "converged": not (falling or at_chance),
+    }
+
+
+def read_curve(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, loss) from a run's metrics.jsonl (empty when it cannot be read)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -1,13 +1,15 @@
 """`archlab bench scaling`: time and memory of each architecture against sequence length.
 
 Time: a forward pass (eval mode, no grad) and a training step's forward+backward
-(cross-entropy plus MoE auxiliary losses) per point, after warm-up, median of repeats, all
-in this process with the same threads. Memory: every point in a FRESH process, because an
+(cross-entropy plus MoE auxiliary losses) per point, after warm-up, median of repeats with
+their interquartile range (every repeat is kept), all in this process with the same threads. Memory: every point in a FRESH process, because an
 allocator that already grew for a larger point hides a smaller one's needs. On CPU the peak
 is the resident-set high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
 after the model and inputs exist; ``ru_maxrss`` where that reset is unavailable); on CUDA
 ``torch.cuda.max_memory_allocated``. Reported as the peak above the memory held before the
-step (weights, inputs), i.e. what the step itself needs.
+step (weights, inputs), i.e. what the step itself needs; a tiny step runs first, so that
+what a fresh process's first step adds once (loading the fused kernels: ~125 MiB) is not
+counted there but reported apart (``*_setup_bytes``).
 
 This module measures (``run_sweep``; ``python -m archlab.bench.scaling SPEC`` is the fresh
 process of one memory point); ``scaling_report`` fits the exponents, finds the crossovers
@@ -59,7 +61,23 @@ class Point:
     fwd_bwd_mem_bytes: float | None = None
     fwd_peak_bytes: float | None = None  # absolute peak (RSS or CUDA allocated)
     fwd_bwd_peak_bytes: float | None = None
+    # what the first step of a fresh process adds once (kernels loaded / compiled, allocator
+    # arenas), measured on a tiny warm-up step and kept out of *_mem_bytes
+    fwd_setup_bytes: float | None = None
+    fwd_bwd_setup_bytes: float | None = None
+    fwd_samples: list[float] = field(default_factory=list)  # every timed repeat (seconds)
+    fwd_bwd_samples: list[float] = field(default_factory=list)
     error: str | None = None
+
+    def spread(self, mode: str) -> tuple[float, float] | None:
+        """The interquartile range of the timed repeats (min, max with fewer than four)."""
+        xs = sorted(getattr(self, f"{mode}_samples"))
+        if not xs:
+            return None
+        if len(xs) < 4:
+            return xs[0], xs[-1]
+        q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+        return q1, q3
 
 
 def bench_config(
@@ -126,8 +144,8 @@ def make_step(model: Any, idx: Any, targets: Any, mode: str):
     return step
 
 
-def time_step(step, device: str, warmup: int, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after ``warmup`` untimed ones."""
+def time_step(step, device: str, warmup: int, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         step()
     _sync(device)
@@ -137,7 +155,7 @@ def time_step(step, device: str, warmup: int, repeats: int) -> float:
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
 
 
 def _inputs(cfg: ModelConfig, batch: int, seq_len: int, device: str, seed: int):
@@ -167,6 +185,13 @@ def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
     device = spec["device"]
     cfg = ModelConfig.from_dict(spec["config"])
     model = _build(cfg, device, spec["seed"])
+    # A tiny step first: the first call of a fresh process loads (or compiles) the fused
+    # kernels and sets up allocator arenas, ~125 MiB on CPU that no later step needs again.
+    # It is reported apart (setup_bytes), not as the step's memory.
+    before_setup = _current_bytes(device)
+    tiny = _inputs(cfg, 1, min(8, spec["seq_len"]), device, spec["seed"])
+    make_step(model, *tiny, spec["mode"])()
+    setup = None if before_setup is None else _current_bytes(device) - before_setup
     idx, targets = _inputs(cfg, spec["batch_size"], spec["seq_len"], device, spec["seed"])
     step = make_step(model, idx, targets, spec["mode"])
     if device.startswith("cuda"):
@@ -187,7 +212,18 @@ def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
             base, method = cpu_peak_bytes(), "ru_maxrss"
         step()
         peak = cpu_peak_bytes()
-    return {"peak_bytes": peak, "base_bytes": base, "delta_bytes": peak - base, "method": method}
+    return {
+        "peak_bytes": peak, "base_bytes": base, "delta_bytes": peak - base, "method": method,
+        "setup_bytes": setup,
+    }  # fmt: skip
+
+
+def _current_bytes(device: str) -> int | None:
+    import torch
+
+    from ..train.metrics import current_memory_bytes
+
+    return current_memory_bytes(torch.device(device))
 
 
 def measure_memory(
@@ -238,8 +274,9 @@ def run_sweep(settings: ScalingSettings, progress=print) -> list[Point]:
                 try:
                     for mode in MODES:
                         step = make_step(model, idx, targets, mode)
-                        secs = time_step(step, device, settings.warmup, settings.repeats)
-                        setattr(pt, f"{mode}_s", secs)
+                        times = time_step(step, device, settings.warmup, settings.repeats)
+                        setattr(pt, f"{mode}_s", statistics.median(times))
+                        setattr(pt, f"{mode}_samples", times)
                 except (RuntimeError, MemoryError) as exc:
                     pt.error = str(exc).strip().splitlines()[0][:200]
                     if device.startswith("cuda"):
@@ -252,6 +289,7 @@ def run_sweep(settings: ScalingSettings, progress=print) -> list[Point]:
                             break
                         setattr(pt, f"{mode}_mem_bytes", mem["delta_bytes"])
                         setattr(pt, f"{mode}_peak_bytes", mem["peak_bytes"])
+                        setattr(pt, f"{mode}_setup_bytes", mem.get("setup_bytes"))
                 points.append(pt)
                 progress(point_line(pt))
             del model

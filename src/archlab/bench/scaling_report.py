@@ -45,16 +45,26 @@ class Crossover:
     model_size: str
     mode: str
     seq_len: float | None  # T from which the challenger stays cheaper than the reference
-    kind: str  # "crossing" | "throughout" | "none"
+    kind: str  # "crossing" | "range" | "throughout" | "none" | "undecided"
+    low: float | None = None  # the measured T below the crossing (crossing, range)
 
     def describe(self) -> str:
         what = "forward" if self.mode == "fwd" else "forward+backward"
         head = f"{self.architecture} vs {registry.REFERENCE} ({what}, {self.model_size})"
         if self.kind == "none":
             return f"{head}: none in range"
+        if self.kind == "undecided":
+            return f"{head}: undecided (the spreads overlap at the largest T)"
         if self.kind == "throughout":
             return f"{head}: cheaper at every measured T (from T={self.seq_len:.0f})"
-        return f"{head}: cheaper from T ~ {self.seq_len:.0f}"
+        if self.kind == "range":
+            return (
+                f"{head}: cheaper from somewhere between T={self.low:.0f} and "
+                f"T={self.seq_len:.0f} (the spreads leave the points between undecided)"
+            )
+        around = float(f"{self.seq_len:.2g}")  # two figures: the points are noisy
+        span = f" (between T={self.low:.0f} and the next measured T)" if self.low else ""
+        return f"{head}: cheaper from T ~ {around:.0f}{span}"
 
 
 def crossover(
@@ -79,6 +89,45 @@ def crossover(
     (t0, r0), (t1, r1) = pts[last_bad], pts[last_bad + 1]
     frac = r0 / (r0 - r1)  # r0 >= 0 > r1
     return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), "crossing"
+
+
+def verdict(dense: tuple[float, float] | None, other: tuple[float, float] | None) -> int:
+    """-1: other cheaper beyond the spread (its upper quartile below dense's lower one);
+    +1: dense cheaper beyond it; 0: the spreads overlap (or are unknown)."""
+    if dense is None or other is None:
+        return 0
+    if other[1] < dense[0]:
+        return -1
+    if other[0] > dense[1]:
+        return 1
+    return 0
+
+
+def crossover_with_spread(
+    seq_lens: list[int],
+    t_dense: list[float | None],
+    t_other: list[float | None],
+    verdicts: list[int],
+) -> tuple[float | None, str, float | None]:
+    """(T, kind, lower T): a crossover only where the spreads decide both sides of it.
+
+    The challenger must be cheaper beyond the spread at the largest T and every T after the
+    crossing. Adjacent decided points (dense cheaper, then other cheaper) are interpolated as
+    in ``crossover``; undecided points between them give a range instead of a value."""
+    if not verdicts or verdicts[-1] != -1:
+        kind = "none" if verdicts and verdicts[-1] == 1 else "undecided"
+        return None, kind, None
+    j = len(verdicts) - 1
+    while j > 0 and verdicts[j - 1] == -1:
+        j -= 1
+    if j == 0:
+        return float(seq_lens[0]), "throughout", None
+    if verdicts[j - 1] == 1:
+        pair = slice(j - 1, j + 1)
+        T, _ = crossover(seq_lens[pair], t_dense[pair], t_other[pair])
+        return T, "crossing", float(seq_lens[j - 1])
+    low = max((i for i in range(j) if verdicts[i] == 1), default=None)
+    return float(seq_lens[j]), "range", float(seq_lens[low if low is not None else 0])
 
 
 def analyse(points: list[Point]) -> dict[str, Any]:
@@ -108,25 +157,34 @@ def analyse(points: list[Point]) -> dict[str, Any]:
         mine = {p.seq_len: p for p in pts}
         common = sorted(set(dense) & set(mine))
         for mode in MODES:
-            T, kind = crossover(
-                common,
-                [getattr(dense[t], f"{mode}_s") for t in common],
-                [getattr(mine[t], f"{mode}_s") for t in common],
-            )
-            crossovers.append(Crossover(arch, size, mode, T, kind))
+            t_dense = [getattr(dense[t], f"{mode}_s") for t in common]
+            t_other = [getattr(mine[t], f"{mode}_s") for t in common]
+            if all(dense[t].spread(mode) and mine[t].spread(mode) for t in common):
+                verdicts = [verdict(dense[t].spread(mode), mine[t].spread(mode)) for t in common]
+                T, kind, low = crossover_with_spread(common, t_dense, t_other, verdicts)
+            else:  # points without their repeats (older scaling.json): medians only
+                (T, kind), low = crossover(common, t_dense, t_other), None
+            crossovers.append(Crossover(arch, size, mode, T, kind, low))
     return {"exponents": exponents, "crossovers": crossovers}
 
 
 # ---- output ------------------------------------------------------------------------------
 def table(points: list[Point]) -> str:
     header = (
-        "| Architecture | Size | T | Params | Fwd (ms) | Fwd+bwd (ms) | Fwd+bwd us/token "
-        "| Fwd mem (MiB) | Fwd+bwd mem (MiB) |"
+        "| Architecture | Size | T | Params | Fwd (ms) [IQR] | Fwd+bwd (ms) [IQR] "
+        "| Fwd+bwd us/token | Fwd mem (MiB) | Fwd+bwd mem (MiB) |"
     )
     lines = [header, "|" + "---|" * 9]
 
     def f(v: float | None, scale: float, fmt: str) -> str:
         return "-" if v is None else format(v * scale, fmt)
+
+    def ms(p: Point, mode: str) -> str:
+        text = f(getattr(p, f"{mode}_s"), 1e3, ".2f")
+        spread = p.spread(mode)
+        if spread is not None and len(getattr(p, f"{mode}_samples")) > 1:
+            text += f" [{spread[0] * 1e3:.2f}, {spread[1] * 1e3:.2f}]"
+        return text
 
     for p in points:
         per_tok = None if p.fwd_bwd_s is None else p.fwd_bwd_s / (p.seq_len * p.batch_size)
@@ -135,8 +193,8 @@ def table(points: list[Point]) -> str:
             p.model_size,
             str(p.seq_len),
             f"{p.total_params:,}",
-            f(p.fwd_s, 1e3, ".2f"),
-            f(p.fwd_bwd_s, 1e3, ".2f"),
+            ms(p, "fwd"),
+            ms(p, "fwd_bwd"),
             f(per_tok, 1e6, ".1f"),
             f(p.fwd_mem_bytes, 1 / 2**20, ".1f"),
             f(p.fwd_bwd_mem_bytes, 1 / 2**20, ".1f"),
@@ -239,10 +297,28 @@ def write_outputs(
     md += hardware_lines(hw)
     md += [
         "",
-        "Time: median of the repeats after warm-up, this process. Memory: one fresh process "
+        "Time: median of the repeats after warm-up, this process, with the interquartile "
+        "range [IQR] of the repeats. A crossover is named only where the IQRs do not overlap "
+        "on either side of it; otherwise a range, or undecided. Memory: one fresh process "
         "per point and mode; the peak above the memory held before the step (CPU: resident "
-        "set high-water mark; CUDA: max allocated).",
+        "set high-water mark; CUDA: max allocated), after a tiny first step whose one-time "
+        "memory (kernels loaded or compiled) is listed below, apart.",
         "",
     ]
+    md += setup_lines(points)
     paths["md"].write_text("\n".join(md))
     return paths
+
+
+def setup_lines(points: list[Point]) -> list[str]:
+    """The one-time memory of a fresh process's first step, per architecture (MiB, max over
+    its points), kept out of the table's memory columns."""
+    per: dict[str, float] = {}
+    for p in points:
+        for v in (p.fwd_setup_bytes, p.fwd_bwd_setup_bytes):
+            if v is not None:
+                per[p.architecture] = max(per.get(p.architecture, 0.0), v)
+    if not per:
+        return []
+    cells = ", ".join(f"{a} {v / 2**20:.1f} MiB" for a, v in per.items())
+    return [f"First-step setup memory (not in the table): {cells}.", ""]

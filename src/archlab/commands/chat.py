@@ -1,6 +1,7 @@
 """archlab chat: talk to an instruction-tuned checkpoint (RustGPT's interactive mode).
 
-On a terminal: prompt ``You: ``, answers streamed after ``Assistant: ``; ``exit``/``quit``,
+On a terminal: prompt ``You: `` with line editing and history (arrows, Ctrl-A/E...) through
+``readline`` where Python has it, answers streamed after ``Assistant: ``; ``exit``/``quit``,
 end of input (Ctrl-D) or Ctrl-C end the session with exit code 0. When stdin is not a
 terminal, every non-empty line is one question and each answer is printed on its own
 ``Assistant: ...`` line.
@@ -24,6 +25,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="answer each question on its own (default: earlier turns stay in context)",
     )
+
+
+def enable_line_editing() -> bool:
+    """Importing ``readline`` makes ``input()`` edit the line and recall earlier questions
+    (without it the Up arrow reaches the model as ``^[[A``); False where Python has none
+    (Windows without pyreadline)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _questions(interactive: bool):
@@ -70,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     )
     interactive = sys.stdin.isatty()
     if interactive:
+        enable_line_editing()
         print(
             f"Chatting with {loaded.path} ({loaded.config.architecture}, context "
             f"{loaded.config.max_seq_len} tokens). Type 'exit' or press Ctrl-D to quit."

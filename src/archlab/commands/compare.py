@@ -161,6 +161,10 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--model-size: one size per comparison (got {args.model_size!r})")
         raw["model_size"] = sizes[0]
 
+    if getattr(args, "device", None) in ("cuda", "mps"):  # refused here, not by every run
+        from ..train.device import pick_device
+
+        pick_device(args.device)
     # The comparison folder is locked for the command's life: a second compare into it is
     # refused (exit 2, naming the holder's pid); the kernel frees it when this process dies.
     if args.resume:

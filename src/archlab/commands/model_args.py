@@ -46,7 +46,7 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
     g.add_argument(
         "--n-heads", type=int, default=None, help="attention heads (dense, moe, hybrid, gdn)"
     )
-    g.add_argument("--d-ff", type=int, default=None, help="MLP width (all but mamba)")
+    g.add_argument("--d-ff", type=int, default=None, help="MLP width (all but mamba, mamba2)")
     g.add_argument("--max-seq-len", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
     _bool_flag(g, "--use-rope", "rotary position embedding instead of learned positions")
@@ -63,12 +63,29 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
         g, "--bias", "biases in attention and MLP linears (dense, moe, hybrid, hypermixer; none)"
     )
     g.add_argument(
-        "--state-size", type=int, default=None, help="SSM state size (mamba, hybrid; 16)"
+        "--state-size",
+        type=int,
+        default=None,
+        help="SSM state size (mamba, hybrid; 16; mamba2: 64-128 by size)",
     )
     g.add_argument(
-        "--conv-size", type=int, default=None, help="causal conv kernel (mamba, hybrid, gdn; 4)"
+        "--conv-size",
+        type=int,
+        default=None,
+        help="causal conv kernel (mamba, mamba2, hybrid, gdn; 4)",
     )
-    g.add_argument("--expand", type=int, default=None, help="inner expansion (mamba, hybrid; 2)")
+    g.add_argument(
+        "--expand", type=int, default=None, help="inner expansion (mamba, mamba2, hybrid; 2)"
+    )
+    g.add_argument(
+        "--ssd-head-dim", type=int, default=None, help="SSD head dim, headdim (mamba2; 32-64)"
+    )
+    g.add_argument(
+        "--ssd-groups", type=int, default=None, help="groups sharing B, C, ngroups (mamba2; 1)"
+    )
+    g.add_argument(
+        "--ssd-chunk-size", type=int, default=None, help="chunk of the training form (mamba2; 64)"
+    )
     g.add_argument("--num-experts", type=int, default=None, help="experts (moe only; 8)")
     g.add_argument(
         "--expert-capacity",
@@ -124,6 +141,9 @@ MODEL_KEYS = (
     "state_size",
     "conv_size",
     "expand",
+    "ssd_head_dim",
+    "ssd_groups",
+    "ssd_chunk_size",
     "num_experts",
     "top_k",
     "capacity_factor",

@@ -261,6 +261,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--debug-sigkill-at-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--debug-step-delay", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--debug-save-delay", type=float, default=0.0, help=argparse.SUPPRESS)
+    p.add_argument("--debug-flops-per-s", type=float, default=None, help=argparse.SUPPRESS)
 
 
 # ---- --config FILE -------------------------------------------------------------------------
@@ -403,6 +404,7 @@ def run(args: argparse.Namespace) -> int:
         sigkill_at_step=args.debug_sigkill_at_step,
         step_delay_s=args.debug_step_delay,
         save_delay_s=args.debug_save_delay,
+        flops_per_s=args.debug_flops_per_s,
     )
     try:
         summary = run_training(

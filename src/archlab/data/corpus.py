@@ -231,13 +231,14 @@ def _train_tokenizer(
         return load_tokenizer(setting["file"])
     train_texts = (d.text for d in docs if d.split == "train")
     if spec == "bpe":
-        log(
-            f"training byte-level BPE (vocab {setting['vocab_size']}) on the training split",
-            verbose,
-        )
+        # Each merge needs a pair seen twice: at most (UTF-8 bytes) / 2 merges, <= 2 per
+        # character. A larger request (--vocab-size 1e9) would only exhaust the trainer.
+        chars = sum(len(d.text) for d in docs if d.split == "train")
+        vocab = min(int(setting["vocab_size"]), 512 + 2 * chars)
+        log(f"training byte-level BPE (vocab {vocab}) on the training split", verbose)
         return train_bpe(
             train_texts,
-            setting["vocab_size"],
+            vocab,
             chat=src.chat,
             show_progress=verbose and sys.stderr.isatty(),
         )

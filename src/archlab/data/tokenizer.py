@@ -413,11 +413,18 @@ def tokenizer_from_json(text: str, origin: str = "tokenizer.json") -> TextTokeni
         raise UserError(f"tokenizer file {origin}: unknown archlab_kind {kind!r} (char, word)")
     from tokenizers import Tokenizer
 
+    if not isinstance(data.get("model"), dict):  # valid JSON, but no tokenizer in it
+        raise UserError(
+            f"{origin} is not a tokenizer: neither archlab's (archlab_kind) nor a Hugging "
+            "Face tokenizer.json (model)"
+        )
     try:
         tok = Tokenizer.from_str(text)
     except Exception as exc:  # tokenizers raises a plain Exception on bad files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"corrupt tokenizer file {origin}: {first}") from None
+        raise UserError(
+            f"corrupt tokenizer file {origin}: not a valid Hugging Face tokenizer ({first})"
+        ) from None
     try:
         return HFTokenizer(tok)
     except UserError as exc:

@@ -13,6 +13,13 @@ is refused with the reason (:class:`NotExportable`). The mapping per form:
 * ``mixtral`` -> ``MixtralForCausalLM``: the Llama form with a top-k (k >= 2) mixture of
   SwiGLU experts; Mixtral renormalises the top-k router probabilities as archlab does.
 * ``mamba`` -> ``MambaForCausalLM``: the module names of state-spaces/mamba are archlab's.
+* ``mamba2`` -> ``Mamba2ForCausalLM``: likewise (the gated norm is ``mixer.norm``); heads,
+  head dim, groups, state size and chunk size are written to its config.
+* ``olmo_hybrid`` -> ``OlmoHybridForCausalLM``: gdn with ``--mlp swiglu`` and
+  ``--gdn-attention-every K`` (OLMo-hybrid needs at least one full-attention layer, so the pure
+  form is refused); gdn's stacked ``in_proj`` is split into q/k/v/g/a/b_proj, beta is
+  sigmoid(b) (``linear_allow_neg_eigval=False``), the attention layers are OLMo's (QK-norm,
+  RoPE theta 10000, norms on the branch outputs).
 
 Each form (what selects it, its config, its weight names) is one entry of
 ``hf_forms.FORMS_TABLE``; the tokenizer conversion is ``hf_tokenizer``. This module picks the
@@ -41,7 +48,7 @@ class NotExportable(UserError):
 
 
 def hf_form(cfg: ModelConfig) -> str:
-    """The transformers form of ``cfg`` ("gpt2", "llama", "mixtral", "mamba") or NotExportable."""
+    """The transformers form of ``cfg`` (a ``hf_forms.FORMS`` name) or NotExportable."""
     from ..models import registry
 
     def refuse(why: str) -> NotExportable:
@@ -67,6 +74,8 @@ def hf_form(cfg: ModelConfig) -> str:
     got = (
         f"{'RoPE' if cfg.use_rope else 'learned positions'} + "
         f"{'RMSNorm' if cfg.use_rmsnorm else 'LayerNorm'} + {cfg.mlp.upper()}"
+        if registry.get(arch).learned_positions
+        else f"--mlp {cfg.mlp}"  # positions and norm are the architecture's own
     )
     if len(candidates) == 1:
         (only,) = candidates

@@ -264,6 +264,29 @@ def _olmo_hybrid_check(cfg: ModelConfig) -> str | None:
     return None
 
 
+def _mamba2_config(cfg: ModelConfig, common: dict[str, Any]) -> Any:
+    import transformers as tf
+
+    return tf.Mamba2Config(
+        hidden_size=cfg.d_model,
+        num_heads=cfg.d_inner // cfg.ssd_head_dim,
+        head_dim=cfg.ssd_head_dim,
+        n_groups=cfg.ssd_groups,
+        state_size=cfg.state_size,
+        num_hidden_layers=cfg.n_layers,
+        layer_norm_epsilon=cfg.norm_eps,
+        expand=cfg.expand,
+        conv_kernel=cfg.conv_size,
+        chunk_size=cfg.ssd_chunk_size,
+        use_bias=False,
+        use_conv_bias=True,
+        hidden_act="silu",
+        time_step_limit=(0.0, float("inf")),
+        residual_in_fp32=True,
+        **common,
+    )
+
+
 def _mixtral_check(cfg: ModelConfig) -> str | None:
     if cfg.bias:
         return "moe with biases: Mixtral's linears have none"
@@ -332,6 +355,21 @@ _OLMO_HYBRID_LAYER: tuple[Rule, ...] = (
         for j, n in enumerate(("gate_proj", "up_proj"))
     ),
     ("mlp.down_proj.weight", same("ffn.proj.weight")),
+)
+_MAMBA2_MIXER = (
+    "in_proj.weight",
+    "conv1d.weight",
+    "conv1d.bias",
+    "dt_bias",
+    "A_log",
+    "D",
+    "norm.weight",
+    "out_proj.weight",
+)
+_MAMBA_MODEL: tuple[Rule, ...] = (
+    ("backbone.embeddings.weight", same("tok_emb.weight")),
+    ("backbone.norm_f.weight", same("norm_f.weight")),
+    HEAD,
 )
 
 FORMS_TABLE: tuple[HFForm, ...] = (
@@ -412,11 +450,7 @@ FORMS_TABLE: tuple[HFForm, ...] = (
         flags="",
         described="mamba",
         config=_mamba_config,
-        weights=(
-            ("backbone.embeddings.weight", same("tok_emb.weight")),
-            ("backbone.norm_f.weight", same("norm_f.weight")),
-            HEAD,
-        ),
+        weights=_MAMBA_MODEL,
         layer_prefix="backbone.layers.{i}.",
         layer_weights=(
             ("norm.weight", same("norm1.weight")),
@@ -436,6 +470,22 @@ FORMS_TABLE: tuple[HFForm, ...] = (
         layer_prefix="model.layers.{i}.",
         layer_weights=_OLMO_HYBRID_LAYER,
         check=_olmo_hybrid_check,
+    ),
+    HFForm(
+        name="mamba2",
+        hf_class="Mamba2ForCausalLM",
+        architecture="mamba2",
+        title="Mamba-2",
+        requires=(),
+        flags="",
+        described="mamba2",
+        config=_mamba2_config,
+        weights=_MAMBA_MODEL,
+        layer_prefix="backbone.layers.{i}.",
+        layer_weights=(
+            ("norm.weight", same("norm1.weight")),
+            *((f"mixer.{name}", same(f"mixer.{name}")) for name in _MAMBA2_MIXER),
+        ),
     ),
 )
 FORMS_BY_NAME = {f.name: f for f in FORMS_TABLE}

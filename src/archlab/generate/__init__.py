@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from .chat import ChatFormat, ChatSession
+from .chat import ChatFormat, ChatSession, normalise_words
 from .decoding import (
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PREFILL_CHUNK,
@@ -26,7 +26,7 @@ from .decoding import (
     truncate_prompt,
 )
 from .sampling import SamplingParams, sample_token, top_k_filter, top_p_filter
-from .text import StopFilter, TextStream, Tokenizer, stop_ids_for, stream_text
+from .text import StopFilter, TextStream, Tokenizer, detokenize_words, stop_ids_for, stream_text
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -40,9 +40,11 @@ __all__ = [
     "StopFilter",
     "TextStream",
     "Tokenizer",
+    "detokenize_words",
     "generate",
     "generate_ids",
     "load",
+    "normalise_words",
     "resolve_device",
     "sample_token",
     "stop_ids_for",

@@ -39,6 +39,41 @@ class ChatFormat:
         return tokenizer.encode(f"{self.user_prefix}{question}{self.assistant_prefix}")
 
 
+# First words of a question: a word-level chat corpus ends its questions with "?" (RustGPT's
+# does, 141 of 144), so one typed without it gets it.
+QUESTION_WORDS = frozenset(
+    "what why how where when who whom whose which do does did is are was were can could "
+    "will would should shall may might have has had".split()
+)
+
+
+def normalise_words(tokenizer: Tokenizer, text: str) -> str:
+    """A question as a word-level tokenizer's training text spells it: each word in the
+    vocabulary's case (the first word capitalised, later ones lower-case, where the
+    vocabulary has that form), and a "?" after a question typed without end punctuation.
+
+    A word-level vocabulary is case-sensitive and knows nothing of "mountains?" vs
+    "mountains ?" vs "Mountains": without this, "what do mountains look like" is a different
+    (partly unknown) sequence from the trained "What do mountains look like?".
+    """
+    from ..data.tokenizer import split_words
+
+    words = split_words(text.strip())
+    if not words:
+        return text
+
+    def known(w: str) -> bool:
+        return tokenizer.token_to_id(w) is not None
+
+    out = []
+    for i, w in enumerate(words):
+        forms = (w.capitalize(), w.lower()) if i == 0 else (w.lower(), w.capitalize())
+        out.append(next((f for f in (*forms, w) if known(f)), w))
+    if out[-1] not in ".!?" and out[0].lower() in QUESTION_WORDS:
+        out.append("?")
+    return " ".join(out)
+
+
 @dataclass
 class ChatSession:
     """A conversation with a loaded model, kept within its context window.
@@ -96,6 +131,8 @@ class ChatSession:
         question = question.strip()
         if not question:
             raise UserError("empty question")
+        if getattr(self.loaded.tokenizer, "kind", None) == "word":
+            question = normalise_words(self.loaded.tokenizer, question)
         history, q = self.build_prompt(question)
         prompt = history + q
         tokens = generate_ids(

@@ -1,12 +1,15 @@
 """Streaming text: generated token ids -> text pieces, cut at stop strings.
 
-Incremental detokenisation never splits a multi-byte character (byte-level BPE), keeps the
-word spacing between prompt and continuation, and holds back any tail that could still become
-a stop string, so nothing after a stop is ever shown.
+Incremental detokenisation emits only complete characters (byte-level BPE splits multi-byte
+characters across tokens; a character still incomplete when generation ends is dropped, not
+shown as U+FFFD), keeps the word spacing between prompt and continuation, and holds back any
+tail that could still become a stop string, so nothing after a stop is ever shown. A word-level
+tokenizer's text ("sunlight , water .") is detokenised ("sunlight, water.").
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -26,6 +29,20 @@ class Tokenizer(Protocol):
     def token_to_id(self, token: str) -> int | None: ...
 
 
+# Word-level (RustGPT) text: tokens joined by single spaces. Closing punctuation and an
+# apostrophe attach to the word before, opening brackets and an apostrophe to the word after.
+_SPACE_BEFORE = re.compile(r" ([,.!?;:%)\]}'])")
+_SPACE_AFTER = re.compile(r"([(\[{']) ")
+
+
+def detokenize_words(text: str) -> str:
+    """``"Saturn ' s rings , ( big ) ."`` -> ``"Saturn's rings, (big)."``: the spacing of the
+    text a word-level tokenizer was trained on, which its decode (single spaces) loses. Only
+    removes spaces next to punctuation tokens, so the text of a prefix is a prefix of the text
+    of the whole (streaming relies on it)."""
+    return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
+
+
 class TextStream:
     """Turns generated tokens into text pieces without splitting a multi-byte character.
 
@@ -41,10 +58,15 @@ class TextStream:
         self.tokens = list(context_ids)[-STREAM_CONTEXT_TOKENS:]
         self.prefix_offset = 0
         self.read_offset = len(self.tokens)
+        self.words = getattr(tokenizer, "kind", None) == "word"
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids)
+        return detokenize_words(text) if self.words else text
 
     def _pending(self) -> str:
-        prefix = self.tokenizer.decode(self.tokens[self.prefix_offset : self.read_offset])
-        full = self.tokenizer.decode(self.tokens[self.prefix_offset :])
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
         if len(full) <= len(prefix) or not full.startswith(prefix):
             # the decoder rewrote the prefix (rare normalisations): emit what is new
             common = len(prefix) if full.startswith(prefix) else _common_prefix(prefix, full)
@@ -62,10 +84,11 @@ class TextStream:
         return piece
 
     def flush(self) -> str:
-        """Whatever is still held back at the end (an incomplete character decodes lossily)."""
+        """Whatever is still held back at the end, without an incomplete last character
+        (generation stopped inside it: its bytes are not a character, so nothing is shown)."""
         piece = self._pending() if self.read_offset < len(self.tokens) else ""
         self.prefix_offset = self.read_offset = len(self.tokens)
-        return piece
+        return piece.rstrip("\ufffd")
 
 
 class StopFilter:

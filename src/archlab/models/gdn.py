@@ -149,12 +149,14 @@ class GatedDeltaNet(nn.Module):
                 prev = v.new_zeros(B, H, dk, dv)
             o, S = gated_delta_step(prev, q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0])
             o = o.unsqueeze(1)  # (B, 1, H, dv)
-        elif x.is_cuda and _fla_chunk() is not None:
-            # fla: (B, T, H, .) layout, q scaled by `scale` inside (ours already is)
+        elif x.is_cuda and qkv.dtype in (torch.bfloat16, torch.float16) and _fla_chunk():
+            # fla's Triton kernel (half-precision q, k, v; float32 g, beta and state), in its
+            # (B, T, H, .) layout; q is already scaled and q, k normalised here
             o, S = _fla_chunk()(  # type: ignore[misc]
-                q, k, v, g, beta, scale=1.0, initial_state=prev,
-                output_final_state=state is not None,
+                q.to(qkv.dtype), k.to(qkv.dtype), v.to(qkv.dtype), g, beta, scale=1.0,
+                initial_state=prev, output_final_state=state is not None,
             )  # fmt: skip
+            o = o.to(dtype)
         else:
             o, S = chunk_gated_delta_rule(
                 *(t.transpose(1, 2) for t in (q, k, v, g, beta)), self.chunk_size, prev

@@ -18,6 +18,7 @@ MODULES = (
     "moe",
     "hybrid",
     "gdn",
+    "mamba2",
 )
 
 SPECS: dict[str, ArchitectureSpec] = {}

@@ -36,6 +36,9 @@ from ..fsutil import errno_reason, is_read_error, readable_like_the_others, writ
 
 CHECKPOINT_FILES = ("model.safetensors", "config.json", "tokenizer.json", "trainer_state.pt")
 _STEP_RE = re.compile(r"^step_(\d+)$")
+# Set (by --skip-checksums, inherited by child processes): load checkpoints without
+# checksums.json unverified instead of refusing them.
+SKIP_CHECKSUMS_ENV = "ARCHLAB_SKIP_CHECKSUMS"
 
 
 class CheckpointError(UserError):
@@ -278,7 +281,13 @@ def verify_checkpoint(ckpt: Path) -> None:
         )
     sums_path = ckpt / "checksums.json"
     if not sums_path.is_file():
-        return
+        if os.environ.get(SKIP_CHECKSUMS_ENV, "") not in ("", "0"):
+            return
+        raise CheckpointError(
+            f"checkpoint {ckpt} has no checksums.json (archlab writes one with every "
+            "checkpoint), so its files cannot be verified; pass --skip-checksums to load it "
+            "unverified"
+        )
     try:
         sums = json.loads(sums_path.read_text())
     except (OSError, ValueError) as exc:

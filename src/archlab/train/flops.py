@@ -61,17 +61,41 @@ def _mamba(module: nn.Module, seq_len: int) -> MixerFlops:
     return MixerFlops(analytic=9.0 * module.d_inner * module.state_size)
 
 
+def _ssd(module: nn.Module, seq_len: int) -> MixerFlops:
+    # Mamba-2's chunked SSD (models/ssd.py) at chunk Q = min(chunk, T) over nc = ceil(T / Q)
+    # chunks (a ragged last chunk is padded), all matmuls: per chunk C B^T 2 Q^2 N per group,
+    # the masked scores times x 2 Q^2 P per head, each chunk's state 2 Q P N and the carried
+    # state's output 2 Q N P per head; per sequence the state passing 2 (nc + 1)^2 P N per
+    # head. The decay mask's product with the scores (Q^2 per head and chunk) is elementwise.
+    T = max(1, seq_len)
+    H, P, G, N = module.nheads, module.headdim, module.ngroups, module.state_size
+    Q = max(1, min(module.chunk_size, T))
+    nc = -(-T // Q)
+    per_chunk = 2.0 * Q * Q * N * G + H * (2.0 * Q * Q * P + 4.0 * Q * P * N)
+    visible = (nc * per_chunk + H * 2.0 * (nc + 1) ** 2 * P * N) / T
+    return MixerFlops(visible=visible, analytic=H * Q * Q * nc / T)
+
+
 def _gated_deltanet(module: nn.Module, seq_len: int) -> MixerFlops:
     # the chunked rule (models/delta_rule.py), per head and token, C = the chunk as run:
-    # K beta K^T and Q K^T (2 C dk each), the state reads [Q; W] S (4 dk dv), the in-chunk
-    # A V' (2 C dv), the state write K^T V' (2 dk dv); the triangular solve C (dk + dv) is
-    # not a matmul the counter sees. A ragged last chunk is padded: n C / T of the cost.
+    # K beta K^T and Q K^T (2 C dk each), (I + L)^-1 [beta V, beta e^gamma K] (2 C (dk + dv)),
+    # the state reads [Q; W] S (4 dk dv), the in-chunk A V' (2 C dv), the state write
+    # K^T V' (2 dk dv); the inverse itself (doubling merges 2 sum s^2 forward, 4 C^2 for its
+    # hand-written backward: a third of it per forward-equivalent). A ragged last chunk is
+    # padded: n C / T of the cost.
     H, dk, dv = module.n_heads, module.head_k_dim, module.head_v_dim
     T = max(1, seq_len)
     C = max(1, min(module.chunk_size, T))
     padded = -(-T // C) * C / T
-    visible = H * (4.0 * C * dk + 2.0 * C * dv + 6.0 * dk * dv) * padded
-    return MixerFlops(visible=visible, analytic=H * C * (dk + dv) * padded)
+    s, P, merges = min(8, C), min(8, C), 0.0
+    while P < C:
+        P *= 2
+    while s < P:
+        merges += 2.0 * s * s
+        s *= 2
+    inverse = (merges + 4.0 * P * P * P / C) / 3.0
+    rule = 4.0 * C * dk + 2.0 * C * (dk + dv) + 2.0 * C * dv + 6.0 * dk * dv
+    return MixerFlops(visible=H * (rule + inverse) * padded)
 
 
 def _hypermixing(module: nn.Module, seq_len: int) -> MixerFlops:
@@ -101,6 +125,7 @@ MIXER_FLOPS: dict[str, Callable[[nn.Module, int], MixerFlops]] = {
     "RustGPTAttention": _rustgpt_attention,
     "MambaMixer": _mamba,
     "GatedDeltaNet": _gated_deltanet,
+    "Mamba2Mixer": _ssd,
     "CausalHyperMixing": _hypermixing,
     "CausalSequenceHyperMixer": _rustgpt_hypermixing,
 }

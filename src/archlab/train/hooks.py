@@ -21,6 +21,7 @@ class DebugHooks:
     sigkill_at_step: int | None = None  # SIGKILL self right after this step (and its checkpoint)
     step_delay_s: float = 0.0  # sleep after every step (lets a test signal a run mid-way)
     save_delay_s: float = 0.0  # sleep inside every checkpoint write (a test aborts a save)
+    flops_per_s: float | None = None  # the pre-run estimate's throughput, instead of timing it
 
     def after_step(self, step: int) -> None:
         """Called by the loop once step ``step`` (and its eval/checkpoint) is done."""

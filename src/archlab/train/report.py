@@ -186,6 +186,11 @@ class RunLog:
     def step(self, step: int, loss: float, lr: float, seconds: float) -> None:
         self.progress.step(step, loss, lr, seconds)
 
+    def note(self, text: str) -> None:
+        """An informational line (silenced by --quiet); rank 0 only."""
+        if self.writer is not None:
+            self.progress.message(text, progress=True)
+
     def warn(self, text: str) -> None:
         """A warning line (printed also with --quiet); rank 0 only."""
         if self.writer is not None:

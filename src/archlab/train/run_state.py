@@ -66,6 +66,8 @@ def resume_paths(resume: str | bool, out_dir: str | None) -> tuple[Path, Path]:
     run_path = Path(target)
     if not run_path.exists():
         raise UserError(f"--resume: {run_path} does not exist")
+    if not run_path.is_dir():
+        raise UserError(f"--resume: {run_path} is a file, not a run or checkpoint folder")
     is_ckpt = (run_path / "model.safetensors").exists() or (run_path / "config.json").exists()
     return run_path, ckpt_mod.run_dir_of(run_path) if is_ckpt else run_path
 
@@ -81,8 +83,10 @@ def merge_resumed_config(
             setattr(saved, key, new)
         elif new != old:
             flag = "--" + key.replace("_", "-")
+            was = "not given" if old is None else old
             raise UserError(
-                f"{flag} {new} differs from the run being resumed ({old}); drop it or start a new run"
+                f"{flag} {new} differs from the run being resumed ({flag}: {was}); drop it or "
+                "start a new run"
             )
     if "out_dir" not in explicit or saved.out_dir is None:
         saved.out_dir = str(ckpt_mod.run_dir_of(resume_ckpt))

@@ -214,6 +214,29 @@ def prepare_data(
     return data_dir, meta
 
 
+def check_seq_len_early(
+    cfg: TrainConfig, model_arg: Any, spec: ModelSpec, ckpt_cfg: ModelConfig | None
+) -> None:
+    """--seq-len above a learned-position model's window: refused before any data is
+    prepared (the vocabulary, which the data fixes, does not change the window)."""
+    if cfg.seq_len is None:
+        return
+    if ckpt_cfg is not None:
+        model_cfg = ckpt_cfg
+    elif isinstance(model_arg, ModelConfig):
+        model_cfg = model_arg
+    else:
+        try:
+            model_cfg = spec.build(1)
+        except ConfigError:
+            return  # reported with the data's vocabulary, once it is known
+    if model_cfg.uses_learned_positions and cfg.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(
+            f"--seq-len {cfg.seq_len} exceeds the model's max_seq_len "
+            f"{model_cfg.max_seq_len} (learned positions): lower --seq-len or raise --max-seq-len"
+        )
+
+
 # ---- 4. the model's configuration and the budget -----------------------------------------------
 def resolve_model_config(
     model_arg: Any, spec: ModelSpec, ckpt_cfg: ModelConfig | None, data_vocab: int, data_dir: Path

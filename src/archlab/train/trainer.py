@@ -40,7 +40,9 @@ from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .device import amp_dtype, device_type, pick_device
 from .distributed import all_reduce_max, all_reduce_sum, init_distributed, shutdown
+from .estimate import Estimate, estimate, warm_up
 from .evaluate import Evaluator, eval_batches
+from .flops import flops_per_token
 from .hooks import DebugHooks
 from .lr_table import rate_for_model
 from .metrics import (
@@ -71,6 +73,7 @@ from .setup import (
     FolderClaims,
     build_optimization,
     build_run_model,
+    check_seq_len_early,
     check_steps_left,
     checkpoint_model_config,
     claim_run_dir,
@@ -145,16 +148,18 @@ class Trainer:
         self.cfg, self.resume_ckpt = start.cfg, start.resume_ckpt
         if self.cfg.num_threads is not None:  # after a resume merged the run's saved setting
             torch.set_num_threads(self.cfg.num_threads)
-        # 2. The run folder, locked. From here a failure is this run's own and is recorded in
-        # its summary.json; a resumed run's folder only once its checkpoint is restored.
+        # 2. Before any folder is made or data prepared: explicit model settings must fit a
+        # checkpoint we continue from, a resume must have steps left, --seq-len must fit.
+        ckpt_cfg = checkpoint_model_config(start, model_arg, spec)
+        check_steps_left(start, self.dist.world_size)
+        check_seq_len_early(self.cfg, model_arg, spec, ckpt_cfg)
+        # 3. The run folder, locked. From here a failure is this run's own and is recorded in
+        # its summary.json; a resumed run's folder only once its checkpoint is restored. Then
+        # the data, tokenized with the source checkpoint's tokenizer.
         arch = requested_architecture(spec, model_arg)
         self.run_dir = claim_run_dir(self.cfg, start, arch, self.dist, self.claims)
         self.stop.run_dir = self.run_dir
         self.owns_run_dir = start.resume_ckpt is None
-        # 3. Explicit model settings must fit a checkpoint we continue from (checked before
-        # any data is prepared), then the data, tokenized with that checkpoint's tokenizer.
-        ckpt_cfg = checkpoint_model_config(start, model_arg, spec)
-        check_steps_left(start, self.dist.world_size)
         preset = requested_preset(spec, model_arg, ckpt_cfg)
         verbose = bool(self.progress)
         self.data_dir, self.meta = prepare_data(self.cfg, start, preset, self.dist, verbose)
@@ -296,9 +301,17 @@ class Trainer:
         cfg, stepper = self.cfg, self.stepper
         self.log = log = self._open_log()
         self.model.train()
+        data_rng = self.sampler.position()  # the data position before the batches
+        batches, n_tok = self._draw_step() if self.step < self.total_steps else ([], 0)
+        # Kernels compile here, before the clock; the estimate comes from the warm pass.
+        run_estimate = self._estimate(batches[0]) if batches else None
         reset_peak_memory(self.device)
         self.clock.start()
         log.start(self.model.summary(), self.run_dir, f"device {self.device}")
+        if run_estimate is not None:
+            log.note(run_estimate.line())
+            for warning in run_estimate.warnings():
+                log.warn(f"archlab train: {warning}")
         # A resumed run continues the log interval its checkpoint was written in.
         interval = LogInterval.from_pending(
             (self.start.state or {}).get("pending_log"), self.device
@@ -307,8 +320,6 @@ class Trainer:
         val_loss, last_eval_step = float("nan"), -1
         last_ckpt_step = self.step if self.resume_ckpt is not None else -1
 
-        data_rng = self.sampler.position()  # the data position before the batches
-        batches, n_tok = self._draw_step() if self.step < self.total_steps else ([], 0)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             lr = self.schedule.apply(self.optimizer, self.step)
@@ -344,12 +355,38 @@ class Trainer:
                 break
         log.end_progress()
         return self._finish(
+            run_estimate=run_estimate,
             val_loss=val_loss,
             evaluated=last_eval_step == self.step,
             saved=last_ckpt_step == self.step,
             data_rng=data_rng,
             interval=interval,
             times=times,
+        )
+
+    def _estimate(self, batch: tuple[Tensor, Tensor]) -> Estimate:
+        """Warm-up passes on this rank's first micro-batch (train/estimate.py); the estimate."""
+        x, y = batch
+        cold, warm = warm_up(self.model, x, y, self.device, self.autocast_dtype)
+        cfg, world = self.cfg, self.dist.world_size
+        steps = self.total_steps - self.step
+        evals = steps // cfg.eval_interval + 1 if cfg.eval_interval else 1
+        fpt = flops_per_token(self.model, self.seq_len)
+        given = self.hooks.flops_per_s
+        return estimate(
+            model=self.model,
+            optimizer=self.optimizer,
+            flops_per_token=fpt,
+            micro_batch_tokens=x.numel() * world,
+            warm_s=warm,
+            cold_s=cold,
+            steps=steps,
+            tokens_per_step=self.tokens_per_step,
+            eval_tokens=evals * cfg.eval_steps * cfg.batch_size * self.seq_len * world,
+            device=self.device,
+            run_dir=self.run_dir,  # type: ignore[arg-type]
+            keep_checkpoints=cfg.keep_checkpoints,
+            flops_per_s=given,
         )
 
     def _draw_step(self) -> tuple[list[tuple[Tensor, Tensor]], int]:
@@ -401,6 +438,7 @@ class Trainer:
     def _finish(
         self,
         *,
+        run_estimate: Estimate | None,
         val_loss: float,
         evaluated: bool,
         saved: bool,
@@ -445,6 +483,9 @@ class Trainer:
             resumed_from=self.resume_ckpt,
         )
         summary.update(run_context(self.meta, self.recipe, val_loss if evaluated else None))
+        if run_estimate is not None:  # the warm-up (compilation) is outside train_time_s
+            summary["warmup_s"] = run_estimate.warmup_s
+            summary["estimated_s"] = run_estimate.seconds
         if self.dist.is_main:
             write_json_atomic(self.run_dir / "summary.json", summary)  # type: ignore[operator]
             self.summary_written = True

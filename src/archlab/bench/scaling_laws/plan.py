@@ -1,0 +1,164 @@
+"""The study's runs: one `archlab train` process per (architecture, rung, seed), via compare.
+
+Every run is a compare ``RunSpec`` whose command is compare's ``child_command`` for a
+one-architecture protocol (the rung's token budget and learning rate) plus the rung's shape
+flags, trained by compare's ``train_one`` (own process, live progress, signals forwarded,
+continued from its checkpoint on --resume) and read back by compare's ``collect_run``. The
+order is rung-major, smallest first and seeds inside, so an interrupted study has whole small
+rungs and the ETA is learnt from cheap runs first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from ...progress import eta_seconds
+from ..compare_plan import RunSpec, run_finished
+from ..compare_runner import CompareProgress
+from ..compare_settings import CompareSettings, settings_from_flags
+from .settings import Rung, ScaleSettings, recipes_available, shape_flags
+
+
+@dataclass
+class LadderRun:
+    """One process of the study: a rung, a seed, its compare protocol and RunSpec."""
+
+    rung: Rung
+    seed: int
+    protocol: CompareSettings
+    spec: RunSpec
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def rung_protocol(s: ScaleSettings, rung: Rung) -> CompareSettings:
+    """compare's protocol for one rung: its budget and rate, everything else the study's."""
+    protocol = settings_from_flags(
+        {
+            "architectures": [rung.architecture],
+            "max_tokens": rung.tokens,
+            "seq_len": s.seq_len,
+            "batch_size": s.batch_size,
+            "learning_rate": rung.learning_rate,
+            "eval_steps": s.eval_steps,
+            "use_amp": s.use_amp,
+            "device": s.device,
+            "num_threads": s.num_threads,
+        }
+    )
+    protocol.data = s.data
+    return protocol
+
+
+def plan_ladder(s: ScaleSettings, rungs: list[Rung], out_dir: Path) -> list[LadderRun]:
+    """Every (depth, architecture, seed), smallest rung first."""
+    extra_recipe = ["--recipe", s.recipe] if recipes_available() else []
+    runs = []
+    for depth in s.depths:
+        for rung in (r for r in rungs if r.depth == depth):
+            protocol = rung_protocol(s, rung)
+            for seed in s.seed_list:
+                run_dir = out_dir / f"{rung.name}-seed{seed}"
+                spec = RunSpec(
+                    rung.architecture,
+                    seed,
+                    run_dir,
+                    learning_rate=rung.learning_rate,
+                    extra_args=shape_flags(rung.shape) + extra_recipe,
+                )
+                runs.append(LadderRun(rung, seed, protocol, spec))
+    return runs
+
+
+class LadderProgress(CompareProgress):
+    """compare's progress lines and bars, with the ETA weighted by each run's FLOPs: a rung
+    costs about its FLOPs, so time per FLOP of the runs done predicts the ones left."""
+
+    label = "scale"
+
+    def __init__(
+        self,
+        stream: TextIO,
+        runs: list[LadderRun],
+        finished: set[str],
+        mode: str | None = None,
+        every_s: float | None = None,
+    ) -> None:
+        super().__init__(stream, 0, 0, mode=mode, every_s=every_s)  # no step-based overall bar
+        self.n_runs = len(runs)
+        self.runs_done = sum(r.name in finished for r in runs)
+        self.flops_left = sum(r.rung.train_flops for r in runs if r.name not in finished)
+        self.flops_session = 0.0  # FLOPs trained by this process so far (finished runs)
+        self.run: LadderRun | None = None
+
+    def start(self, run: LadderRun) -> None:
+        """The next run: its steps size the current bar; its FLOPs the ETA."""
+        self.run = run
+        self.steps_per_run = run.rung.steps
+
+    def _current_flops(self) -> float:
+        if self.run is None or not self.run.rung.steps:
+            return 0.0
+        done = self.run_step - (self.run_first or 0)
+        return self.run.rung.train_flops * done / self.run.rung.steps
+
+    def eta(self) -> float | None:
+        """Time per FLOP so far x FLOPs left; unknown ("?") until a run has finished in
+        this process (a run's start-up would dominate). Small rungs come first and pay more
+        start-up per FLOP, so early estimates run high."""
+        if self.flops_session <= 0:
+            return None
+        done = self.flops_session + self._current_flops()
+        left = self.flops_left - done
+        return eta_seconds(done, max(left, 0.0), time.monotonic() - self.t0)
+
+    def end_run(self) -> None:
+        if self.run is not None:
+            self.flops_session += self.run.rung.train_flops
+        super().end_run()
+        self.run = None
+
+
+def train_ladder(
+    s: ScaleSettings,
+    runs: list[LadderRun],
+    out_dir: Path,
+    resume: bool,
+    stream: TextIO,
+    say: Callable[[str], None] | None,
+    quiet: bool,
+) -> dict[str, tuple[int | None, str | None]]:
+    """Train every run not finished yet (compare's train_one); run name -> (rc, stderr tail)."""
+    from .. import compare
+
+    finished = {r.name for r in runs if resume and run_finished(r.spec.run_dir)}
+    progress = LadderProgress(stream, runs, finished, mode="off" if quiet else None)
+    say = say or progress.message
+    total = sum(r.rung.train_flops for r in runs)
+    left = sum(r.rung.train_flops for r in runs if r.name not in finished)
+    say(
+        f"archlab scale: {len(s.architectures)} architectures x {len(s.depths)} depths x "
+        f"{s.seeds} seed(s) = {len(runs)} runs, {total:.3g} training FLOPs"
+        + (f" ({left:.3g} left)" if finished else "")
+        + f", {s.tokens_per_param:g} tokens per parameter, data {s.data} -> {out_dir}"
+    )
+    codes: dict[str, tuple[int | None, str | None]] = {}
+    try:
+        for i, run in enumerate(runs, start=1):
+            prefix = f"[{i}/{len(runs)} {run.name}]"
+            if run.name in finished:
+                say(f"{prefix} already finished; skipped")
+                continue
+            progress.start(run)
+            codes[run.name] = compare.train_one(
+                run.protocol, run.spec, out_dir / "logs", progress, prefix, say, resume
+            )
+    finally:
+        progress.close()
+    return codes

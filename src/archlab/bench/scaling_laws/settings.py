@@ -1,0 +1,325 @@
+"""What a scaling study is: its settings, the ladder's one dial, budgets, rates and checks.
+
+The dial is nanochat's ``--depth`` (a size rule's own head width, e.g. Mamba-2's, is capped at
+``head_dim``): depth D gives the dense reference shape n_layers = D,
+d_model = width_per_depth x D, heads of ``head_dim`` channels, MLP 4 x d_model, context =
+seq_len; every other architecture takes that shape through its own size rule
+(``SPEC.size_override``, the rule the size presets use: Mamba doubles the layers, the
+HyperMixer adds 40%, the hybrid rounds to an even count, MoE matches active parameters), so
+its parameters stay comparable to dense's at every rung. Each run trains for
+``tokens_per_param`` x its (active) parameters, rounded up to whole optimizer steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from ...errors import UserError
+
+# The default ladder: four rungs of one dial (d_model 16..64) at 10 tokens per parameter, the
+# low end of the Chinchilla range (its compute-optimal ratio is about 20; 20 doubles the time),
+# on the stories corpus with a 1,024-token BPE (a small vocabulary keeps the embedding from
+# being most of a small model). Sized for about 30 minutes on 2 CPU cores for the registry's
+# architectures (measured: README, "Scaling laws"). Four rungs and one seed leave one degree of
+# freedom per fit: wide intervals, often too wide to call a crossover.
+DEFAULT_DEPTHS = (1, 2, 3, 4)
+DEFAULT_RATIO = 10.0
+DEFAULT_WIDTH_PER_DEPTH = 16
+DEFAULT_HEAD_DIM = 16
+DEFAULT_SEQ_LEN = 128
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_VOCAB = 1024
+DEFAULT_RECIPE = "modern"
+FLAG_NAMES = {
+    "architectures": "--architectures",
+    "depths": "--depths",
+    "tokens_per_param": "--tokens-per-param",
+    "width_per_depth": "--width-per-depth",
+    "head_dim": "--head-dim",
+    "seq_len": "--seq-len",
+    "batch_size": "--batch-size",
+    "learning_rate": "--learning-rate",
+    "recipe": "--recipe",
+    "eval_steps": "--eval-steps",
+    "use_amp": "--use-amp",
+    "device": "--device",
+    "num_threads": "--num-threads",
+    "seed": "--seed",
+    "seeds": "--seeds",
+    "bootstrap": "--bootstrap",
+    "data": "--data",
+}
+
+
+@dataclass
+class ScaleSettings:
+    """Everything that defines a study; stored in scale.json, checked on --resume."""
+
+    architectures: list[str]
+    depths: list[int] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
+    tokens_per_param: float = DEFAULT_RATIO
+    width_per_depth: int = DEFAULT_WIDTH_PER_DEPTH
+    head_dim: int = DEFAULT_HEAD_DIM
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
+    learning_rate: float | None = None  # None: the learning-rate table's rate per width
+    recipe: str = DEFAULT_RECIPE
+    eval_steps: int = 4
+    use_amp: bool = False
+    device: str = "auto"
+    num_threads: int | None = None
+    seed: int = 0
+    seeds: int = 1
+    bootstrap: int = 1000  # bootstrap draws of every fit
+    data: str = ""  # the prepared folder every run reads
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScaleSettings:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def settings_from_flags(raw: dict[str, Any]) -> ScaleSettings:
+    """Defaults for what the user left unset and every check that needs no data."""
+    given = {k: v for k, v in raw.items() if v is not None}
+    depths = given.get("depths")
+    if depths is not None:
+        if any(d < 1 for d in depths):
+            raise UserError(f"--depths: every depth must be >= 1 (got {_ints(depths)})")
+        if len(set(depths)) != len(depths):
+            raise UserError(f"--depths: {_ints(depths)} repeats a depth")
+        if len(depths) < 2:
+            raise UserError(
+                f"--depths {_ints(depths)}: a ladder of one size cannot fit a scaling law; "
+                "give two or more depths (three or more to fit the irreducible loss E)"
+            )
+        given["depths"] = sorted(depths)
+    ratio = given.get("tokens_per_param")
+    if ratio is not None and not (math.isfinite(ratio) and ratio > 0):
+        raise UserError(f"--tokens-per-param: must be a positive number (got {ratio})")
+    for key in ("width_per_depth", "head_dim", "seq_len", "batch_size", "eval_steps", "seeds"):
+        if given.get(key) is not None and given[key] < 1:
+            raise UserError(f"{FLAG_NAMES[key]}: must be >= 1 (got {given[key]})")
+    if given.get("num_threads") is not None and given["num_threads"] < 1:
+        raise UserError(f"--num-threads: must be >= 1 (got {given['num_threads']})")
+    if given.get("bootstrap") is not None and given["bootstrap"] < 100:
+        raise UserError(f"--bootstrap: at least 100 draws (got {given['bootstrap']})")
+    lr = given.get("learning_rate")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"--learning-rate: must be a positive number (got {lr})")
+    if "recipe" in given:
+        given["recipe"] = check_recipe(given["recipe"])
+    return ScaleSettings(**given)
+
+
+def _ints(values: list[int]) -> str:
+    return ",".join(map(str, values))
+
+
+def check_recipe(recipe: str) -> str:
+    """The recipe name (helper of archlab.recipes where it exists)."""
+    try:
+        from ...recipes import check_recipe as check
+    except ImportError:  # no recipes in this checkout: the trainer's defaults
+        if recipe not in ("modern", "classic"):
+            raise UserError(
+                f"--recipe: unknown recipe {recipe!r} (allowed: modern, classic)"
+            ) from None
+        return recipe
+    return check(recipe)
+
+
+# ---- the ladder ------------------------------------------------------------------------------
+@dataclass
+class Rung:
+    """One (architecture, depth) of the ladder: its shape, size, compute and rate."""
+
+    architecture: str
+    depth: int
+    shape: dict[str, int]  # the ModelConfig fields the dial sets for this architecture
+    params: int  # active parameters (MoE: per token), what the token budget is counted from
+    total_params: int
+    flops_per_token: float  # training FLOPs per token (train/flops.py)
+    steps: int
+    tokens: int  # steps x tokens per step (ratio x params, rounded up to whole steps)
+    learning_rate: float
+    lr_source: str
+
+    @property
+    def train_flops(self) -> float:
+        return self.flops_per_token * self.tokens
+
+    @property
+    def name(self) -> str:
+        return f"{self.architecture}-d{self.depth}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"train_flops": self.train_flops}
+
+
+def dense_shape(depth: int, s: ScaleSettings) -> dict[str, int]:
+    """The dial: the dense reference shape of depth ``depth`` (nanochat's --depth rule)."""
+    d_model = s.width_per_depth * depth
+    return dict(
+        d_model=d_model,
+        n_layers=depth,
+        n_heads=max(1, d_model // s.head_dim),
+        d_ff=4 * d_model,
+        max_seq_len=s.seq_len,
+    )
+
+
+def arch_shape(arch: str, depth: int, s: ScaleSettings) -> dict[str, int]:
+    """Dense's shape through the architecture's size rule, only the fields it uses."""
+    from ...config import __getattr__ as config_attr
+    from ...models import registry
+
+    base = dense_shape(depth, s)
+    spec = registry.get(arch)
+    shape = dict(base, **(spec.size_override(base) if spec.size_override else {}))
+    for key in [k for k in shape if k.endswith("head_dim")]:
+        # a head width the size rule fixes for preset widths (Mamba-2's 64) is capped at the
+        # study's --head-dim, so that the narrow rungs still split into whole heads
+        shape[key] = min(shape[key], s.head_dim)
+    only_some: dict[str, tuple[str, ...]] = config_attr("ARCHITECTURE_FIELDS")
+    return {k: v for k, v in shape.items() if k not in only_some or arch in only_some[k]}
+
+
+def shape_flags(shape: dict[str, int]) -> list[str]:
+    """The `archlab train` flags of a shape: --d-model 32 --n-layers 2 ..."""
+    out: list[str] = []
+    for key, value in shape.items():
+        out += ["--" + key.replace("_", "-"), str(value)]
+    return out
+
+
+def learning_rate_for(s: ScaleSettings, arch: str, d_model: int) -> tuple[float, str]:
+    """(rate, where it came from): --learning-rate, else the learning-rate table's rate for
+    this width (its stated rule between swept sizes), else compare's default, said so."""
+    from ..compare_settings import DEFAULT_LEARNING_RATE
+
+    if s.learning_rate is not None:
+        return s.learning_rate, "given (--learning-rate)"
+    try:
+        from ...train.lr_table import rate_for_width
+    except ImportError:
+        rate_for_width = None
+    if rate_for_width is not None:
+        try:
+            choice = rate_for_width(arch, s.recipe, d_model)
+            return choice.rate, choice.source
+        except UserError as exc:
+            why = str(exc).split(";")[0]
+            return DEFAULT_LEARNING_RATE, f"compare's default ({why})"
+    return DEFAULT_LEARNING_RATE, "compare's default (no learning-rate table in this checkout)"
+
+
+def rung_config(s: ScaleSettings, arch: str, depth: int, vocab_size: int) -> Any:
+    """The validated ModelConfig of one rung; a shape the architecture refuses is one line."""
+    from ...config import ConfigError, preset_config
+
+    shape = arch_shape(arch, depth, s)
+    try:
+        return preset_config(
+            arch, model_size="nano", vocab_size=vocab_size, **recipe_overrides(s, arch), **shape
+        )
+    except ConfigError as exc:
+        desc = " ".join(f"{k}={v}" for k, v in shape.items())
+        raise UserError(f"--depths {depth}: {arch} refuses the shape {desc} ({exc})") from None
+
+
+def check_shapes(s: ScaleSettings) -> None:
+    """Every rung's shape, before any folder or data work (the vocabulary changes no check)."""
+    for arch in s.architectures:
+        for depth in s.depths:
+            rung_config(s, arch, depth, 256)
+
+
+def build_ladder(s: ScaleSettings, vocab_size: int) -> list[Rung]:
+    """Every (architecture, depth) rung: shape, parameters, FLOPs, budget and rate."""
+    from ...models import build_model
+    from ...train.flops import flops_per_token
+
+    rungs = []
+    for arch in s.architectures:
+        for depth in s.depths:
+            cfg = rung_config(s, arch, depth, vocab_size)
+            shape = arch_shape(arch, depth, s)
+            model = build_model(cfg, device="meta")
+            active = int(model.num_active_parameters())
+            steps = max(1, math.ceil(s.tokens_per_param * active / s.tokens_per_step))
+            rate, source = learning_rate_for(s, arch, shape["d_model"])
+            rungs.append(
+                Rung(
+                    architecture=arch,
+                    depth=depth,
+                    shape=shape,
+                    params=active,
+                    total_params=int(model.num_parameters()),
+                    flops_per_token=flops_per_token(model, s.seq_len),
+                    steps=steps,
+                    tokens=steps * s.tokens_per_step,
+                    learning_rate=rate,
+                    lr_source=source,
+                )
+            )
+    return rungs
+
+
+def recipe_overrides(s: ScaleSettings, arch: str) -> dict[str, Any]:
+    """The recipe's model fields (archlab.recipes where it exists; else none)."""
+    try:
+        from ...recipes import recipe_fields
+    except ImportError:
+        return {}
+    return recipe_fields(s.recipe, arch)
+
+
+def recipes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("archlab.recipes") is not None
+
+
+# ---- saved settings and --resume ----------------------------------------------------------
+def load_saved_settings(out_dir: Path) -> ScaleSettings:
+    path = out_dir / "scale.json"
+    if not path.exists():
+        raise UserError(f"--resume: {out_dir} is not an archlab scale folder (no scale.json)")
+    try:
+        return ScaleSettings.from_dict(json.loads(path.read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"--resume: cannot read {path} ({exc})") from None
+
+
+def check_resume_flags(saved: ScaleSettings, raw: dict[str, Any]) -> None:
+    """Explicit flags given with --resume must agree with the saved study."""
+    for key, value in raw.items():
+        if value is None or key == "data":
+            continue
+        mine = getattr(saved, key)
+        if key == "depths":
+            value = sorted(value)
+        if mine != value:
+            shown = _ints(value) if isinstance(value, list) and key == "depths" else value
+            if isinstance(value, list) and key == "architectures":
+                shown = ",".join(value)
+            raise UserError(
+                f"--resume: {FLAG_NAMES[key]} {shown} differs from this study's "
+                f"{mine} (scale.json); drop the flag or use a new --out-dir"
+            )

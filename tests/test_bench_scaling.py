@@ -154,12 +154,15 @@ def test_cli_scaling_writes_consistent_outputs(tmp_path: Path, capsys) -> None:
         (["--architectures", "dense,gpt5"], "unknown architecture 'gpt5'"),
         (["--seq-lens", "64,abc"], "--seq-lens: expected comma-separated integers"),
         (["--model-size", "huge"], "--model-size: unknown size 'huge'"),
-        (["--repeats", "0"], "--repeats: must be >= 1"),
+        (["--repeats", "0"], "--repeats: must be an integer >= 1"),
         (["--d-model", "30", "--n-heads", "4"], "--n-heads"),
     ],
 )
 def test_cli_scaling_bad_input(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
-    rc = main(["bench", "scaling", "--out-dir", str(tmp_path / "x"), *argv])
+    try:  # argparse's own refusals (a flag's checked type) leave through SystemExit
+        rc = main(["bench", "scaling", "--out-dir", str(tmp_path / "x"), *argv])
+    except SystemExit as exc:
+        rc = exc.code
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()

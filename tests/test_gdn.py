@@ -255,10 +255,8 @@ def test_prefill_then_decode_equals_the_full_forward_float64():
 @pytest.mark.parametrize(
     "argv,needle",
     [
-        (["--gdn-chunk-size", "0"], "--gdn-chunk-size: must be >= 1"),
         (["--conv-size", "1"], "--conv-size: must be >= 2"),
         (["--n-heads", "5"], "--n-heads: the key width"),
-        (["--gdn-expand-v", "0"], "--gdn-expand-v: must be >= 1"),
         (["--gdn-attention-every", "9"], "--gdn-attention-every 9: larger than --n-layers"),
         (["--gdn-attention-every", "2", "--n-heads", "3", "--gdn-head-dim", "8"], "--n-heads"),
         (["--bias"], "--bias: not used by --architecture gdn"),
@@ -284,6 +282,6 @@ def test_summary_lines_and_alias(capsys):
     assert main(["summary", "--architecture", "gated-deltanet", "--gdn-attention-every", "2"]) == 0
     out = capsys.readouterr().out
     for line in ("Architecture Type: Gated DeltaNet", "GDN Heads: 4", "Key Head Dim: 24",
-                 "Value Head Dim: 48", "Chunk Size: 64", "Full Attention Every: 2",
+                 "Value Head Dim: 48", "Chunk Size: 32", "Full Attention Every: 2",
                  "1: GatedDeltaNetBlock", "2: AttentionBlock"):  # fmt: skip
         assert line in out, out

@@ -116,7 +116,7 @@ def add_model_args(parser: argparse.ArgumentParser, architecture_required: bool 
         "--gdn-expand-v", type=int, default=None, help="value head dim / key head dim (gdn; 2)"
     )
     g.add_argument(
-        "--gdn-chunk-size", type=int, default=None, help="chunk of the training form (gdn; 64)"
+        "--gdn-chunk-size", type=int, default=None, help="chunk of the training form (gdn; 32)"
     )
     g.add_argument(
         "--gdn-attention-every",

@@ -92,8 +92,21 @@ def warmup_warning(warmup_steps: int, total_steps: int) -> str | None:
     return None
 
 
+class _Schedule:
+    """What every schedule shares: set step ``step``'s rate on every parameter group."""
+
+    def lr_at(self, step: int) -> float:
+        raise NotImplementedError
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        lr = self.lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+
 @dataclass(frozen=True)
-class WarmupCosineSchedule:
+class WarmupCosineSchedule(_Schedule):
     """Linear warmup from lr/warmup to lr, then cosine decay to lr * min_lr_ratio.
 
     ``lr_at(step)`` is the rate of optimizer step ``step`` (0-based); the last step of the run
@@ -115,12 +128,6 @@ class WarmupCosineSchedule:
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return floor + 0.5 * (self.learning_rate - floor) * (1.0 + math.cos(math.pi * progress))
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = self.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
     def state_dict(self) -> dict:
         return {
             "name": "cosine",
@@ -136,7 +143,7 @@ DEFAULT_DECAY_FRACTION = 0.2  # WSD's decay: the last 20% of the run (Hägele et
 
 
 @dataclass(frozen=True)
-class WarmupStableDecaySchedule:
+class WarmupStableDecaySchedule(_Schedule):
     """Linear warmup to lr, constant lr, then linear decay to lr * min_lr_ratio over the last
     ``round(decay_fraction * total_steps)`` steps (at least 1); the last step reaches the floor.
 
@@ -165,12 +172,6 @@ class WarmupStableDecaySchedule:
         floor = self.learning_rate * self.min_lr_ratio
         progress = min(1.0, (step - start + 1) / (self.total_steps - start))
         return self.learning_rate - (self.learning_rate - floor) * progress
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = self.lr_at(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
 
     def state_dict(self) -> dict:
         return {

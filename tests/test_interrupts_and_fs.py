@@ -334,9 +334,11 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_previous(
     rc = main(["train", *COMMON, "--data", str(data), "--out-dir", str(run),
                "--checkpoint-interval", "2", "--quiet", *THREADS])  # fmt: skip
     err = capsys.readouterr().err  # --quiet: no model summary or progress lines
-    # the pre-run estimate warns first that the kept checkpoints come near the free disk
-    warn, line = [x for x in err.splitlines() if x.strip()]
-    assert "Traceback" not in err and "come near the" in warn and "free" in warn
+    # where the kept checkpoints come near this machine's free disk, the pre-run estimate
+    # warns first; that depends on the disk, so only the error line is pinned
+    lines = [x for x in err.splitlines() if x.strip() and "come near the" not in x]
+    assert "Traceback" not in err and len(lines) == 1
+    line = lines[0]
     assert rc == 1
     assert line == (
         f"archlab train: error: no space left on device writing checkpoint step 4 in {run}; "
@@ -383,9 +385,11 @@ def test_a_real_full_disk_while_training_and_preparing(data, tmp_path, capsys, m
     rc = main(["train", *COMMON, "--data", str(data), "--out-dir", str(run),
                "--checkpoint-interval", "2", "--quiet", *THREADS])  # fmt: skip
     err = capsys.readouterr().err  # --quiet: no model summary or progress lines
-    # the pre-run estimate warns first that the kept checkpoints come near the free disk
-    warn, line = [x for x in err.splitlines() if x.strip()]
-    assert "Traceback" not in err and "come near the" in warn and "free" in warn
+    # where the kept checkpoints come near this machine's free disk, the pre-run estimate
+    # warns first; that depends on the disk, so only the error line is pinned
+    lines = [x for x in err.splitlines() if x.strip() and "come near the" not in x]
+    assert "Traceback" not in err and len(lines) == 1
+    line = lines[0]
     assert rc == 1
     assert line == (
         f"archlab train: error: no space left on device writing checkpoint step 4 in {run}; "

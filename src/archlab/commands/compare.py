@@ -1,7 +1,7 @@
 """`archlab compare`: train architectures under one protocol; table, winners, report, plots.
 
-With no arguments: all five architectures at nano size on the built-in stories, about five
-minutes on 2 CPU cores. Exit code 0 when at least one run finished, 1 when all failed,
+With no arguments: every registered architecture at nano size on the built-in stories, each
+at its tuned rate under the modern recipe (wall time: see DEFAULT_BUDGET_NOTE). Exit code 0 when at least one run finished, 1 when all failed,
 2 for a user error (unknown architecture, budget below one step, existing out-dir, ...).
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 def register(subparsers: Any) -> None:
     from ..bench.compare import DEFAULT_BUDGET_NOTE
+    from ..models import registry
 
     p = subparsers.add_parser(
         "compare",
@@ -25,7 +26,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--architectures",
         default=None,
-        help="comma list, aliases ok (default: dense,hypermixer,mamba,moe,hybrid)",
+        help="comma list, aliases ok (default: every registered architecture, "
+        + ",".join(registry.SPECS)
+        + ")",
     )
     p.add_argument("--model-size", default=None, help="size preset for all (default: nano)")
     p.add_argument(
@@ -54,7 +57,14 @@ def register(subparsers: Any) -> None:
     )
     g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch (16)")
     g.add_argument("--gradient-accumulation-steps", type=int, default=None, help="(1)")
-    g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (1e-3)")
+    g.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="peak AdamW rate for every "
+        "architecture (default: each architecture's rate from the shipped table, "
+        "src/archlab/train/lr_table.json)",
+    )
     g.add_argument(
         "--learning-rates",
         default=None,

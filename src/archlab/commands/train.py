@@ -173,7 +173,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--learning-rate", type=float, default=None, help="peak AdamW rate (3e-4)")
+    g.add_argument(
+        "--learning-rate",
+        type=float,
+        default=None,
+        help="peak AdamW rate "
+        "(default: the shipped table's rate for the architecture, size and recipe)",
+    )
     g.add_argument(
         "--warmup-steps",
         type=int,

@@ -4,7 +4,7 @@ import os as _os
 import signal as _signal
 import sys as _sys
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 __all__ = [
     "ConfigError",

@@ -19,6 +19,8 @@ import threading
 import traceback
 from collections.abc import Iterator
 
+from ._version import __version__
+from .commands.parser import DEBUG_HELP, ArgumentParser, add_common_flags
 from .errors import Interrupted, UserError, is_out_of_memory, out_of_memory_line
 from .fsutil import os_error_line
 from .streams import RESULT_ON_STDOUT, guard_streams
@@ -64,24 +66,11 @@ def respell(message: str, argv: list[str]) -> str:
     return message
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """Unknown flags and bad values: one line, exit 2, no usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-LOADS_CHECKPOINTS = ("train", "generate", "chat", "eval", "export")
-DEBUG_HELP = "show the full Python traceback of an error (also: ARCHLAB_DEBUG=1)"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="archlab",
         description="Train and compare small language-model architectures under one protocol.",
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"archlab {__version__}")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
@@ -93,18 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not built in this checkout
             raise
         module.register(sub)
-    for command_parser in sub.choices.values():  # `archlab train ... --debug` works too
-        command_parser.add_argument(
-            "--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP
-        )
-    for name in LOADS_CHECKPOINTS:
-        if name in sub.choices:
-            sub.choices[name].add_argument(
-                "--skip-checksums",
-                action="store_true",
-                default=argparse.SUPPRESS,
-                help="load a checkpoint that has no checksums.json without verifying its files",
-            )
+    add_common_flags(sub)
     install_checks(parser)  # every value: type, finiteness, range (values.py)
     return parser
 

@@ -11,57 +11,46 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import UserError
+from .errors import ConfigError, UserError
+from .models import registry
+from .models.layers import swiglu_width
+
+__all__ = ["ConfigError", "ModelConfig", "UserError", "preset_config", "swiglu_width"]
 
 MODEL_SIZES = ("nano", "micro", "tiny", "medium", "large")
 PRESETS = ("rustgpt",)
 MLP_TYPES = ("gelu", "swiglu")
 
 # The architectures themselves are declared by their modules (models/registry.py); this module
-# names none. ARCHITECTURES, ALIASES, DISPLAY_NAMES and ARCHITECTURE_FIELDS are read from the
-# registry on first use (module __getattr__: the registry imports the model modules, which
-# import this one).
+# names none and sits above the registry: the blocks import no part of it but its type (under
+# TYPE_CHECKING) and ConfigError (errors.py). ARCHITECTURES, ALIASES, DISPLAY_NAMES and
+# ARCHITECTURE_FIELDS are live views of the registry (a test may add an architecture to it).
 
 
 def _spec(name: str) -> Any:
-    from .models import registry
-
     return registry.get(name)
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("ARCHITECTURES", "ALIASES", "DISPLAY_NAMES", "ARCHITECTURE_FIELDS"):
-        from .models import registry
+def architecture_fields() -> dict[str, tuple[str, ...]]:
+    """field -> the architectures that use it, for the fields only some architectures use."""
+    specs = registry.SPECS.values()
+    fields = dict.fromkeys(f for s in specs for f in s.fields)
+    return {f: tuple(s.name for s in specs if f in s.fields) for f in fields}
 
-        specs = registry.SPECS.values()
-        if name == "ARCHITECTURES":
-            return tuple(registry.SPECS)
-        if name == "ALIASES":
-            return dict(registry.ALIASES)
-        if name == "DISPLAY_NAMES":
-            return {s.name: s.display_name for s in specs}
-        fields = dict.fromkeys(f for s in specs for f in s.fields)
-        return {f: tuple(s.name for s in specs if f in s.fields) for f in fields}
+
+def __getattr__(name: str) -> Any:
+    if name == "ARCHITECTURES":
+        return tuple(registry.SPECS)
+    if name == "ALIASES":
+        return dict(registry.ALIASES)
+    if name == "DISPLAY_NAMES":
+        return {s.name: s.display_name for s in registry.SPECS.values()}
+    if name == "ARCHITECTURE_FIELDS":
+        return architecture_fields()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ConfigError(UserError, ValueError):
-    """A configuration a user asked for is invalid; the message is one line for the CLI."""
-
-
-def swiglu_width(gelu_width: int, multiple_of: int = 8) -> int:
-    """SwiGLU hidden width with the parameters of a GELU MLP of ``gelu_width`` (Llama's rule).
-
-    A GELU MLP has 2 d f weights, SwiGLU 3 d h (gate, up, down): h = 2 f / 3, rounded up to a
-    multiple of ``multiple_of`` as Llama's ``FeedForward`` does (f = 4 d gives Llama's 8 d / 3).
-    """
-    hidden = int(2 * gelu_width / 3)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-
-
 def canonical_architecture(name: str) -> str:
-    from .models import registry
-
     key = name.strip().lower()
     key = registry.ALIASES.get(key, key)
     if key not in registry.SPECS:
@@ -162,6 +151,11 @@ class ModelConfig:
         return self.hypermixer_mixing_dim or max(1, self.d_model // 2)
 
     @property
+    def uses_rmsnorm(self) -> bool:
+        """RMSNorm when asked, and always where the architecture's spec says so (Mamba, Samba)."""
+        return self.use_rmsnorm or _spec(self.architecture).norm == "rmsnorm"
+
+    @property
     def uses_learned_positions(self) -> bool:
         """Learned absolute positions bound the sequence length; RoPE and Mamba do not."""
         if self.preset == "rustgpt":
@@ -205,7 +199,7 @@ class ModelConfig:
             raise ConfigError(
                 f"--mlp {self.mlp}: the rustgpt preset is the seed's fixed model (ReLU feed-forward)"
             )
-        uses_bias = self.architecture in __getattr__("ARCHITECTURE_FIELDS").get("bias", ())
+        uses_bias = self.architecture in architecture_fields().get("bias", ())
         if not self.bias and self.preset == "rustgpt" and uses_bias:
             raise ConfigError("--no-bias: the rustgpt preset is the seed's fixed model (biases)")
         if not 0.0 <= self.dropout < 1.0:
@@ -220,8 +214,6 @@ class ModelConfig:
                 f"--preset: unknown preset {self.preset!r} (allowed: {', '.join(PRESETS)})"
             )
         if self.preset == "rustgpt" and spec.rustgpt_block is None:
-            from .models import registry
-
             names = [s.name for s in registry.SPECS.values() if s.rustgpt_block is not None]
             raise ConfigError(
                 f"--preset rustgpt: only defined for --architecture {' or '.join(names)}"
@@ -255,7 +247,7 @@ def check_fields_apply(
     ``given``: the ModelConfig fields set explicitly (flags or --config keys).
     """
     arch = canonical_architecture(architecture)
-    arch_fields: dict[str, tuple[str, ...]] = __getattr__("ARCHITECTURE_FIELDS")
+    arch_fields: dict[str, tuple[str, ...]] = architecture_fields()
     given = [k for k in given if k in arch_fields or k in RUSTGPT_FIXED]
     if preset is not None and model_size is not None:
         raise ConfigError(
@@ -337,7 +329,7 @@ def preset_config(
             tie_weights=False,
             # the seed's linears have biases; an architecture without attention/MLP linears
             # (mamba) has no bias to set, and no --bias anybody gave to blame
-            bias=arch in __getattr__("ARCHITECTURE_FIELDS").get("bias", (arch,)),
+            bias=arch in architecture_fields().get("bias", (arch,)),
             hypernetwork_hidden_dim=32,
             hypermixer_mixing_dim=64,
             preset="rustgpt",

@@ -15,6 +15,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class ConfigError(UserError, ValueError):
+    """A configuration a user asked for is invalid; the message is one line for the CLI."""
+
+
 class FileSystemError(UserError):
     """The file system refused a write or read (disk full, read-only, permission): exit 1."""
 

@@ -80,7 +80,7 @@ def load_reference(data_dir: Path, meta: dict[str, Any]) -> Reference:
 
 def _baselines(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     try:
-        from ..data.baselines import load_baselines
+        from ..data.folder import load_baselines
     except ImportError:  # before the data baselines landed: whatever meta.json holds
         return {k: meta.get(k) for k in ("unigram_entropy", "bigram_entropy")}
     stored = {k: meta.get(k) for k in ("unigram_entropy", "bigram_entropy")}

@@ -452,13 +452,17 @@ def _report_interrupt(summary: dict[str, Any]) -> int:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    """The ``train`` subparser (to read its actions when applying --config)."""
-    from ..cli import build_parser
+    """The ``train`` subparser (to read its actions when applying --config), built as
+    ``cli.build_parser`` builds it: the command's flags, the common ones, checked types."""
+    from ..values import install_checks
+    from .parser import ArgumentParser, add_common_flags
 
-    for action in build_parser()._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action.choices["train"]
-    raise AssertionError("train command not registered")
+    parser = ArgumentParser(prog="archlab")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    register(sub)
+    add_common_flags(sub)
+    install_checks(parser)
+    return sub.choices["train"]
 
 
 OOM_ADVICE = (

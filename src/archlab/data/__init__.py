@@ -5,7 +5,8 @@ Public API (the data contract): :func:`prepare_dataset`, :func:`resolve_data`,
 :class:`TokenDataset`, :func:`load_tokenizer`, :class:`TextTokenizer`.
 """
 
-from .baselines import compute_baselines, load_baselines
+from .baselines import compute_baselines
+from .folder import load_baselines
 from .loader import TokenDataset
 from .prepare import load_meta, prepare_dataset, resolve_data
 from .tokenizer import TextTokenizer, load_tokenizer

@@ -199,33 +199,3 @@ def baselines_of_folder(data_dir: str | os.PathLike, meta: dict[str, Any]) -> di
         train_mask=arrays["train_mask"],
         val_mask=arrays["val_mask"],
     )
-
-
-def _stored(meta: dict[str, Any]) -> dict[str, float] | None:
-    vals = {k: meta.get(k) for k in BASELINE_KEYS}
-    if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals.values()):
-        return {k: float(v) for k, v in vals.items()}  # type: ignore[arg-type]
-    return None
-
-
-def load_baselines(data_dir: str | os.PathLike) -> dict[str, float]:
-    """The folder's ``{"unigram_entropy", "bigram_entropy"}`` (nats/token).
-
-    Read from meta.json when ``prepare`` stored them; for a folder prepared by an older archlab
-    (no such keys) they are computed from its token files on every call and nothing is written
-    back, so a folder shared or read-only is never modified and no stale value is cached.
-    """
-    from .folder import data_files_ok, load_meta
-
-    meta = load_meta(data_dir)
-    stored = _stored(meta)
-    if stored is not None:
-        return stored
-    problem = data_files_ok(Path(data_dir), meta)
-    if problem:
-        from ..errors import UserError
-
-        raise UserError(
-            f"data folder {data_dir} is incomplete ({problem}); re-run `archlab prepare --force`"
-        )
-    return baselines_of_folder(data_dir, meta)

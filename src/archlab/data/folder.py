@@ -5,7 +5,8 @@ is written the same way: under the folder's lock (a sibling ``.NAME.lock``), int
 temporary sibling folder that is renamed into place when complete, so an error or a kill
 never leaves a half-written folder. ``meta.json`` holds a hash of every setting that made the
 data (``settings_digest``); a folder whose hash matches is reused as it is, and its data
-baselines (unigram and bigram entropy) are stored in it when an older archlab left them out.
+baselines (unigram and bigram entropy) are stored in it when an older archlab left them out,
+and read from it by :func:`load_baselines` (the arithmetic is ``baselines.py``'s).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -236,7 +238,7 @@ def max_token_id(path: Path, dtype: str) -> int:
 
 def write_meta(d: Path, meta: dict[str, Any]) -> None:
     """meta.json with the format and archlab versions first and the creation time."""
-    from .. import __version__
+    from .._version import __version__
 
     meta = {"format_version": FORMAT_VERSION, "archlab_version": __version__, **meta}
     for split in ("train", "val"):  # checked against the vocabulary when the folder is opened
@@ -271,3 +273,29 @@ def add_missing_baselines(out: Path, verbose: bool) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+def _stored(meta: dict[str, Any]) -> dict[str, float] | None:
+    vals = {k: meta.get(k) for k in BASELINE_KEYS}
+    if all(isinstance(v, (int, float)) and math.isfinite(v) for v in vals.values()):
+        return {k: float(v) for k, v in vals.items()}  # type: ignore[arg-type]
+    return None
+
+
+def load_baselines(data_dir: str | os.PathLike) -> dict[str, float]:
+    """The folder's ``{"unigram_entropy", "bigram_entropy"}`` (nats/token).
+
+    Read from meta.json when ``prepare`` stored them; for a folder prepared by an older archlab
+    (no such keys) they are computed from its token files on every call and nothing is written
+    back, so a folder shared or read-only is never modified and no stale value is cached.
+    """
+    meta = load_meta(data_dir)
+    stored = _stored(meta)
+    if stored is not None:
+        return stored
+    problem = data_files_ok(Path(data_dir), meta)
+    if problem:
+        raise UserError(
+            f"data folder {data_dir} is incomplete ({problem}); re-run `archlab prepare --force`"
+        )
+    return baselines_of_folder(data_dir, meta)

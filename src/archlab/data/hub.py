@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from ..errors import UserError
-from .sources import Doc, Source
+from .documents import Doc, Source
 
 DATASET = "roneneldan/TinyStories"
 LOCAL_HINT = (

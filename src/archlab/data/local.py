@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import UserError
-from .sources import Doc, Source
+from .documents import Doc, Source
 
 SUPPORTED = (".txt", ".jsonl", ".parquet")
 DEFAULT_SEPARATOR = "<|endoftext|>"

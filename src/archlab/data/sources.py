@@ -10,12 +10,13 @@ import hashlib
 import os
 import sys
 import sysconfig
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .documents import Doc, Source
 
 BUILTIN_SOURCES = (
     "stories",
@@ -28,32 +29,6 @@ BUILTIN_SOURCES = (
 )
 CHAT_FORMAT = {"user": "User:", "assistant": "Assistant:", "end": "</s>"}
 DEFAULT_NUM_STORIES = 30_000  # ~2.7M train + ~0.3M val BPE tokens at vocab 4096
-
-
-@dataclass
-class Doc:
-    """One document. ``segments`` (chat): (text, counts_for_loss) pieces whose concatenation is
-    ``text``; ``split`` forces "train"/"val" (sources with official splits), else hashed."""
-
-    text: str
-    logp: float | None = None
-    segments: tuple[tuple[str, bool], ...] | None = None
-    split: str | None = None
-
-
-@dataclass
-class Source:
-    name: str  # default output folder name
-    kind: str
-    fingerprint: dict[str, Any]
-    docs: Callable[[], Iterator[Doc]]
-    num_docs: int | None = None  # for the progress bar, when known
-    default_tokenizer: str = "bpe"
-    chat: bool = False
-    has_logp: bool = False
-    split_mode: str = "hash"  # "hash" by content, "given" by the source, "tail" for one doc
-    vocab_texts: Callable[[], Iterator[str]] | None = None  # word vocabulary from these texts
-    info: dict[str, Any] = field(default_factory=dict)  # extra meta.json fields
 
 
 # --------------------------------------------------------------------------------------

@@ -6,12 +6,16 @@ its own :class:`~archlab.models.spec.ArchitectureSpec`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..config import ModelConfig
 from . import registry
 from .lm import InferenceCache, LanguageModel
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> LanguageModel:

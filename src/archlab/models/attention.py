@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
 from .layers import RMSNorm, RotaryEmbedding
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 def causal_mask(

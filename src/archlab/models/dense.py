@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
-from ..config import ModelConfig
 from .attention import CausalSelfAttention, kv_cache_elements
 from .layers import make_mlp, make_norm
 from .rustgpt import RustGPTBlock
 from .spec import ATTENTION_FIELDS, MLP_FLAGS, ArchitectureSpec, check_attention_heads
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 class DenseBlock(nn.Module):

@@ -25,16 +25,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig
+from ..errors import ConfigError
 from .attention import CausalSelfAttention, kv_cache_elements
 from .delta_rule import chunk_gated_delta_rule, gated_delta_step
 from .layers import make_mlp, make_norm
 from .spec import ArchitectureSpec, SummaryField, check_attention_heads
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 # initialisation of the reference (OLMo-hybrid / fla): A ~ U[0, 16], dt log-uniform, floored
 A_INIT_RANGE, DT_MIN, DT_MAX, DT_INIT_FLOOR = (0.0, 16.0), 1e-3, 1e-1, 1e-4

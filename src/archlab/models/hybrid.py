@@ -9,11 +9,13 @@ keys and values, so memory stays constant however long the generation.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig
+from ..errors import ConfigError
 from .attention import CausalSelfAttention, causal_mask, kv_cache_elements
 from .layers import RotaryEmbedding, make_mlp, make_norm
 from .mamba import SPEC as MAMBA_SPEC
@@ -25,6 +27,9 @@ from .spec import (
     SummaryField,
     check_attention_heads,
 )
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 class HybridMambaBlock(nn.Module):

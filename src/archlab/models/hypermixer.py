@@ -75,15 +75,18 @@ from __future__ import annotations
 
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
 from .hypermixer_rustgpt import RustGPTHyperMixerBlock
 from .layers import make_mlp, make_norm
 from .spec import MLP_FLAGS, ArchitectureSpec, SummaryField
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 # Two ways to get S_t for every position of a chunk of length C, both exact:
 #  - "matmul" (small C): S = (tril * w1)^T X as one batched matmul; C flops per element of S

@@ -27,12 +27,16 @@ its own row.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
 from .rustgpt import FeedForward
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 class CausalSequenceHyperMixer(nn.Module):

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig, swiglu_width
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+
+def swiglu_width(gelu_width: int, multiple_of: int = 8) -> int:
+    """SwiGLU hidden width with the parameters of a GELU MLP of ``gelu_width`` (Llama's rule).
+
+    A GELU MLP has 2 d f weights, SwiGLU 3 d h (gate, up, down): h = 2 f / 3, rounded up to a
+    multiple of ``multiple_of`` as Llama's ``FeedForward`` does (f = 4 d gives Llama's 8 d / 3).
+    """
+    hidden = int(2 * gelu_width / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
 class RMSNorm(nn.Module):
@@ -24,16 +37,9 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.to(dtype), (x.shape[-1],), w, self.eps).type_as(x)
 
 
-def uses_rmsnorm(cfg: ModelConfig) -> bool:
-    """RMSNorm when asked, and always where the architecture's spec says so (Mamba, Samba)."""
-    from .registry import get
-
-    return cfg.use_rmsnorm or get(cfg.architecture).norm == "rmsnorm"
-
-
 def make_norm(cfg: ModelConfig, dim: int | None = None) -> nn.Module:
     dim = dim or cfg.d_model
-    if uses_rmsnorm(cfg):
+    if cfg.uses_rmsnorm:
         return RMSNorm(dim, cfg.norm_eps)
     return nn.LayerNorm(dim, eps=cfg.norm_eps)
 

@@ -9,19 +9,19 @@ of ``x[:, 0]`` and ``aux`` is a dict of auxiliary tensors (MoE losses, expert lo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ConfigError, ModelConfig
-from .layers import make_norm, uses_rmsnorm
-from .spec import ArchitectureSpec
+from ..errors import ConfigError
+from .layers import make_norm
+from .spec import ArchitectureSpec, BlockFactory
 
-BlockFactory = Callable[[ModelConfig, int], nn.Module]
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 # Summary lines every architecture shares (its own come from its spec's summary_fields).
 COMMON_LABELS = {
@@ -188,7 +188,7 @@ class LanguageModel(nn.Module):
                 d[f.key] = f.value(cfg)
         if not self.rustgpt:
             d["positions"] = spec.positions_of(cfg)
-            d["norm"] = "RMSNorm" if uses_rmsnorm(cfg) else "LayerNorm"
+            d["norm"] = "RMSNorm" if cfg.uses_rmsnorm else "LayerNorm"
             if spec.has_mlp:
                 d["mlp"] = "SwiGLU" if cfg.mlp == "swiglu" else "GELU"
             d["bias"] = cfg.bias

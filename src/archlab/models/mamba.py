@@ -23,15 +23,19 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig
+from ..errors import ConfigError
 from .layers import make_norm
 from .scan import selective_scan, selective_step
 from .spec import ArchitectureSpec, SummaryField
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 # dt initialisation of the reference: dt ~ log-uniform in [DT_MIN, DT_MAX], floored.
 DT_MIN, DT_MAX, DT_INIT_FLOOR = 1e-3, 1e-1, 1e-4

@@ -22,16 +22,20 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig
+from ..errors import ConfigError
 from .layers import make_norm
 from .mamba import DT_INIT_FLOOR, DT_MAX, DT_MIN, check_ssm, inverse_softplus
 from .spec import ArchitectureSpec, SummaryField
 from .ssd import ssd_chunked, ssd_step
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 A_INIT_RANGE = (1.0, 16.0)  # the reference's A ~ U[1, 16], stored as A_log
 

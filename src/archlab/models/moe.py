@@ -52,11 +52,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig
+from ..errors import ConfigError
 from .attention import CausalSelfAttention, kv_cache_elements
 from .layers import make_mlp, make_norm
 from .spec import (
@@ -66,6 +67,9 @@ from .spec import (
     SummaryField,
     check_attention_heads,
 )
+
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 @dataclass

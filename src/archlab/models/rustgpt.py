@@ -7,12 +7,14 @@ ReLU feed-forward with biases.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+if TYPE_CHECKING:
+    from ..config import ModelConfig
 
 
 class RustGPTAttention(nn.Module):

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from ..config import ConfigError, ModelConfig
+from ..errors import ConfigError
 
-BlockFactory = Callable[[ModelConfig, int], nn.Module]
+if TYPE_CHECKING:
+    from ..config import ModelConfig
+
+# ModelConfig is named as a string: config.py sits above the registry and is only a type here.
+BlockFactory = Callable[["ModelConfig", int], nn.Module]
 
 
 @dataclass(frozen=True)

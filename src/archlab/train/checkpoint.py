@@ -166,7 +166,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_model
 
-    from .. import __version__
+    from .._version import __version__
 
     if not weights_are_finite(model):
         raise CheckpointError(f"refusing to write checkpoint at step {step}: non-finite weights")

@@ -4,6 +4,8 @@
     mamba_cpu.py     Mamba's whole mixer interior (conv, projections, scan) as one autograd node
     hypermix_cpu.py  HyperMixing's causal mixer, forward and backward
     decode_cpu.py    single-token decode steps: whole Mamba / hybrid-Mamba / HyperMixer blocks
+    _decode.py       what those steps share: linear, norm and MLP kernels, per-module plans
+    _numba.py        numba's import, the kernel decorator, vectorised exp, threads over rows
 
 Each kernel is optional: :func:`fused_available` says whether it can run (numba imports and the
 kernel has not failed to compile in this process); callers fall back to the torch

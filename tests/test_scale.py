@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from archlab.bench import plots
-from archlab.bench.scaling_laws import report, settings
+from archlab.bench.scaling_laws import ladder, report, settings
 from archlab.cli import main
 
 TINY = [
     "--depths",
     "1,2",
     "--tokens-per-param",
-    "0.3",
+    "0.6",
     "--learning-rate",
     "0.01",
     "--seq-len",
@@ -29,7 +29,44 @@ TINY = [
     "1",
     "--bootstrap",
     "100",
-]  # fmt: skip (lr 0.01: every tiny run learns, so both are fitted)
+]  # fmt: skip
+# Why 0.6 tokens per parameter and 0.01: a run is fitted only if it learned (final val loss
+# 0.1 nat below the unigram baseline, 3.09 nats on this char data). The depth-1 rung (4,288
+# parameters) at 0.3 tokens per parameter trains 21 steps and ends at 3.10 (measured), so it
+# was left out and each architecture kept one point: no law. At 0.6 (42 steps) it reaches 2.92.
+
+
+def _in_process(spec, log_path, progress, prefix):  # noqa: ANN001, ANN202
+    """compare's run_child without the process: `archlab train` in this interpreter (its
+    thread count and signal handlers restored after), the log written as the child's."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    threads = torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    err = io.StringIO()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        log_path.open("w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(err),
+    ):
+        try:
+            rc = main(list(spec.command[3:]))  # [python, -m, archlab, train, ...]
+        except SystemExit as exc:
+            rc = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+    lines = [ln.strip() for ln in err.getvalue().splitlines() if ln.strip()]
+    for line in lines:
+        if line.startswith("step "):
+            progress.status(prefix, line)
+    return rc, lines[-1] if lines else ""
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +82,20 @@ def _rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines[1:]]
 
 
-@pytest.mark.slow  # four training processes; fits fail under the table's rates (open, see #21 note)
+@pytest.mark.parametrize(
+    "processes",
+    [False, pytest.param(True, marks=pytest.mark.slow)],
+    ids=["in-process", "processes"],
+)
 def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
-    char_data: Path, tmp_path: Path, capsys, monkeypatch
+    processes: bool, char_data: Path, tmp_path: Path, capsys, monkeypatch
 ) -> None:
+    """The whole study on the real trainer: every run in its own process (slow: four Python
+    start-ups), or each `archlab train` command run in this process (the default suite)."""
+    from archlab.bench import compare
+
+    if not processes:
+        monkeypatch.setattr(compare, "run_child", _in_process)
     out = tmp_path / "study"
     figures = []
     real_save = plots.save_figure
@@ -86,16 +133,26 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
         flops = summary["flops_per_token"] * summary["tokens_seen"]
         assert float(row[col["Train FLOPs"]]) == pytest.approx(flops, rel=5e-3)
     # a budget proportional to parameters: the bigger rung trains on more tokens
-    ladder = {r["architecture"] + str(r["depth"]): r for r in doc["ladder"]}
-    assert ladder["dense2"]["tokens"] > ladder["dense1"]["tokens"]
+    planned = {r["architecture"] + str(r["depth"]): r for r in doc["ladder"]}
+    assert planned["dense2"]["tokens"] > planned["dense1"]["tokens"]
     for r in doc["ladder"]:
-        assert r["tokens"] >= 0.3 * r["params"] and r["tokens"] - 64 < 0.3 * r["params"]
+        assert r["tokens"] >= 0.6 * r["params"] and r["tokens"] - 64 < 0.6 * r["params"]
     with (out / "results.csv").open() as f:
         assert sorted(r["run_dir"] for r in csv.DictReader(f)) == sorted(
             str(out / n) for n in names
         )
+    # every run learned, so each architecture has its two points and a law through them
+    assert all(r["learned"] for r in doc["runs"])
     assert [f["architecture"] for f in doc["fits"]] == ["dense", "moe"]
+    for f in doc["fits"]:
+        assert f["n_points"] == 2 and f["alpha"] > 0 and f["free_E"] is False, f
+        points = [(r["train_flops"], r["final_val_loss"]) for r in doc["runs"]
+                  if r["architecture"] == f["architecture"]]  # fmt: skip
+        for c, loss in points:  # two points, two parameters: the law passes through both
+            assert f["A"] * c ** -f["alpha"] == pytest.approx(loss, rel=1e-3)
     assert len(doc["crossovers"]) == 1 and set(doc["predictions"]) == {"dense", "moe"}
+    for arch in ("dense", "moe"):
+        assert set(doc["predictions"][arch]) == {"tiny", "medium", "large"}
     # the plot: one fitted curve and one set of points per architecture, the frontier
     [fig] = [f for name, f in figures if name == "loss_vs_flops.png"]
     assert sorted(plots.data_lines(fig, "fit")) == ["dense", "moe"]
@@ -108,7 +165,6 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
     assert main(["scale", "--resume", "--out-dir", str(out)]) == 0
     assert "nothing to do" in capsys.readouterr().out
     # ... and with the outputs gone (a study killed while writing them) no run trains again
-    from archlab.bench import compare
 
     def never(*a, **k):  # noqa: ANN002, ANN003, ANN202
         raise AssertionError("a finished run was trained again")
@@ -143,22 +199,28 @@ def test_bad_input_is_one_line_exit_2(extra, message, tmp_path: Path, capsys) ->
     assert not out.exists()  # nothing made
 
 
-def test_the_dial_keeps_parameters_comparable() -> None:
-    """Every architecture's rung within 35% of dense's parameters (the presets' rules; the
-    hybrid's even layer count at odd depths is 30% over). Mamba-2 is the exception, stated:
-    its preset rule keeps state size 128 at widths outside its table (d_model 16-64 here),
-    measured 42-58% over dense; allowed up to 60% until that rule scales the state."""
+@pytest.mark.parametrize("recipe, depths", [("modern", [1, 2, 3, 4]), ("classic", [2, 5])])
+def test_the_dial_keeps_parameters_comparable(recipe: str, depths: list[int]) -> None:
+    """Every architecture within 15% of dense's active parameters at every rung (the presets'
+    own standard). The one stated exception: the hybrid at depth 1, whose smallest stack (one
+    Mamba and one attention layer) is 29% over dense's single layer."""
     from archlab.models import registry
 
-    s = settings.settings_from_flags({"architectures": list(registry.SPECS)})
-    rungs = settings.build_ladder(s, 1024)
+    s = settings.settings_from_flags(
+        {"architectures": list(registry.SPECS), "depths": depths, "recipe": recipe}
+    )
+    rungs = ladder.build_ladder(s, 1024)
     dense = {r.depth: r.params for r in rungs if r.architecture == "dense"}
+    assert len(rungs) == len(registry.SPECS) * len(depths)
     for r in rungs:
-        # mamba2 keeps its state size 128 off its table; hybrid under the modern recipe's SwiGLU
-        tolerance = {"mamba2": 0.75, "hybrid": 0.40}.get(r.architecture, 0.35)
+        tolerance = 0.30 if r.name == "hybrid-d1" else 0.15
         assert abs(r.params / dense[r.depth] - 1) < tolerance, (r.name, r.params, dense[r.depth])
         assert r.shape["d_model"] == 16 * r.depth
-    assert settings.dense_shape(4, s) == dict(
+        if r.architecture == "hybrid":
+            assert r.shape["n_layers"] % 2 == 0  # as many Mamba as attention layers
+        if r.architecture == "mamba2":
+            assert r.shape["state_size"] <= r.shape["d_model"]
+    assert ladder.dense_shape(4, s) == dict(
         d_model=64, n_layers=4, n_heads=4, d_ff=256, max_seq_len=128
     )
 
@@ -171,7 +233,7 @@ def test_the_eta_is_weighted_by_each_runs_flops(tmp_path: Path) -> None:
     from archlab.bench.scaling_laws.plan import LadderProgress, LadderRun
 
     def run(name: str, flops: float, steps: int) -> LadderRun:
-        rung = settings.Rung("dense", 1, {"d_model": 16, "n_layers": 1}, 10, 10, flops, steps,
+        rung = ladder.Rung("dense", 1, {"d_model": 16, "n_layers": 1}, 10, 10, flops, steps,
                              steps, 1e-3, "given")  # fmt: skip
         from archlab.bench.compare_plan import RunSpec
 

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from ..bench.options import parse_architectures, timestamped_dir
+    from ..bench.scaling_laws import ladder
     from ..bench.scaling_laws import settings as st
     from ..errors import UserError
     from ..fsutil import ensure_writable_dir, lock_folder
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
                 "study or choose another --out-dir"
             )
         raw.setdefault("architectures", parse_architectures(None))
-        st.check_shapes(st.settings_from_flags(raw))  # errors before any folder or data work
+        ladder.check_shapes(st.settings_from_flags(raw))  # errors before any folder or data work
         ensure_writable_dir(out_dir, "--out-dir")
     # locked for the command's life: a second scale into it is refused (exit 2)
     with lock_folder(out_dir, "scale folder"):

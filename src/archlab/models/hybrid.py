@@ -167,6 +167,7 @@ SPEC = ArchitectureSpec(
     size_override=lambda base: dict(
         n_layers=base["n_layers"] + base["n_layers"] % 2, local_window=base["max_seq_len"] // 2
     ),
+    layer_multiple=2,
     summary_fields=(
         *ATTENTION_FIELDS,
         *SSM_FIELDS,

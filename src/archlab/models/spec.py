@@ -55,6 +55,9 @@ class ArchitectureSpec:
     positions: Callable[[ModelConfig], str] | None = None
     # Change to the dense size preset's shape that keeps parameter counts comparable.
     size_override: Callable[[dict[str, int]], dict[str, Any]] | None = None
+    # Layer counts come in multiples of this (the hybrid: one Mamba and one attention layer);
+    # `archlab scale`'s dial moves the layer count in these steps to match dense's parameters.
+    layer_multiple: int = 1
     # "Hidden Dimension" in the summary (default: the MLP's hidden width as built).
     hidden_dim: Callable[[ModelConfig], int] | None = None
     summary_fields: tuple[SummaryField, ...] = ()

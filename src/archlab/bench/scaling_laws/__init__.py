@@ -1,6 +1,7 @@
 """`archlab scale`: which architecture wins as compute grows (a size ladder, fitted laws).
 
-    settings.py  the study's protocol (ScaleSettings), the ladder's one dial (depth -> shape),
+    settings.py  the study's protocol (ScaleSettings), the default ladder, checks, --resume
+    ladder.py    the one dial (depth -> each architecture's shape, matched to dense's parameters),
                  token budgets from a tokens-per-parameter ratio, learning rates, checks
     plan.py      the runs (architecture x rung x seed) as compare's RunSpecs, trained one
                  process each through compare's runner, progress with a FLOP-weighted ETA

@@ -20,7 +20,8 @@ from ...progress import eta_seconds
 from ..compare_plan import RunSpec, run_finished
 from ..compare_runner import CompareProgress
 from ..compare_settings import CompareSettings, settings_from_flags
-from .settings import Rung, ScaleSettings, recipes_available, shape_flags
+from .ladder import Rung, recipes_available, shape_flags
+from .settings import ScaleSettings
 
 
 @dataclass

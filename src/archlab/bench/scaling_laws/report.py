@@ -11,6 +11,7 @@ import csv
 import json
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ import numpy as np
 from ..report import format_flops
 from ..results import RunResult, Stat
 from . import fit as fitting
+from .ladder import Rung, recipes_available
 from .plan import LadderRun
-from .settings import Rung, ScaleSettings, recipes_available
+from .settings import ScaleSettings
 
 SEED_SIZES = ("tiny", "medium", "large")
 EXTRAPOLATE = 100.0  # the plot's dashed curves reach 100x the largest measured compute
@@ -136,6 +138,16 @@ def fit_all(s: ScaleSettings, runs: list[RunResult]) -> list[fitting.Fit]:
 def seed_size_compute(s: ScaleSettings, arch: str) -> dict[str, float]:
     """The compute of a run at each seed size (its preset, 32k vocabulary, its context) at the
     study's tokens per parameter: where the fitted laws are asked to predict."""
+    return {
+        size: flops * s.tokens_per_param * params
+        for size, (flops, params) in _seed_size_costs(arch).items()
+    }
+
+
+@lru_cache(maxsize=64)
+def _seed_size_costs(arch: str) -> dict[str, tuple[float, int]]:
+    """Size -> (training FLOPs per token, active parameters); built once per process (a
+    meta-device build of `large` takes a second or two)."""
     from ...config import preset_config
     from ...models import build_model
     from ...train.flops import flops_per_token
@@ -144,8 +156,7 @@ def seed_size_compute(s: ScaleSettings, arch: str) -> dict[str, float]:
     for size in SEED_SIZES:
         cfg = preset_config(arch, model_size=size)
         model = build_model(cfg, device="meta")
-        params = model.num_active_parameters()
-        out[size] = flops_per_token(model, cfg.max_seq_len) * s.tokens_per_param * params
+        out[size] = (flops_per_token(model, cfg.max_seq_len), int(model.num_active_parameters()))
     return out
 
 
@@ -325,6 +336,17 @@ def _atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _param_gap(rungs: list[Rung]) -> str:
+    """The largest gap between an architecture's active parameters and dense's at its rung."""
+    dense = {r.depth: r.params for r in rungs if r.architecture == "dense"}
+    gaps = [(r.params / dense[r.depth] - 1, r.name) for r in rungs
+            if r.depth in dense and r.architecture != "dense"]  # fmt: skip
+    if not gaps:
+        return ""
+    gap, name = max(gaps, key=lambda g: abs(g[0]))
+    return f"Largest gap to dense's active parameters at a rung: {name} {100 * gap:+.0f}%."
+
+
 def protocol_notes(s: ScaleSettings, rungs: list[Rung]) -> list[str]:
     rates = sorted({(r.architecture, r.learning_rate, r.lr_source) for r in rungs})
     sources = sorted({src for _, _, src in rates})
@@ -332,8 +354,8 @@ def protocol_notes(s: ScaleSettings, rungs: list[Rung]) -> list[str]:
         f"Ladder: one dial, depth D in {', '.join(map(str, s.depths))}: the dense shape is D "
         f"layers of width {s.width_per_depth} x D (heads of {s.head_dim}, MLP 4 x width), "
         "nanochat's --depth rule; every other architecture takes it through its size preset's "
-        "rule (Mamba 2x layers, HyperMixer +40% layers, hybrid an even count, MoE matched "
-        "active parameters), so parameters stay comparable at every rung.",
+        "rule (a state no wider than the model), then the layer count (the hybrid's in pairs) "
+        "whose active parameters come nearest dense's (ladder.py). " + _param_gap(rungs),
         f"Budget: {s.tokens_per_param:g} training tokens per active parameter (rounded up to "
         f"whole steps of {s.tokens_per_step:,} tokens: batch {s.batch_size} x seq-len "
         f"{s.seq_len}); compute = FLOPs/token (train/flops.py) x tokens.",

@@ -18,8 +18,9 @@ from typing import Any, TextIO
 from ...errors import UserError
 from ..compare_plan import run_finished
 from . import report
+from .ladder import Rung, build_ladder
 from .plan import LadderRun, plan_ladder, train_ladder
-from .settings import FLAG_NAMES, Rung, ScaleSettings, build_ladder
+from .settings import FLAG_NAMES, ScaleSettings
 
 
 def rerun_command(s: ScaleSettings, out_dir: Path) -> str:

@@ -370,14 +370,16 @@ def test_mamba2_flags_are_refused_elsewhere(arch, flag, capsys):
 
 
 @pytest.mark.parametrize("T,chunk", [(1, 64), (37, 8), (64, 64), (100, 32), (300, 64)])
-def test_flops_count_equals_torch_flop_counter(T, chunk):
-    """train/flops.py's SSD count == FlopCounterMode over the chunked SSD; the mixer's
-    projections are 2 x their parameters per token, as flops.py counts every linear (the
-    depthwise conv is elementwise multiply-adds, which the counter does not see)."""
+def test_flops_count_equals_torch_flop_counter(T, chunk, monkeypatch):
+    """train/flops.py's SSD count == FlopCounterMode over the chunked SSD (the path without
+    the fused kernels); the mixer's projections are 2 x their parameters per token, as
+    flops.py counts every linear (the depthwise conv is elementwise multiply-adds, which the
+    counter does not see)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from archlab.train.flops import mixer_flops
 
+    monkeypatch.setenv("ARCHLAB_KERNELS", "off")
     cfg = _cfg(ssd_chunk_size=chunk)
     mixer = Mamba2Mixer(cfg)
     b, H, P, G, N = 2, mixer.nheads, mixer.headdim, mixer.ngroups, mixer.state_size
@@ -395,3 +397,24 @@ def test_flops_count_equals_torch_flop_counter(T, chunk):
     linears = 2 * (mixer.in_proj.weight.numel() + mixer.out_proj.weight.numel()) * b * T
     expected = mixer_flops(mixer, T).visible * b * T + linears  # the conv: multiply-adds
     assert counter.get_total_flops() == pytest.approx(expected, rel=1e-9)
+
+
+def test_flops_of_the_fused_recurrence_are_analytic_only():
+    """With the fused CPU kernels the counter sees only the projections; the SSD is the
+    recurrence's 5 H P N + 2 H P per token, by formula."""
+    pytest.importorskip("numba")
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from archlab.train.flops import mixer_flops
+
+    mixer = Mamba2Mixer(_cfg())
+    assert mixer.fused_recurrence()
+    b, T = 2, 70
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        mixer(torch.randn(b, T, mixer.in_proj.in_features))
+    linears = 2 * (mixer.in_proj.weight.numel() + mixer.out_proj.weight.numel()) * b * T
+    assert counter.get_total_flops() == linears
+    H, P, N = mixer.nheads, mixer.headdim, mixer.state_size
+    parts = mixer_flops(mixer, T)
+    assert parts.visible == 0 and parts.analytic == H * (5 * P * N + 2 * P)

@@ -13,9 +13,10 @@ heads of key dim dk (default 3 d / 4 H) and value dim dv = expand_v dk:
                + beta_t k_t v_t^T,  o_t = S_t^T q_t
     out      = out_proj(RMSNorm_dv(o) * SiLU(gate))
 
-Training runs the chunked (WY) form, or fla's ``chunk_gated_delta_rule`` on CUDA when fla is
-installed; decoding keeps {"conv": (B, conv_size - 1, 2 H dk + H dv), "ssm": (B, H, dk, dv)}
-per layer and takes recurrent steps. ``--gdn-attention-every K`` makes every K-th layer
+Training runs the fused recurrence on CPU (kernels/delta_cpu.py, where numba runs), else the
+chunked (WY) form, or fla's ``chunk_gated_delta_rule`` on CUDA when fla is installed;
+decoding keeps {"conv": (B, conv_size - 1, 2 H dk + H dv), "ssm": (B, H, dk, dv)} per layer
+and takes recurrent steps. ``--gdn-attention-every K`` makes every K-th layer
 OLMo-hybrid's full-attention layer (QK-norm, RoPE, post-norm branches: x + N(Attn(x));
 x + N(MLP(x))), the layout ``export`` writes as ``OlmoHybridForCausalLM``.
 """
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 A_INIT_RANGE, DT_MIN, DT_MAX, DT_INIT_FLOOR = (0.0, 16.0), 1e-3, 1e-1, 1e-4
 O_NORM_EPS = 1e-5  # fla's FusedRMSNormGated, as OLMo-hybrid keeps it
 L2_EPS = 1e-6  # fla's l2norm: x / sqrt(sum x^2 + eps)
+_FUSED_DTYPES = (torch.float32, torch.float64)  # those of the fused CPU kernels
 
 
 def key_head_dim(cfg: ModelConfig) -> int:
@@ -161,6 +163,10 @@ class GatedDeltaNet(nn.Module):
                 initial_state=prev, output_final_state=state is not None,
             )  # fmt: skip
             o = o.to(dtype)
+        elif self._fused_ready(v):  # the fused CPU recurrence, in this (B, T, H, .) layout
+            from .kernels.delta_cpu import delta_rule_fused
+
+            o, S = delta_rule_fused(q, k, v, g, beta, prev)
         else:
             o, S = chunk_gated_delta_rule(
                 *(t.transpose(1, 2) for t in (q, k, v, g, beta)), self.chunk_size, prev
@@ -171,11 +177,36 @@ class GatedDeltaNet(nn.Module):
         y = self.o_norm(o, gate.view(B, T, H, dv)).to(x.dtype)
         return self.out_proj(y.reshape(B, T, self.value_dim))
 
+    def fused_recurrence(self) -> bool:
+        """Whether training on this module's device and dtype runs the fused CPU recurrence
+        (for train/flops.py: a FLOP counter does not see it)."""
+        from .kernels import fused_available
+
+        p = self.A_log
+        return p.device.type == "cpu" and p.dtype in _FUSED_DTYPES and fused_available("delta")
+
+    def _fused_ready(self, x: Tensor) -> bool:
+        from .kernels import cpu_kernel_ready
+        from .kernels.delta_cpu import warm_up
+
+        return cpu_kernel_ready("delta", x, self, warm_up, "Gated DeltaNet: fused delta rule "
+                                "unavailable, using the chunked torch form")  # fmt: skip
+
+    def _conv_ready(self, x: Tensor) -> bool:
+        from .kernels import cpu_kernel_ready
+        from .kernels.conv_cpu import warm_up
+
+        return cpu_kernel_ready("conv", x, self, warm_up, "fused conv unavailable, using torch")
+
     def _conv(self, xi: Tensor, state: dict | None) -> Tensor:
         """Causal depthwise conv + SiLU over xi (B, T, conv_dim), as K shifted multiply-adds
         in this layout (torch's depthwise conv1d takes its slow path on CPU, and its FLOP
         counter ignores the groups in the backward); keeps the last K - 1 inputs in state."""
         T, K = xi.shape[1], self.conv_size
+        if state is None and self._conv_ready(xi):
+            from .kernels.conv_cpu import conv_silu
+
+            return conv_silu(xi, self.conv1d.weight, None)
         w = self.conv1d.weight.squeeze(1).t()  # (K, conv_dim)
         if state is None:
             full = F.pad(xi, (0, 0, K - 1, 0))  # (B, K - 1 + T, conv_dim)

@@ -10,8 +10,9 @@ RMSNorm before the output projection, A from [1, 16]):
     out        = out_proj(RMSNorm_groups(y * SiLU(z)))                          d_inner -> d
 
 H = d_inner / headdim heads, each with a scalar decay; B and C are shared by the heads of
-each of G groups. Training runs the chunked SSD (``ssd.py``), or mamba_ssm's
-``mamba_chunk_scan_combined`` on CUDA when it is installed. Decoding keeps, per layer,
+each of G groups. Training runs, on CPU, the fused recurrence (``kernels/ssd_cpu.py``, with the
+conv in ``kernels/conv_cpu.py``) where numba runs, else the chunked SSD (``ssd.py``), or
+mamba_ssm's ``mamba_chunk_scan_combined`` on CUDA when it is installed. Decoding keeps, per layer,
 {"conv": (B, d_inner + 2 G N, conv_size - 1) last conv inputs, "ssm": (B, H, headdim, N)}:
 chunks of T > 1 tokens run the chunked form from the carried state, single tokens one
 recurrent step.
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from ..config import ModelConfig
 
 A_INIT_RANGE = (1.0, 16.0)  # the reference's A ~ U[1, 16], stored as A_log
+_FUSED_DTYPES = (torch.float32, torch.float64)  # those of the fused CPU kernels
 
 
 @functools.cache
@@ -135,27 +137,48 @@ class Mamba2Mixer(nn.Module):
             delta = F.softplus(dt[:, 0].to(A.dtype) + self.dt_bias.to(A.dtype))  # (B, H)
             y, state["ssm"] = ssd_step(prev, xs[:, 0], delta, A, B[:, 0], C[:, 0])
             y = y.unsqueeze(1)
+            y = y + xs.to(y.dtype) * self.D.to(y.dtype)[:, None]  # the D skip, per head
         else:
-            y, last = self._scan(xs, dt, A, B, C, prev)
+            y, last = self._scan(xs, dt, A, B, C, prev)  # with the D skip
             if state is not None:
                 state["ssm"] = last
-        y = y + xs.to(y.dtype) * self.D.to(y.dtype)[:, None]  # the D skip, per head
         y = y.reshape(b, T, di).to(x.dtype)
         return self.out_proj(self.norm(y, z))
 
     def _scan(
         self, xs: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, prev: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """The chunked SSD over (B, T, H, P), from ``prev`` or zeros -> y, last state."""
+        """The SSD over (B, T, H, P), from ``prev`` or zeros -> y + D x, last state: on CPU
+        the fused recurrence (kernels/ssd_cpu.py) where it can run, else the chunked form."""
         scan = _cuda_chunk_scan() if xs.is_cuda else None
         if scan is not None:  # dt_bias and softplus are applied inside the Triton kernel
             return scan(
                 xs.contiguous(), dt.contiguous(), A.float(), B.contiguous(), C.contiguous(),
-                self.chunk_size, dt_bias=self.dt_bias.float(), dt_softplus=True,
-                initial_states=prev, return_final_states=True,
+                self.chunk_size, D=self.D.float(), dt_bias=self.dt_bias.float(),
+                dt_softplus=True, initial_states=prev, return_final_states=True,
             )  # fmt: skip
         delta = F.softplus(dt.to(A.dtype) + self.dt_bias.to(A.dtype))  # (B, T, H)
-        return ssd_chunked(xs, delta, A, B, C, self.chunk_size, prev)
+        if self._fused_ready(xs):
+            from .kernels.ssd_cpu import ssd_fused
+
+            return ssd_fused(xs, delta, A, B, C, self.D, prev)
+        y, last = ssd_chunked(xs, delta, A, B, C, self.chunk_size, prev)
+        return y + xs.to(y.dtype) * self.D.to(y.dtype)[:, None], last  # the D skip, per head
+
+    def fused_recurrence(self) -> bool:
+        """Whether training on this module's device and dtype runs the fused CPU recurrence
+        (for train/flops.py: a FLOP counter does not see it)."""
+        from .kernels import fused_available
+
+        p = self.A_log
+        return p.device.type == "cpu" and p.dtype in _FUSED_DTYPES and fused_available("ssd")
+
+    def _fused_ready(self, x: Tensor) -> bool:
+        from .kernels import cpu_kernel_ready
+        from .kernels.ssd_cpu import warm_up
+
+        return cpu_kernel_ready("ssd", x, self, warm_up, "Mamba-2: fused SSD unavailable, "
+                                "using the chunked torch form")  # fmt: skip
 
     def _conv(self, xBC: Tensor, state: dict | None) -> Tensor:
         """Causal depthwise conv + SiLU over (B, T, conv_dim); keeps the last K - 1 inputs in
@@ -164,6 +187,10 @@ class Mamba2Mixer(nn.Module):
         counter miscounts a grouped convolution's backward (it ignores the groups)."""
         b, T, Cd = xBC.shape
         K = self.conv_size
+        if state is None and self._conv_ready(xBC):
+            from .kernels.conv_cpu import conv_silu
+
+            return conv_silu(xBC, self.conv1d.weight, self.conv1d.bias)
         prev = state.get("conv") if state is not None else None
         if prev is None:
             prev = xBC.new_zeros(b, K - 1, Cd)
@@ -177,6 +204,12 @@ class Mamba2Mixer(nn.Module):
         for k in range(K - 1):
             out = out + full[:, k : k + T] * w[k]
         return F.silu(out)
+
+    def _conv_ready(self, x: Tensor) -> bool:
+        from .kernels import cpu_kernel_ready
+        from .kernels.conv_cpu import warm_up
+
+        return cpu_kernel_ready("conv", x, self, warm_up, "fused conv unavailable, using torch")
 
 
 class Mamba2Block(nn.Module):

@@ -61,7 +61,18 @@ def _mamba(module: nn.Module, seq_len: int) -> MixerFlops:
     return MixerFlops(analytic=9.0 * module.d_inner * module.state_size)
 
 
+def _fused_recurrence(module: nn.Module) -> bool:
+    """True where the mixer runs its fused CPU recurrence (kernels/ssd_cpu.py, delta_cpu.py),
+    which a FLOP counter does not see: counted by formula (``analytic``)."""
+    check = getattr(module, "fused_recurrence", None)
+    return bool(check()) if callable(check) else False
+
+
 def _ssd(module: nn.Module, seq_len: int) -> MixerFlops:
+    if _fused_recurrence(module):
+        # the recurrence per head: S = a S + (dt x) B^T (3 P N), y = S C (2 P N), D x (2 P)
+        H, P, N = module.nheads, module.headdim, module.state_size
+        return MixerFlops(analytic=H * (5.0 * P * N + 2.0 * P))
     # Mamba-2's chunked SSD (models/ssd.py) at chunk Q = min(chunk, T) over nc = ceil(T / Q)
     # chunks (a ragged last chunk is padded), all matmuls: per chunk C B^T 2 Q^2 N per group,
     # the masked scores times x 2 Q^2 P per head, each chunk's state 2 Q P N and the carried
@@ -77,13 +88,17 @@ def _ssd(module: nn.Module, seq_len: int) -> MixerFlops:
 
 
 def _gated_deltanet(module: nn.Module, seq_len: int) -> MixerFlops:
+    H, dk, dv = module.n_heads, module.head_k_dim, module.head_v_dim
+    if _fused_recurrence(module):
+        # the recurrence per head: decay S (dk dv), read k^T S (2 dk dv), write k delta^T
+        # (2 dk dv), read-out q^T S (2 dk dv)
+        return MixerFlops(analytic=H * 7.0 * dk * dv)
     # the chunked rule (models/delta_rule.py), per head and token, C = the chunk as run:
     # K beta K^T and Q K^T (2 C dk each), (I + L)^-1 [beta V, beta e^gamma K] (2 C (dk + dv)),
     # the state reads [Q; W] S (4 dk dv), the in-chunk A V' (2 C dv), the state write
     # K^T V' (2 dk dv); the inverse itself (doubling merges 2 sum s^2 forward, 4 C^2 for its
     # hand-written backward: a third of it per forward-equivalent). A ragged last chunk is
     # padded: n C / T of the cost.
-    H, dk, dv = module.n_heads, module.head_k_dim, module.head_v_dim
     T = max(1, seq_len)
     C = max(1, min(module.chunk_size, T))
     padded = -(-T // C) * C / T

@@ -5,6 +5,9 @@
     hypermix_cpu.py  HyperMixing's causal mixer, forward and backward
     decode_cpu.py    single-token decode steps: whole Mamba / hybrid-Mamba / HyperMixer blocks
     _decode.py       what those steps share: linear, norm and MLP kernels, per-module plans
+    ssd_cpu.py       Mamba-2's SSD as the fused recurrence (with the D skip), forward and backward
+    delta_cpu.py     the gated delta rule (Gated DeltaNet) as the fused recurrence, both ways
+    conv_cpu.py      causal depthwise conv + SiLU as one node (Mamba-2, Gated DeltaNet)
     _numba.py        numba's import, the kernel decorator, vectorised exp, threads over rows
 
 Each kernel is optional: :func:`fused_available` says whether it can run (numba imports and the
@@ -16,10 +19,14 @@ them (the torch paths then run everywhere, as without numba).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
 
 from ._numba import IMPORT_ERROR, NUMBA, notice_once
 
-__all__ = ["disable_fused", "fused_available", "kernel_notice"]
+__all__ = ["cpu_kernel_ready", "disable_fused", "fused_available", "kernel_notice"]
 
 _failed: dict[str, str] = {}
 
@@ -44,3 +51,29 @@ def kernel_notice(name: str, message: str) -> None:
 def disable_fused(name: str, exc: BaseException) -> None:
     """Mark kernel ``name`` unusable after it raised (typically a numba compile error)."""
     _failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+
+
+def cpu_kernel_ready(
+    name: str,
+    x: torch.Tensor,
+    module: nn.Module,
+    warm_up: Callable[[torch.dtype], None],
+    fallback: str,
+) -> bool:
+    """True when kernel ``name`` may run on ``x``: CPU, float32/float64 as all of ``module``'s
+    parameters, the kernel not switched off, and compiled (``warm_up(dtype)``; a failure
+    disables it for the process with one notice, ``fallback`` saying what runs instead)."""
+    if (
+        x.device.type != "cpu"
+        or x.dtype not in (torch.float32, torch.float64)
+        or any(p.dtype != x.dtype for p in module.parameters())
+        or not fused_available(name)
+    ):
+        return False
+    try:
+        warm_up(x.dtype)
+    except Exception as exc:  # compile failure: the torch ops from now on
+        disable_fused(name, exc)
+        kernel_notice(name, fallback)
+        return False
+    return True

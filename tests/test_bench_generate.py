@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from archlab.bench import decode_bench
-from archlab.bench.decode_bench import DecodeSettings, run_decode_bench, state_bytes
-from archlab.bench.plots import data_lines
+from archlab.bench.common.plots import data_lines
+from archlab.bench.decode import measure as decode_bench
+from archlab.bench.decode.measure import DecodeSettings, run_decode_bench, state_bytes
 from archlab.cli import main
 
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64)

@@ -1,4 +1,5 @@
-"""`archlab bench scaling`: exponent fit, crossovers, fresh-process memory, the CLI."""
+"""`archlab bench lengths` (formerly `bench scaling`): exponent fit, crossovers, fresh-process
+memory, the CLI."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from archlab.bench import scaling, scaling_report
-from archlab.bench.scaling import Point, ScalingSettings
-from archlab.bench.scaling_report import analyse, crossover, fit_exponent
+from archlab.bench.lengths import measure as scaling
+from archlab.bench.lengths import report as scaling_report
+from archlab.bench.lengths.measure import Point, ScalingSettings
+from archlab.bench.lengths.report import analyse, crossover, fit_exponent
 from archlab.cli import main
 
 HAS_MAMBA = importlib.util.find_spec("archlab.models.mamba") is not None
@@ -139,7 +141,7 @@ def test_cli_scaling_writes_consistent_outputs(tmp_path: Path, capsys) -> None:
     assert (out / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert doc["exponents"]["dense/nano"]["fwd"] is not None
     # the log-log plot: one line per architecture in each panel, the measured times
-    from archlab.bench.plots import data_lines
+    from archlab.bench.common.plots import data_lines
 
     points = [scaling.Point(**p) for p in pts]
     fig = scaling_report.figure(points)
@@ -171,7 +173,7 @@ def test_cli_scaling_bad_input(argv: list[str], message: str, capsys, tmp_path: 
 def test_a_crossover_is_named_only_where_the_spreads_allow() -> None:
     """Overlapping interquartile ranges make a point undecided: no T 'to the token' from
     single noisy points (issue 22: MoE 33.9 ms at T=64 against 10.8 ms at T=128)."""
-    from archlab.bench.scaling_report import crossover_with_spread, verdict
+    from archlab.bench.lengths.report import crossover_with_spread, verdict
 
     assert verdict((1.0, 2.0), (0.5, 0.9)) == -1 and verdict((1.0, 2.0), (2.1, 3)) == 1
     assert verdict((1.0, 2.0), (1.5, 2.5)) == 0
@@ -188,7 +190,7 @@ def test_a_crossover_is_named_only_where_the_spreads_allow() -> None:
 
 
 def test_points_keep_their_repeats_and_the_table_shows_the_spread() -> None:
-    from archlab.bench.scaling_report import analyse, table
+    from archlab.bench.lengths.report import analyse, table
 
     pts = []
     for T in (64, 128, 256):
@@ -218,3 +220,20 @@ def test_the_first_step_setup_memory_is_reported_apart() -> None:
     assert "error" not in mem, mem
     assert mem["setup_bytes"] > 20 * 2**20  # the kernels' one-time share, reported apart
     assert mem["delta_bytes"] < 40 * 2**20  # the step itself: no constant ~125 MiB
+
+
+def test_lengths_is_the_name_and_scaling_is_still_accepted(tmp_path: Path, capsys) -> None:
+    """`bench lengths` is the command; `bench scaling` runs the same sweep for one more release,
+    records the name it was given (its rerun command) and says so after the run."""
+    tiny = ["--architectures", "dense", "--seq-lens", "8,16", "--warmup", "0", "--repeats", "1",
+            "--no-memory", "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--d-ff", "32",
+            "--vocab-size", "32", "--threads", "1"]  # fmt: skip
+    for name in ("lengths", "scaling"):
+        out = tmp_path / name
+        assert main(["bench", name, *tiny, "--out-dir", str(out)]) == 0
+        err = capsys.readouterr().err
+        doc = json.loads((out / "scaling.json").read_text())
+        assert doc["command"].startswith(f"archlab bench {name} --architectures dense")
+        assert [p["seq_len"] for p in doc["points"]] == [8, 16]
+        renamed = "note: `archlab bench scaling` is now `archlab bench lengths`"
+        assert (renamed in err) == (name == "scaling"), err

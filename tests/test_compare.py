@@ -12,7 +12,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from archlab.bench import compare, report
+from archlab.bench.compare import loop as compare
+from archlab.bench.compare import report
 from archlab.cli import build_parser, main
 from archlab.errors import UserError
 
@@ -464,7 +465,7 @@ def test_compare_on_selective_copy_data_trains_at_its_seq_len(
 ) -> None:
     """`archlab compare --data <selective-copy folder>` without --seq-len: every child is
     launched with the data's sequence length (the default 128 would fail in each child)."""
-    from archlab.bench.compare_plan import child_command
+    from archlab.bench.compare.plan import child_command
     from archlab.data.prepare import prepare_dataset
 
     sc = prepare_dataset(

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from archlab.bench import report
-from archlab.bench.reference import LEARNED_MARGIN, Reference
-from archlab.bench.results import aggregate, best_points, read_run
+from archlab.bench.common.reference import LEARNED_MARGIN, Reference
+from archlab.bench.common.results import aggregate, best_points, read_run
+from archlab.bench.compare import report
 
 C = {name: i for i, name in enumerate(report.TABLE_COLUMNS)}
 UNIGRAM = 5.0

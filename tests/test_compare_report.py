@@ -11,9 +11,10 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
-from archlab.bench import plots, report
-from archlab.bench.hardware import format_bytes, hardware_info, hardware_lines
-from archlab.bench.results import aggregate, read_metrics, read_run, roughness
+from archlab.bench.common import plots
+from archlab.bench.common.hardware import format_bytes, hardware_info, hardware_lines
+from archlab.bench.common.results import aggregate, read_metrics, read_run, roughness
+from archlab.bench.compare import report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -350,7 +351,7 @@ def test_the_report_names_the_mfu_peak_and_where_it_came_from(tmp_path: Path) ->
 def test_pareto_frontier_and_the_flops_plot() -> None:
     """The frontier keeps each point cheaper-and-better than all before it; the plot draws
     one marker set per architecture and the frontier through exactly those points."""
-    from archlab.bench import plots
+    from archlab.bench.common import plots
 
     pts = {"dense": [(1e9, 3.0), (4e9, 2.5)], "mamba": [(2e9, 2.9), (3e9, 3.1), (8e9, 2.6)]}
     front = plots.pareto_frontier([p for v in pts.values() for p in v])

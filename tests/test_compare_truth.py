@@ -15,10 +15,12 @@ import matplotlib.image
 import pytest
 from scipy import stats as sps
 
-from archlab.bench import compare, plots, report, stats
-from archlab.bench.options import parse_learning_rates
-from archlab.bench.reference import Reference
-from archlab.bench.results import ArchResult, RunResult, Stat
+from archlab.bench.common import plots, stats
+from archlab.bench.common.options import parse_learning_rates
+from archlab.bench.common.reference import Reference
+from archlab.bench.common.results import ArchResult, RunResult, Stat
+from archlab.bench.compare import loop as compare
+from archlab.bench.compare import report
 from archlab.cli import main
 from archlab.errors import UserError
 from archlab.train.optim import default_warmup_steps, warmup_warning
@@ -359,7 +361,7 @@ def test_a_run_forced_not_to_learn_says_so_and_wins_nothing(
     moe = next(a for a in doc["architectures"] if a["architecture"] == "moe")
     assert moe["learned"] is False and doc["baselines"]["unigram_entropy"] == unigram
     # both loss plots carry the baselines as reference lines
-    from archlab.bench.results import read_run
+    from archlab.bench.common.results import read_run
 
     by_arch = {a: [read_run(out / a, a, 0)] for a in ("dense", "moe")}
     fig = plots.loss_figure(by_arch, x="tokens", references=compare.reference_lines(
@@ -395,7 +397,7 @@ def test_lr_sweep_reports_each_architecture_at_its_best_rate(
     # the sweep plot: a valid PNG, one line per architecture through both rates
     png = out / "loss_vs_lr.png"
     assert png.read_bytes()[:8] == PNG_SIGNATURE and matplotlib.image.imread(png).ndim == 3
-    from archlab.bench.results import aggregate, best_points, read_run
+    from archlab.bench.common.results import aggregate, best_points, read_run
 
     runs = []
     for r in doc["runs"]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from archlab.bench.compare_runner import CompareProgress
+from archlab.bench.compare.runner import CompareProgress
 from archlab.cli import main
 from archlab.progress import parse_duration
 from archlab.train.estimate import LONG_RUN_S, Estimate

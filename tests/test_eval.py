@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from archlab import build_model, preset_config
-from archlab.bench.evaluate import evaluate_mqar, lm_windows, run_eval, text_bytes
+from archlab.bench.eval.evaluate import evaluate_mqar, lm_windows, run_eval, text_bytes
 from archlab.cli import main
 from archlab.train.checkpoint import save_checkpoint
 

@@ -495,8 +495,8 @@ def test_chat_with_standard_input_closed_is_one_line(tmp_path, capsys, monkeypat
 AS_NOBODY = """
 import contextlib, io, json, os, sys
 import archlab.cli, archlab.commands.prepare, archlab.commands.train, archlab.data.prepare
-import archlab.train.trainer, archlab.bench.compare, archlab.data.sources
-import archlab.commands.bench, archlab.bench.decode_bench, archlab.bench.options
+import archlab.train.trainer, archlab.bench.compare.loop, archlab.data.sources
+import archlab.commands.bench, archlab.bench.decode.measure, archlab.bench.common.options
 archlab.cli.build_parser()  # every command module, imported while still root
 uid = int(sys.argv[1])
 os.setgroups([]); os.setgid(uid); os.setuid(uid)

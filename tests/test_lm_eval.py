@@ -21,8 +21,8 @@ from archlab.train.checkpoint import save_checkpoint
 pytest.importorskip("lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from archlab.bench import lm_eval_tasks  # noqa: E402
-from archlab.bench.lm_eval_adapter import ArchlabLM, score_windows  # noqa: E402
+from archlab.bench.eval import lm_eval_tasks  # noqa: E402
+from archlab.bench.eval.lm_eval_adapter import ArchlabLM, score_windows  # noqa: E402
 
 ANIMALS = ["cat", "dog", "fox", "owl", "bear", "frog", "duck", "goat"]
 SMALL = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=48)

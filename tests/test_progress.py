@@ -17,8 +17,8 @@ import torch
 
 from archlab import build_model, preset_config
 from archlab import progress as progress_mod
-from archlab.bench import compare
-from archlab.bench.evaluate import evaluate_lm
+from archlab.bench.compare import loop as compare
+from archlab.bench.eval.evaluate import evaluate_lm
 from archlab.progress import Progress, eta_seconds, format_count, format_duration, progress_mode
 from archlab.train.progress import TrainProgress
 

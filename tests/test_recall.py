@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from archlab.bench import recall, recall_report
-from archlab.bench.recall_tasks import TaskData, answer_accuracy, inputs_targets
-from archlab.bench.recall_worker import (
+from archlab.bench.recall import loop as recall
+from archlab.bench.recall import report as recall_report
+from archlab.bench.recall.tasks import TaskData, answer_accuracy, inputs_targets
+from archlab.bench.recall.worker import (
     RunSpec,
     measured_cache_elements,
     model_config,
@@ -143,7 +144,7 @@ def test_tiny_grid_writes_every_output_and_resumes(tmp_path):
     assert image.imread(out / "recall_vs_dmodel.png").ndim == 3
     settings = recall.RecallSettings.from_dict(doc["settings"])
     fig = recall_report.figure(settings, doc["cells"])
-    from archlab.bench.plots import data_lines
+    from archlab.bench.common.plots import data_lines
 
     lines = data_lines(fig, "acc")
     assert sorted(lines) == ["dense", "mamba"]

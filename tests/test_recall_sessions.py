@@ -9,9 +9,10 @@ import math
 
 import pytest
 
-from archlab.bench import recall, recall_report
-from archlab.bench.recall_settings import RecallSettings
-from archlab.bench.recall_worker import training_trend
+from archlab.bench.recall import loop as recall
+from archlab.bench.recall import report as recall_report
+from archlab.bench.recall.settings import RecallSettings
+from archlab.bench.recall.worker import training_trend
 from archlab.errors import Interrupted
 
 LN13 = math.log(13)

@@ -14,9 +14,9 @@ from torch import nn
 
 import archlab.models as models_pkg
 from archlab import ModelConfig, build_model, preset_config
-from archlab.bench import scaling_report
-from archlab.bench.plots import PALETTE, color_of
-from archlab.bench.recall_worker import state_elements
+from archlab.bench.common.plots import PALETTE, color_of
+from archlab.bench.lengths import report as scaling_report
+from archlab.bench.recall.worker import state_elements
 from archlab.config import ConfigError, canonical_architecture, check_fields_apply
 from archlab.export.hf import NotExportable, hf_form
 from archlab.models import registry

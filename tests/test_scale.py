@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from archlab.bench import plots
+from archlab.bench.common import plots
 from archlab.bench.scaling_laws import ladder, report, settings
 from archlab.cli import main
 
@@ -92,7 +92,7 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
 ) -> None:
     """The whole study on the real trainer: every run in its own process (slow: four Python
     start-ups), or each `archlab train` command run in this process (the default suite)."""
-    from archlab.bench import compare
+    from archlab.bench.compare import loop as compare
 
     if not processes:
         monkeypatch.setattr(compare, "run_child", _in_process)
@@ -235,7 +235,7 @@ def test_the_eta_is_weighted_by_each_runs_flops(tmp_path: Path) -> None:
     def run(name: str, flops: float, steps: int) -> LadderRun:
         rung = ladder.Rung("dense", 1, {"d_model": 16, "n_layers": 1}, 10, 10, flops, steps,
                              steps, 1e-3, "given")  # fmt: skip
-        from archlab.bench.compare_plan import RunSpec
+        from archlab.bench.compare.plan import RunSpec
 
         return LadderRun(rung, 0, None, RunSpec("dense", 0, tmp_path / name))  # type: ignore[arg-type]
 
@@ -287,8 +287,8 @@ def test_the_study_folder_is_locked(tmp_path: Path, capsys) -> None:
 def test_an_interrupted_study_says_how_to_continue_it(tmp_path: Path) -> None:
     import signal
 
-    from archlab.bench.compare_plan import RunSpec
-    from archlab.bench.compare_runner import _interrupt_message
+    from archlab.bench.compare.plan import RunSpec
+    from archlab.bench.compare.runner import _interrupt_message
     from archlab.bench.scaling_laws.plan import LadderProgress
 
     spec = RunSpec("dense", 0, tmp_path / "study" / "dense-d2-seed0")
@@ -300,7 +300,7 @@ def test_an_interrupted_study_says_how_to_continue_it(tmp_path: Path) -> None:
 
 
 def test_runs_that_did_not_learn_are_shown_but_not_fitted() -> None:
-    from archlab.bench.results import RunResult
+    from archlab.bench.common.results import RunResult
 
     s = settings.settings_from_flags({"architectures": ["dense"], "bootstrap": 100})
     runs = []

@@ -52,7 +52,7 @@ def test_a_library_import_leaves_ctrl_c_to_the_caller():
         ("/venv/bin/archlab", ["/venv/bin/python", "/venv/bin/archlab", "train"], True),
         ("-m", ["python", "-m", "archlab", "summary"], True),
         # package workers never reach cli.main, so they keep Python's handler
-        ("-m", ["python", "-m", "archlab.bench.recall_worker", "RUN"], False),
+        ("-m", ["python", "-m", "archlab.bench.recall.worker", "RUN"], False),
         ("-c", ["python", "-c", "import archlab"], False),
         ("/x/bench_layers.py", ["python", "/x/bench_layers.py"], False),
     ],

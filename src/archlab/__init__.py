@@ -34,7 +34,7 @@ def _started_as_command() -> bool:
     """True while the `archlab` script or `python -m archlab` is importing us."""
     if _os.path.basename(_sys.argv[0]) == "archlab":
         return True
-    orig = getattr(_sys, "orig_argv", [])  # `python -m archlab.bench.recall_worker` is not one
+    orig = getattr(_sys, "orig_argv", [])  # `python -m archlab.bench.recall.worker` is not one
     return any(a == "-m" and b == "archlab" for a, b in zip(orig, orig[1:], strict=False))
 
 

@@ -1,7 +1,10 @@
-"""Benchmarks and the fair comparison: `archlab compare`, `archlab bench`, `archlab eval`.
+"""Benchmarks and the fair comparison: one folder per job, what they share in ``common/``.
 
-Modules: ``hardware`` (what machine ran it), ``compare`` (protocol and subprocess runner),
-``report`` (table, winners, report.md, results.json/csv), ``plots`` (matplotlib, Agg),
-``scaling`` (time/memory against sequence length), ``decode_bench`` (per-token decoding),
-``evaluate`` (validation loss, perplexity, bits per byte, MQAR accuracy).
+compare/        `archlab compare`
+recall/         `archlab bench recall`
+lengths/        `archlab bench lengths` (alias: `bench scaling`)
+decode/         `archlab bench generate`
+eval/           `archlab eval`
+scaling_laws/   `archlab scale`
+common/         results, statistics, plots, reference baselines, hardware, flag parsing
 """

@@ -1,4 +1,10 @@
-"""`archlab bench scaling` and `archlab bench generate`: speed and memory sweeps."""
+"""`archlab bench lengths` and `archlab bench generate`: speed and memory sweeps.
+
+`bench lengths` was `bench scaling` until the scaling-law study (`archlab scale`) took the
+word; the old name is accepted, with a one-line note, until the next release
+(``OLD_NAMES``). A run records the name it was given (its rerun command, its default folder),
+so its outputs are what the old name wrote; the note is printed after a successful run, so an
+error stays one line."""
 
 from __future__ import annotations
 
@@ -8,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 OVERRIDE_FLAGS = ("d_model", "n_layers", "n_heads", "d_ff", "state_size", "local_window")
+# old name -> new name, each accepted for one release after the rename
+OLD_NAMES = {"scaling": "lengths"}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,12 +45,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "bench", help="speed/memory sweeps (scaling, generate) and the recall probe (recall)"
+        "bench", help="speed/memory sweeps (lengths, generate) and the recall probe (recall)"
     )
     sub = p.add_subparsers(
         dest="bench_command", metavar="BENCH", required=True, parser_class=type(p)
     )
-    s = sub.add_parser("scaling", help="forward and forward+backward time and memory against T")
+    s = sub.add_parser(
+        "lengths",
+        aliases=["scaling"],
+        help="forward and forward+backward time and memory against the sequence length T "
+        "(formerly `bench scaling`, still accepted until the next release)",
+    )
     _common(s)
     s.add_argument("--model-size", default="nano", help="size preset or comma list (nano)")
     s.add_argument(
@@ -107,7 +120,7 @@ def _rerun(kind: str, args: argparse.Namespace, lists: dict[str, str]) -> str:
         if value is not None:
             flag = "hybrid-local-window" if key == "local_window" else key.replace("_", "-")
             parts += [f"--{flag}", str(value)]
-    if kind == "scaling" and not args.memory:
+    if kind in ("lengths", *OLD_NAMES) and not args.memory:
         parts.append("--no-memory")
     return shlex.join(parts)
 
@@ -117,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
         from .bench_recall import run as run_recall
 
         return run_recall(args)
-    from ..bench.options import parse_architectures, parse_int_list, parse_sizes, timestamped_dir
+    from ..bench.common.options import (
+        parse_architectures,
+        parse_int_list,
+        parse_sizes,
+        timestamped_dir,
+    )
     from ..fsutil import ensure_writable_dir
 
     _positive(args, "threads", "batch_size", "vocab_size", "repeats", "new_tokens", *OVERRIDE_FLAGS)
@@ -127,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--warmup: must be >= 0 (got {args.warmup})")
     archs = parse_architectures(args.architectures)
     out_dir = Path(args.out_dir) if args.out_dir else timestamped_dir(f"bench-{args.bench_command}")
-    if args.bench_command == "scaling":
-        from ..bench import scaling, scaling_report
+    if args.bench_command in ("lengths", *OLD_NAMES):
+        from ..bench.lengths import measure as scaling
+        from ..bench.lengths import report as scaling_report
 
         sizes = parse_sizes(args.model_size)
         settings = scaling.ScalingSettings(
@@ -152,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                     arch, size, max(settings.seq_lens), args.vocab_size, settings.overrides
                 )
         command = _rerun(
-            "scaling",
+            args.bench_command,
             args,
             {
                 "architectures": ",".join(archs),
@@ -173,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
         for c in analysis["crossovers"]:
             print(c.describe())
     else:
-        from ..bench import decode_bench
+        from ..bench.decode import measure as decode_bench
 
         parse_sizes(args.model_size)
         settings = decode_bench.DecodeSettings(
@@ -211,4 +230,13 @@ def run(args: argparse.Namespace) -> int:
         print(decode_bench.table(points))
     print()
     print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if args.bench_command in OLD_NAMES:  # after the run: an error stays one line
+        import sys
+
+        old, new = args.bench_command, OLD_NAMES[args.bench_command]
+        print(
+            f"note: `archlab bench {old}` is now `archlab bench {new}` (`archlab scale` is the "
+            f"scaling-law study); `{old}` is accepted until the next release",
+            file=sys.stderr,
+        )
     return 0

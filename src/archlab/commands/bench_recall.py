@@ -75,7 +75,7 @@ def add_arguments(r: argparse.ArgumentParser) -> None:
 
 def raw_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The user's explicit values (None = unset), keyed like RecallSettings."""
-    from ..bench.options import parse_architectures, parse_int_list, parse_learning_rates
+    from ..bench.common.options import parse_architectures, parse_int_list, parse_learning_rates
 
     raw: dict[str, Any] = {
         key: getattr(args, key)
@@ -100,7 +100,7 @@ def raw_settings(args: argparse.Namespace) -> dict[str, Any]:
         )
     }
     if args.task is not None:
-        from ..bench.recall_tasks import check_task
+        from ..bench.recall.tasks import check_task
 
         check_task(args.task)
     raw["architectures"] = (
@@ -115,8 +115,9 @@ def raw_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench import recall, recall_settings
-    from ..bench.options import timestamped_dir
+    from ..bench.common.options import timestamped_dir
+    from ..bench.recall import loop as recall
+    from ..bench.recall import settings as recall_settings
     from ..errors import UserError
 
     raw = raw_settings(args)
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     with lock_folder(out_dir, "recall grid"):  # a second process on this grid is refused
         outcome = recall.run_grid(settings, out_dir, resume=args.resume)
     print()
-    from ..bench.recall_report import tables
+    from ..bench.recall.report import tables
 
     for pairs, table in tables(settings, outcome["cells"]).items():
         print(f"{pairs} pairs, length {settings.seq_len}:")

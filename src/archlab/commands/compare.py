@@ -12,7 +12,7 @@ from typing import Any
 
 
 def register(subparsers: Any) -> None:
-    from ..bench.compare import DEFAULT_BUDGET_NOTE
+    from ..bench.compare.loop import DEFAULT_BUDGET_NOTE
     from ..models import registry
 
     p = subparsers.add_parser(
@@ -151,13 +151,13 @@ SETTING_KEYS = (
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..bench import compare
-    from ..bench.options import (
+    from ..bench.common.options import (
         parse_architectures,
         parse_learning_rates,
         parse_sizes,
         timestamped_dir,
     )
+    from ..bench.compare import loop as compare
     from ..errors import UserError
     from ..fsutil import ensure_writable_dir, lock_folder
 
@@ -208,7 +208,7 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
     import sys
     from pathlib import Path
 
-    from ..bench import compare
+    from ..bench.compare import loop as compare
     from ..errors import UserError
 
     if args.resume:
@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
 
 
 def _terminal_form(outcome: Any) -> str:
-    """The table as report.md has it (a compare_outputs.CompareOutcome's), narrowed when stdout
+    """The table as report.md has it (a bench/compare/outputs.CompareOutcome's), narrowed when stdout
     is a terminal it would wrap in."""
     import shutil
     import sys
@@ -268,7 +268,7 @@ def _terminal_form(outcome: Any) -> str:
     if not sys.stdout.isatty():
         return outcome.table
 
-    from ..bench import report
+    from ..bench.compare import report
 
     width = shutil.get_terminal_size().columns
     return report.terminal_table(outcome.archs, outcome.unigram, width)

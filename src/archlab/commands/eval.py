@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import UserError
 
         raise UserError(f"{', '.join(given)} apply only with --tasks (lm-evaluation-harness)")
-    from ..bench.evaluate import run_eval, to_json
+    from ..bench.eval.evaluate import run_eval, to_json
 
     result = run_eval(
         args.checkpoint,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_tasks(args: argparse.Namespace) -> int:
     """lm-eval tasks; --seq-len sets the scoring window (default: the model's max_seq_len)."""
-    from ..bench.lm_eval_tasks import run_harness
+    from ..bench.eval.lm_eval_tasks import run_harness
     from ..errors import UserError
 
     if args.data is not None or args.max_tokens is not None or args.split != "val":

@@ -105,7 +105,7 @@ def _parse_depths(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..bench.options import parse_architectures, timestamped_dir
+    from ..bench.common.options import parse_architectures, timestamped_dir
     from ..bench.scaling_laws import ladder
     from ..bench.scaling_laws import settings as st
     from ..errors import UserError

@@ -60,7 +60,7 @@ def hardware_info() -> dict[str, Any]:
     """Machine, CPU, GPU, torch build and threads, library versions and the date."""
     import torch
 
-    from ..train.peak import cpu_model
+    from ...train.peak import cpu_model
 
     info: dict[str, Any] = {
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),

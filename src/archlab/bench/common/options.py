@@ -6,8 +6,8 @@ import datetime as _dt
 import math
 from pathlib import Path
 
-from ..config import ALIASES, ARCHITECTURES, MODEL_SIZES, canonical_architecture
-from ..errors import UserError
+from ...config import ALIASES, ARCHITECTURES, MODEL_SIZES, canonical_architecture
+from ...errors import UserError
 
 
 def parse_architectures(text: str | None, flag: str = "--architectures") -> list[str]:

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from ..models import registry  # noqa: E402
+from ...models import registry  # noqa: E402
 from .results import ArchResult, Curve, RunResult  # noqa: E402
 
 # matplotlib's tab10 cycle. Each registered architecture keeps the colour of its place in

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ..data.baselines import LEARNED_MARGIN, learned
-from ..errors import UserError
+from ...data.baselines import LEARNED_MARGIN, learned
+from ...errors import UserError
 
 __all__ = ["LEARNED_MARGIN", "Reference", "load_reference"]
 
@@ -80,7 +80,7 @@ def load_reference(data_dir: Path, meta: dict[str, Any]) -> Reference:
 
 def _baselines(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     try:
-        from ..data.folder import load_baselines
+        from ...data.folder import load_baselines
     except ImportError:  # before the data baselines landed: whatever meta.json holds
         return {k: meta.get(k) for k in ("unigram_entropy", "bigram_entropy")}
     stored = {k: meta.get(k) for k in ("unigram_entropy", "bigram_entropy")}
@@ -106,8 +106,8 @@ def _bytes_per_token(data_dir: Path, meta: dict[str, Any]) -> float | None:
     if meta.get("task", "lm") != "lm" or "val_tokens" not in meta:
         return None
     try:
-        from ..data.tokenizer import load_tokenizer
-        from .evaluate import text_bytes
+        from ...data.tokenizer import load_tokenizer
+        from ..eval.evaluate import text_bytes
 
         n = min(int(meta["val_tokens"]), MAX_BYTES_SAMPLE_TOKENS)
         tokens = np.memmap(data_dir / "val.bin", dtype=np.dtype(meta["dtype"]), mode="r")[:n]

@@ -12,7 +12,7 @@ settings, written first), one run folder per (architecture, seed), ``logs/``,
 
 What makes the table citable (issue #11): every report is read against the data's
 baselines (a run not below the unigram entropy "did not learn" and wins nothing); winners
-need Welch's t-test over seeds (bench/stats.py); ``--learning-rates`` trains every
+need Welch's t-test over seeds (bench/common/stats.py); ``--learning-rates`` trains every
 architecture at every rate and reports each at its best (one run folder per (architecture,
 rate, seed), the whole grid in results.json/csv and ``loss_vs_lr.png``); the memory column
 has the model's own share beside the process's peak; losses are also in bits per byte.
@@ -20,10 +20,10 @@ has the model's own share beside the process's peak; losses are also in bits per
 Exit code: 0 when at least one run finished, 1 when every run failed, 2 for a user error.
 
 This file is the loop, top to bottom: plan the runs, train each one not finished yet, read
-them back, write the outputs. The pieces live beside it: the settings and their checks in
-compare_settings.py, the runs and their command lines in compare_plan.py, the child process
-and live progress in compare_runner.py, the outputs in compare_outputs.py. Every public name
-of those modules is also importable from here.
+them back, write the outputs. The pieces live beside it in bench/compare/: the settings and
+their checks in settings.py, the runs and their command lines in plan.py, the child process
+and live progress in runner.py, the outputs in outputs.py. Every public name of those
+modules is also importable from here.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..train.optim import warmup_warning
-from .compare_outputs import (
+from ...train.optim import warmup_warning
+from ..common.reference import load_reference
+from ..common.results import read_run
+from .outputs import (
     CompareOutcome,
     collect_run,
     data_summary,
@@ -45,7 +47,7 @@ from .compare_outputs import (
     reference_lines,
     write_outputs,
 )
-from .compare_plan import (
+from .plan import (
     OUTPUT_FILES,
     SWEEP_FILES,
     RunSpec,
@@ -58,8 +60,8 @@ from .compare_plan import (
     rerun_command,
     run_finished,
 )
-from .compare_runner import CompareProgress, run_child
-from .compare_settings import (
+from .runner import CompareProgress, run_child
+from .settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUDGET_NOTE,
     DEFAULT_LEARNING_RATE,
@@ -74,8 +76,6 @@ from .compare_settings import (
     settings_for_data,
     settings_from_flags,
 )
-from .reference import load_reference
-from .results import read_run
 
 
 def run_compare(
@@ -92,7 +92,7 @@ def run_compare(
 
     Progress (overall and the current run) goes to ``stream`` (stderr): live bars on a
     terminal, plain lines elsewhere, none when ``quiet``."""
-    from .hardware import hardware_info
+    from ..common.hardware import hardware_info
 
     stream = stream or sys.stderr
     out_dir.mkdir(parents=True, exist_ok=True)

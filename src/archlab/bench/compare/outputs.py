@@ -3,8 +3,8 @@
 ``collect_run`` reads one run folder with what the data's references add (bits per byte,
 whether it learned); ``write_outputs`` aggregates the runs over seeds (and the learning-rate
 grid), picks the winners and writes report.md, results.json, results.csv and the loss plots.
-The numbers come from bench/results.py and the text from bench/report.py; this module only
-puts a comparison's pieces together, so the orchestration (bench/compare.py) stays a loop.
+The numbers come from bench/common/results.py and the text from report.py; this module only
+puts a comparison's pieces together, so the orchestration (loop.py) stays a loop.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .compare_plan import RunSpec
-from .compare_settings import CompareSettings, format_learning_rates
-from .reference import Reference
-from .results import RunResult, aggregate, best_points, read_run
+from ..common.reference import Reference
+from ..common.results import RunResult, aggregate, best_points, read_run
+from .plan import RunSpec
+from .settings import CompareSettings, format_learning_rates
 
 
 def data_summary(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
 
 def recipe_summary(s: CompareSettings) -> str:
     """The recipe in words, with the explicit flags that override it."""
-    from ..recipes import RECIPE_DESCRIPTIONS
+    from ...recipes import RECIPE_DESCRIPTIONS
 
     flags = [
         ("--" if v else "--no-") + key.replace("_", "-")
@@ -150,7 +150,8 @@ def write_outputs(
     """Aggregate ``runs``, write every output file into ``out_dir`` and return the outcome.
 
     ``child_commands``: run name -> the `archlab train` line that reproduces it (report.md)."""
-    from . import plots, report
+    from ..common import plots
+    from . import report
 
     reference = reference or Reference(entropy_floor=meta.get("entropy_floor"))
     points = aggregate(runs, s.architectures, s.grid if s.sweep else None)

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare_settings import FLAG_NAMES, CompareSettings, format_learning_rates
+from .settings import FLAG_NAMES, CompareSettings, format_learning_rates
 
 
 @dataclass

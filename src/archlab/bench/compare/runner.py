@@ -22,9 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..errors import Interrupted
-from ..progress import Progress, eta_seconds, format_duration, parse_duration, progress_mode
-from .compare_plan import RunSpec
+from ...errors import Interrupted
+from ...progress import Progress, eta_seconds, format_duration, parse_duration, progress_mode
+from .plan import RunSpec
 
 _PROGRESS = re.compile(r"^step \d+/\d+ ")
 _TRACE_NOISE = re.compile(r"^(Traceback|\s+File |\s+\^|\s{4})")
@@ -52,7 +52,7 @@ class CompareProgress:
         mode: str | None = None,
         every_s: float | None = None,
     ) -> None:
-        from .. import progress as progress_mod
+        from ... import progress as progress_mod
 
         self.stream = stream
         self.mode = mode if mode is not None else progress_mode(stream=stream)

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..data.generated import FIXED_LENGTH_TASKS
-from ..errors import UserError
-from ..train.optim import default_warmup_steps
+from ...data.generated import FIXED_LENGTH_TASKS
+from ...errors import UserError
+from ...train.optim import default_warmup_steps
 
 # Default protocol of a bare `archlab compare`. The budget: nano training throughput at
 # seq-len 128 x batch 16. First measured (before the fused CPU kernels) on 2 cores of an idle
@@ -182,14 +182,14 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
         if given.get(key) is not None and given[key] < 0:
             raise UserError(f"{FLAG_NAMES[key]}: must be >= 0 (got {given[key]})")
     if "recipe" in given:
-        from ..recipes import check_recipe
+        from ...recipes import check_recipe
 
         given["recipe"] = check_recipe(given["recipe"])
     lr = given.get("learning_rate")
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
         raise UserError(f"--learning-rate: must be a positive number (got {lr})")
     if "learning_rates" in given:
-        from .options import check_learning_rates
+        from ..common.options import check_learning_rates
 
         if "learning_rate" in given:
             raise UserError(
@@ -198,7 +198,7 @@ def settings_from_flags(raw: dict[str, Any]) -> CompareSettings:
         given["learning_rates"] = check_learning_rates(given["learning_rates"])
     s = CompareSettings(**given)
     if s.learning_rate is None and s.learning_rates is None and s.table_rates is None:
-        from ..train.lr_table import table_learning_rate
+        from ...train.lr_table import table_learning_rate
 
         choices = {a: table_learning_rate(a, s.model_size, s.recipe) for a in s.architectures}
         s.table_rates = {a: c.rate for a, c in choices.items()}
@@ -234,7 +234,7 @@ def settings_for_data(raw: dict[str, Any], data_dir: Path, meta: dict[str, Any])
 
 def check_against_data(s: CompareSettings, data_dir: Path, meta: dict[str, Any]) -> None:
     """Bind the prepared data; every split must hold a window, every model the seq-len."""
-    from ..config import preset_config
+    from ...config import preset_config
 
     s.data = str(data_dir)
     task = meta.get("task")
@@ -254,7 +254,7 @@ def check_against_data(s: CompareSettings, data_dir: Path, meta: dict[str, Any])
             raise UserError(
                 f"--seq-len {s.seq_len}: the {split} split of {data_dir} has only {n} tokens"
             )
-    from ..recipes import apply_recipe
+    from ...recipes import apply_recipe
 
     for arch in s.architectures:
         explicit = {"use_rope": s.use_rope, "use_rmsnorm": s.use_rmsnorm}

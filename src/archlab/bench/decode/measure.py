@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .scaling import _build, _sync, bench_config, resolve_device
+from ..common.models import _build, _sync, bench_config, resolve_device
 
 
 @dataclass
@@ -148,7 +148,7 @@ def table(points: list[DecodePoint]) -> str:
 
 
 def figure(points: list[DecodePoint]):
-    from .plots import loglog_figure
+    from ..common.plots import loglog_figure
 
     def series(attr: str, scale: float) -> dict[str, tuple[list[float], list[float]]]:
         out: dict[str, tuple[list[float], list[float]]] = {}
@@ -172,8 +172,8 @@ def figure(points: list[DecodePoint]):
 def write_outputs(
     out_dir: Path, settings: DecodeSettings, points: list[DecodePoint], command: str
 ) -> dict[str, Path]:
-    from .hardware import hardware_info, hardware_lines
-    from .plots import save_figure
+    from ..common.hardware import hardware_info, hardware_lines
+    from ..common.plots import save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     hw = hardware_info()

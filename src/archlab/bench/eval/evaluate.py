@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ..data.generated import FIXED_LENGTH_TASKS
-from ..errors import UserError
-from ..progress import Progress
+from ...data.generated import FIXED_LENGTH_TASKS
+from ...errors import UserError
+from ...progress import Progress
 
 IGNORE_INDEX = -100
 
@@ -211,10 +211,10 @@ def run_eval(
     quiet: bool = False,
 ) -> EvalResult:
     """Evaluate a checkpoint; progress over the batches on stderr unless ``quiet``."""
-    from ..data.loader import TokenDataset
-    from ..data.prepare import resolve_data
-    from ..train.checkpoint import load_model, resolve_checkpoint, run_dir_of
-    from .scaling import resolve_device
+    from ...data.loader import TokenDataset
+    from ...data.prepare import resolve_data
+    from ...train.checkpoint import load_model, resolve_checkpoint, run_dir_of
+    from ..common.models import resolve_device
 
     if split not in ("train", "val"):
         raise UserError(f"--split: must be train or val (got {split!r})")

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..progress import Progress
-from ..progress import progress_mode as resolve_progress_mode
+from ...errors import UserError
+from ...progress import Progress
+from ...progress import progress_mode as resolve_progress_mode
 
 try:  # optional extra: archlab[eval]
     from lm_eval.api.model import TemplateLM
@@ -244,7 +244,7 @@ class ArchlabLM(TemplateLM):  # type: ignore[misc,valid-type]
         A row stops at end-of-text or once its text contains a stop string; greedy unless
         ``settings`` has ``do_sample`` (then temperature, top_k, top_p as in generate/sampling.py).
         """
-        from ..generate import SamplingParams, sample_token
+        from ...generate import SamplingParams, sample_token
 
         max_gen = int(settings.get("max_gen_toks", self.max_gen_toks))
         B = len(prompts)

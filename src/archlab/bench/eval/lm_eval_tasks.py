@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..progress import progress_mode as resolve_progress_mode
+from ...errors import UserError
+from ...progress import progress_mode as resolve_progress_mode
 from .lm_eval_adapter import ArchlabLM
 
 
@@ -226,7 +226,7 @@ def run_harness(
         raise UserError(
             "--tasks needs EleutherAI lm-evaluation-harness: pip install 'archlab[eval]'"
         ) from None
-    from ..generate import load
+    from ...generate import load
 
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:

@@ -1,4 +1,4 @@
-"""`archlab bench scaling`: time and memory of each architecture against sequence length.
+"""`archlab bench lengths` (formerly `bench scaling`): time and memory of each architecture against sequence length.
 
 Time: a forward pass (eval mode, no grad) and a training step's forward+backward
 (cross-entropy plus MoE auxiliary losses) per point, after warm-up, median of repeats with
@@ -11,8 +11,8 @@ step (weights, inputs), i.e. what the step itself needs; a tiny step runs first,
 what a fresh process's first step adds once (loading the fused kernels: ~125 MiB) is not
 counted there but reported apart (``*_setup_bytes``).
 
-This module measures (``run_sweep``; ``python -m archlab.bench.scaling SPEC`` is the fresh
-process of one memory point); ``scaling_report`` fits the exponents, finds the crossovers
+This module measures (``run_sweep``; ``python -m archlab.bench.lengths.measure SPEC`` is the
+fresh process of one memory point); ``report`` fits the exponents, finds the crossovers
 against dense and writes the table, figure and files.
 """
 
@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ModelConfig, preset_config
-from ..errors import UserError
+from ...config import ModelConfig
+from ..common.models import _build, _sync, bench_config, resolve_device
 
 MODES = ("fwd", "fwd_bwd")  # a forward pass (no grad); a training step's forward+backward
 
@@ -80,43 +80,6 @@ class Point:
         return q1, q3
 
 
-def bench_config(
-    architecture: str,
-    model_size: str,
-    max_seq_len: int,
-    vocab_size: int | None = None,
-    overrides: dict[str, Any] | None = None,
-) -> ModelConfig:
-    """The size preset, stretched to ``max_seq_len`` positions, with explicit overrides."""
-    kw = dict(overrides or {})
-    kw["max_seq_len"] = max(max_seq_len, kw.get("max_seq_len") or 0)
-    return preset_config(architecture, model_size=model_size, vocab_size=vocab_size, **kw)
-
-
-def resolve_device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        mps = getattr(torch.backends, "mps", None)
-        return "mps" if mps is not None and mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: CUDA is not available on this machine")
-    if name not in ("cpu", "cuda", "mps"):
-        raise UserError(f"--device: unknown device {name!r} (allowed: auto, cpu, cuda, mps)")
-    return name
-
-
-def _sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    elif device == "mps":
-        torch.mps.synchronize()
-
-
 def make_step(model: Any, idx: Any, targets: Any, mode: str):
     """A closure running one forward (no grad) or one forward+backward training step."""
     import torch
@@ -166,15 +129,6 @@ def _inputs(cfg: ModelConfig, batch: int, seq_len: int, device: str, seed: int):
     return idx[:, :-1].to(device), idx[:, 1:].to(device)
 
 
-def _build(cfg: ModelConfig, device: str, seed: int):
-    import torch
-
-    from ..models import build_model
-
-    torch.manual_seed(seed)
-    return build_model(cfg).to(device)
-
-
 # ---- memory: one fresh process per point -------------------------------------------------
 def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak memory of one step, in THIS process (call it in a fresh one)."""
@@ -203,7 +157,7 @@ def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
         peak = torch.cuda.max_memory_allocated()
         method = "cuda max_memory_allocated"
     else:
-        from ..train.metrics import cpu_peak_bytes, current_memory_bytes, reset_cpu_peak
+        from ...train.metrics import cpu_peak_bytes, current_memory_bytes, reset_cpu_peak
 
         base = current_memory_bytes(torch.device("cpu"))
         if base is not None and reset_cpu_peak():
@@ -221,7 +175,7 @@ def measure_memory_here(spec: dict[str, Any]) -> dict[str, Any]:
 def _current_bytes(device: str) -> int | None:
     import torch
 
-    from ..train.metrics import current_memory_bytes
+    from ...train.metrics import current_memory_bytes
 
     return current_memory_bytes(torch.device(device))
 
@@ -240,7 +194,7 @@ def measure_memory(
         "seed": settings.seed,
     }
     proc = subprocess.run(
-        [sys.executable, "-m", "archlab.bench.scaling", json.dumps(spec)],
+        [sys.executable, "-m", "archlab.bench.lengths.measure", json.dumps(spec)],
         capture_output=True,
         text=True,
         check=False,
@@ -309,5 +263,5 @@ def point_line(pt: Point) -> str:
     return text + (f"  [{pt.error}]" if pt.error else "")
 
 
-if __name__ == "__main__":  # a memory point: python -m archlab.bench.scaling '<json spec>'
+if __name__ == "__main__":  # a memory point: python -m archlab.bench.lengths.measure '<json spec>'
     print(json.dumps(measure_memory_here(json.loads(sys.argv[1]))))

@@ -1,6 +1,6 @@
-"""`archlab bench scaling`, the analysis and the outputs of a measured sweep.
+"""`archlab bench lengths` (formerly `bench scaling`): the analysis and outputs of a sweep.
 
-From the points that ``scaling.run_sweep`` measured: the fitted exponent p of time ~ T^p per
+From the points that ``measure.run_sweep`` measured: the fitted exponent p of time ~ T^p per
 architecture (least squares on log-log over the whole sweep), and where each architecture
 whose token mixing is linear in T (``ArchitectureSpec.linear_in_length``: hypermixer, mamba,
 hybrid) becomes cheaper than the reference (``registry.REFERENCE``, dense): the T where the
@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..models import registry
-from .scaling import MODES, Point, ScalingSettings
+from ...models import registry
+from .measure import MODES, Point, ScalingSettings
 
 
 def challengers() -> tuple[str, ...]:
@@ -223,7 +223,7 @@ def exponent_table(analysis: dict[str, Any]) -> str:
 
 
 def figure(points: list[Point]):
-    from .plots import loglog_figure
+    from ..common.plots import loglog_figure
 
     def series(attr: str, scale: float = 1.0) -> dict[str, tuple[list[float], list[float]]]:
         out: dict[str, tuple[list[float], list[float]]] = {}
@@ -254,8 +254,8 @@ def figure(points: list[Point]):
 def write_outputs(
     out_dir: Path, settings: ScalingSettings, points: list[Point], command: str
 ) -> dict[str, Path]:
-    from .hardware import hardware_info, hardware_lines
-    from .plots import save_figure
+    from ..common.hardware import hardware_info, hardware_lines
+    from ..common.plots import save_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     analysis = analyse(points)

@@ -2,7 +2,7 @@
 
 For every architecture x d_model x difficulty (key-value pairs for ``mqar``, tokens to copy
 for ``selective-copy``) x learning rate x seed, one process (``python -m
-archlab.bench.recall_worker``) trains a 2-layer model on the same generated examples and
+archlab.bench.recall.worker``) trains a 2-layer model on the same generated examples and
 reports answer accuracy; per cell the rate with the best mean *validation* accuracy is kept
 and its accuracy on a separate *test* set is reported (choosing and reporting on different
 examples, so the sweep does not flatter the best rate). Every run is also evaluated at
@@ -20,9 +20,9 @@ The folder holds ``recall.json`` (the settings, written first; --resume checks t
 ``runs/<name>/`` (spec.json, metrics.jsonl, result.json), ``logs/``, ``recall.md``,
 ``results.json``, ``results.csv`` and ``recall_vs_dmodel.png``.
 
-This module plans, runs and aggregates the grid; ``recall_settings`` holds its settings
-(defaults, flag checks, resume, the rerun command), ``recall_worker`` one run and
-``recall_report`` the outputs.
+This module plans, runs and aggregates the grid; beside it in ``bench/recall/``,
+``settings.py`` holds its settings (defaults, flag checks, resume, the rerun command),
+``tasks.py`` the examples, ``worker.py`` one run and ``report.py`` the outputs.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import Interrupted
-from .recall_settings import RecallSettings, rerun_command, run_spec
-from .recall_worker import RunSpec, read_curve, training_trend, write_json_atomic
+from ...errors import Interrupted
+from .settings import RecallSettings, rerun_command, run_spec
+from .worker import RunSpec, read_curve, training_trend, write_json_atomic
 
 
 def run_name(arch: str, d_model: int, pairs: int, lr: float, seed: int) -> str:
@@ -87,7 +87,7 @@ def run_one(run: PlannedRun, log_path: Path, t0: float) -> dict[str, Any]:
     (run.run_dir / "result.json").unlink(missing_ok=True)
     (run.run_dir / "spec.json").write_text(json.dumps(asdict(run.spec), indent=2) + "\n")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "archlab.bench.recall_worker", str(run.run_dir)]
+    cmd = [sys.executable, "-m", "archlab.bench.recall.worker", str(run.run_dir)]
     env = dict(os.environ)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log_path, "w") as log:
@@ -133,8 +133,8 @@ def run_grid(
     say: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run (or finish) every planned run, then write every output; returns the summary."""
-    from . import recall_report
-    from .hardware import hardware_info
+    from ..common.hardware import hardware_info
+    from . import report as recall_report
 
     out_dir.mkdir(parents=True, exist_ok=True)
     command = rerun_command(s, out_dir)

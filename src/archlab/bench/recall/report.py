@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .recall_tasks import DIFFICULTY
+from .tasks import DIFFICULTY
 
 RUN_COLUMNS = (
     "task",
@@ -71,7 +71,7 @@ def fmt_count(n: int | None) -> str:
     return str(n)
 
 
-# Marks on cells whose training had not converged (recall_worker.training_trend).
+# Marks on cells whose training had not converged (worker.training_trend).
 FALLING_MARK, CHANCE_MARK = "†", "‡"
 MARKS_LEGEND = (
     f"{FALLING_MARK} training loss still falling at the end (the last 20% of steps below the "
@@ -165,8 +165,8 @@ def state_note(settings) -> str:
 def positions_line(settings) -> str:
     """How each architecture of the grid encodes order under the grid's --use-rope choice
     (what its summary's Positions line says), architectures that agree grouped."""
-    from ..config import preset_config
-    from ..models import registry
+    from ...config import preset_config
+    from ...models import registry
 
     flag = {None: "each architecture's default", True: "--use-rope", False: "--no-use-rope"}
     groups: dict[str, list[str]] = {}
@@ -190,7 +190,7 @@ def wall_time_text(sessions: list[dict[str, Any]]) -> str:
 def markdown(
     settings, results, cells, command: str, hardware: dict[str, Any], sessions: list[dict]
 ) -> str:
-    from .hardware import hardware_lines
+    from ..common.hardware import hardware_lines
 
     what = DIFFICULTY[settings.task]
     task_name = {
@@ -309,7 +309,7 @@ def results_csv(results: list[dict[str, Any]]) -> str:
 
 def figure(settings, cells: list[dict[str, Any]]):
     """One panel per difficulty: test accuracy vs d_model, one line per architecture."""
-    from .plots import Figure, color_of
+    from ..common.plots import Figure, color_of
 
     n = len(settings.kv_pairs)
     fig = Figure(figsize=(4.2 * n, 3.6), layout="constrained")
@@ -355,7 +355,7 @@ def write_outputs(
     hardware: dict[str, Any],
     sessions: list[dict[str, Any]],
 ) -> dict[str, Path]:
-    from .plots import save_figure
+    from ..common.plots import save_figure
 
     hardware = dict(hardware)
     try:

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..models import registry
-from .recall_tasks import DEFAULT_VOCAB, TaskData, check_task
-from .recall_worker import RunSpec, model_config, resolve_device
+from ...errors import UserError
+from ...models import registry
+from .tasks import DEFAULT_VOCAB, TaskData, check_task
+from .worker import RunSpec, model_config, resolve_device
 
 # The default grid, sized to finish in 10-15 minutes on 2 idle CPU cores (measured with the five
 # architectures of the registry; see README): every registered architecture, in registry order.

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import mqar, selective_copy
-from ..errors import UserError
+from ...data import mqar, selective_copy
+from ...errors import UserError
 
 TASKS = ("mqar", "selective-copy")
 IGNORE_INDEX = -100

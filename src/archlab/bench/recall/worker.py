@@ -1,4 +1,4 @@
-"""One run of `archlab bench recall`, in its own process: ``python -m archlab.bench.recall_worker
+"""One run of `archlab bench recall`, in its own process: ``python -m archlab.bench.recall.worker
 RUN_DIR``.
 
 Reads ``RUN_DIR/spec.json`` (written by the parent), trains a 2-layer model of one
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .recall_tasks import IGNORE_INDEX, TaskData, answer_accuracy
+from .tasks import IGNORE_INDEX, TaskData, answer_accuracy
 
 VAL_SEED, TEST_SEED, LONG_SEED = 1_000_003, 2_000_003, 3_000_003
 
@@ -76,7 +76,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def resolve_device(name: str) -> torch.device:
     """auto -> cuda, else mps, else cpu; an unavailable device is a user error."""
-    from ..errors import UserError
+    from ...errors import UserError
 
     if name not in DEVICES:
         raise UserError(f"--device: unknown device {name!r} (allowed: {', '.join(DEVICES)})")
@@ -95,7 +95,7 @@ def resolve_device(name: str) -> torch.device:
 
 def model_config(spec: RunSpec, max_seq_len: int | None = None):
     """The 2-layer model of a run (see recall.py for which blocks keep their MLP and why)."""
-    from ..config import preset_config
+    from ...config import preset_config
 
     learned = preset_config(
         spec.architecture, model_size="nano", vocab_size=spec.vocab_size, use_rope=spec.use_rope
@@ -124,7 +124,7 @@ def state_elements(cfg, seq_len: int) -> dict[str, int | None]:
     d_inner x N per layer; HyperMixer its running d' x d matrix. ``state_per_layer`` is the
     first layer's. None for an architecture that declares nothing.
     """
-    from ..models import registry
+    from ...models import registry
 
     per_layer = registry.get(cfg.architecture).state_per_layer(cfg, seq_len)
     if not per_layer:
@@ -186,8 +186,8 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor, batch: int = 250) -> dict[
 
 def train_and_evaluate(spec: RunSpec, run_dir: Path | None = None) -> dict[str, Any]:
     """Train one model on one probe and evaluate it; returns the result record."""
-    from ..models import build_model
-    from ..train.optim import WarmupCosineSchedule, build_optimizer
+    from ...models import build_model
+    from ...train.optim import WarmupCosineSchedule, build_optimizer
 
     device = resolve_device(spec.device)
     if spec.threads:

@@ -165,7 +165,7 @@ def shape_flags(shape: dict[str, int]) -> list[str]:
 def learning_rate_for(s: ScaleSettings, arch: str, d_model: int) -> tuple[float, str]:
     """(rate, where it came from): --learning-rate, else the learning-rate table's rate for
     this width (its stated rule between swept sizes), else compare's default, said so."""
-    from ..compare_settings import DEFAULT_LEARNING_RATE
+    from ..compare.settings import DEFAULT_LEARNING_RATE
 
     if s.learning_rate is not None:
         return s.learning_rate, "given (--learning-rate)"

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TextIO
 
 from ...progress import eta_seconds
-from ..compare_plan import RunSpec, run_finished
-from ..compare_runner import CompareProgress
-from ..compare_settings import CompareSettings, settings_from_flags
+from ..compare.plan import RunSpec, run_finished
+from ..compare.runner import CompareProgress
+from ..compare.settings import CompareSettings, settings_from_flags
 from .ladder import Rung, recipes_available, shape_flags
 from .settings import ScaleSettings
 
@@ -136,7 +136,7 @@ def train_ladder(
     quiet: bool,
 ) -> dict[str, tuple[int | None, str | None]]:
     """Train every run not finished yet (compare's train_one); run name -> (rc, stderr tail)."""
-    from .. import compare
+    from ..compare import loop as compare
 
     finished = {r.name for r in runs if resume and run_finished(r.spec.run_dir)}
     progress = LadderProgress(stream, runs, finished, mode="off" if quiet else None)

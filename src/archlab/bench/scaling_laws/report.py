@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..report import format_flops
-from ..results import RunResult, Stat
+from ..common.results import RunResult, Stat
+from ..compare.report import format_flops
 from . import fit as fitting
 from .ladder import Rung, recipes_available
 from .plan import LadderRun
@@ -204,7 +204,7 @@ def predictions(s: ScaleSettings, fits: list[fitting.Fit]) -> dict[str, dict[str
 
 
 def fitted_curves(fits: list[fitting.Fit]) -> dict[str, Any]:
-    from ..plots import FittedCurve
+    from ..common.plots import FittedCurve
 
     out = {}
     for f in fits:
@@ -230,7 +230,7 @@ def top_rung_ranking(
 ) -> tuple[list[tuple[str, float]], str]:
     """Architectures by mean final val loss at the largest depth (lowest first), and the
     leader's significance over seeds (compare's Welch test, bench/stats.py)."""
-    from .. import stats
+    from ..common import stats
 
     top = max(s.depths)
     losses = {
@@ -255,9 +255,9 @@ def write_outputs(
     wall_s: float | None,
     reference: Any = None,
 ) -> StudyOutcome:
-    from .. import plots
-    from ..compare_outputs import data_summary, reference_lines
-    from ..hardware import hardware_lines
+    from ..common import plots
+    from ..common.hardware import hardware_lines
+    from ..compare.outputs import data_summary, reference_lines
 
     by_rung: dict[str, list[RunResult]] = {}
     for run, res in zip(runs, results, strict=True):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ...errors import UserError
-from ..compare_plan import run_finished
+from ..compare.plan import run_finished
 from . import report
 from .ladder import Rung, build_ladder
 from .plan import LadderRun, plan_ladder, train_ladder
@@ -63,9 +63,9 @@ def run_study(
     say: Callable[[str], None] | None = None,
     quiet: bool = False,
 ) -> report.StudyOutcome:
-    from ..compare_outputs import collect_run
-    from ..hardware import hardware_info
-    from ..reference import load_reference
+    from ..common.hardware import hardware_info
+    from ..common.reference import load_reference
+    from ..compare.outputs import collect_run
 
     t0 = time.monotonic()
     stream = stream or sys.stderr

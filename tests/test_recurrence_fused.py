@@ -1,8 +1,9 @@
 """The fused CPU recurrences of Mamba-2 (kernels/ssd_cpu.py) and Gated DeltaNet
-(kernels/delta_cpu.py), and their causal conv (kernels/conv_cpu.py), against the torch
-references: values and the gradients of every input in float64 (<= 1e-10) and float32, with
-and without an initial state and a final-state gradient, T across checkpoint boundaries; the
-models with the kernels on equal the models with them off (the chunked torch forms)."""
+(kernels/delta_cpu.py), their causal conv (conv_cpu.py) and gated norms (gated_norm_cpu.py),
+against the torch references: values and the gradients of every input in float64 (<= 1e-10)
+and float32, with and without an initial state and a final-state gradient, T across checkpoint
+boundaries; the models with the kernels on equal the models with them off (the chunked torch
+forms)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ pytest.importorskip("numba")
 
 from archlab.models.kernels.conv_cpu import conv_silu  # noqa: E402
 from archlab.models.kernels.delta_cpu import delta_rule_fused  # noqa: E402
+from archlab.models.kernels.gated_norm_cpu import gated_rms_norm  # noqa: E402
 from archlab.models.kernels.ssd_cpu import ssd_fused  # noqa: E402
 
 LENGTHS = (1, 5, 64, 65, 150)  # the kernels checkpoint every 64 steps
@@ -121,6 +123,22 @@ def test_fused_conv_silu_equals_torch_conv1d(bias):
     )
     assert (ours - ref).abs().max().item() <= 1e-12
     inputs = [x, w] + ([b] if bias else [])
+    for a, r in zip(_grads((ours,), inputs), _grads((ref,), inputs), strict=True):
+        assert (a - r).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("gate_first", [True, False])
+def test_fused_gated_rms_norm_equals_torch(gate_first):
+    g = torch.Generator().manual_seed(0)
+    B, T, C, size, eps = 2, 5, 12, 4, 1e-5
+    x, z = (torch.randn(B, T, C, generator=g, dtype=torch.float64) for _ in "xz")
+    w = torch.randn(C, generator=g, dtype=torch.float64)
+    inputs = [t.requires_grad_() for t in (x, z, w)]
+    ours = gated_rms_norm(x, z, w, size, eps, gate_first)
+    u = x * F.silu(z) if gate_first else x
+    ref = F.rms_norm(u.unflatten(-1, (C // size, size)), (size,), None, eps).flatten(-2) * w
+    ref = ref if gate_first else ref * F.silu(z)
+    assert (ours - ref).abs().max().item() <= 1e-12
     for a, r in zip(_grads((ours,), inputs), _grads((ref,), inputs), strict=True):
         assert (a - r).abs().max().item() <= 1e-10
 

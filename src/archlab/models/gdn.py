@@ -82,6 +82,16 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor, gate: Tensor) -> Tensor:
+        """x, gate (..., dv) -> (..., dv)."""
+        from .kernels import cpu_kernel_ready
+        from .kernels.gated_norm_cpu import gated_rms_norm, warm_up
+
+        if x.dim() == 4 and cpu_kernel_ready("gated_norm", x, self, warm_up, "fused gated norm "
+                                             "unavailable"):  # fmt: skip
+            dv = x.shape[-1]
+            out = gated_rms_norm(x.flatten(2), gate.flatten(2), self.weight.repeat(x.shape[2]),
+                                 dv, self.eps, False)  # fmt: skip
+            return out.view(x.shape)
         dtype = torch.promote_types(x.dtype, torch.float32)
         y = F.rms_norm(x.to(dtype), (x.shape[-1],), self.weight.to(dtype), self.eps)
         return (y * F.silu(gate.to(dtype))).to(x.dtype)

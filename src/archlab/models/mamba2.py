@@ -62,6 +62,11 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
+        from .kernels import cpu_kernel_ready
+        from .kernels.gated_norm_cpu import gated_rms_norm, warm_up
+
+        if cpu_kernel_ready("gated_norm", y, self, warm_up, "fused gated norm unavailable"):
+            return gated_rms_norm(y, z, self.weight, y.shape[-1] // self.groups, self.eps, True)
         dtype = torch.promote_types(y.dtype, torch.float32)
         g = y.to(dtype) * F.silu(z.to(dtype))
         size = g.shape[-1] // self.groups

@@ -8,6 +8,7 @@
     ssd_cpu.py       Mamba-2's SSD as the fused recurrence (with the D skip), forward and backward
     delta_cpu.py     the gated delta rule (Gated DeltaNet) as the fused recurrence, both ways
     conv_cpu.py      causal depthwise conv + SiLU as one node (Mamba-2, Gated DeltaNet)
+    gated_norm_cpu.py  their gated RMSNorms (gate before or after the norm) as one node
     _numba.py        numba's import, the kernel decorator, vectorised exp, threads over rows
 
 Each kernel is optional: :func:`fused_available` says whether it can run (numba imports and the

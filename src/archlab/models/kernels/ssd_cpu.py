@@ -85,7 +85,9 @@ if NUMBA:
         dx, ddt, dA_b, dD_b, dB_h, dC_h, dh0,
     ):  # fmt: skip
         """Gradients of :func:`_ssd_fwd`: dx (b, T, H, P), ddt (b, T, H), dA_b, dD_b (b, H)
-        per batch row, dB_h, dC_h (b, T, H, N) per head, dh0 (b, H, P, N)."""
+        per batch row, dB_h, dC_h (b, T, G, N), dh0 (b, H, P, N). A work item is one
+        (batch row, group): its heads run one after the other and add into the group's dB, dC
+        (no per-head copies to sum)."""
         T, H, P = x.shape[1], x.shape[2], x.shape[3]
         G, N = Bm.shape[2], Bm.shape[3]
         r = H // G
@@ -97,9 +99,14 @@ if NUMBA:
         dBv = np.zeros(N, dtype=x.dtype)
         dCv = np.zeros(N, dtype=x.dtype)
         zero = np.zeros(1, dtype=x.dtype)[0]
-        for item in range(lo, hi):
+        for item in range(lo * r, hi * r):
             b, h = item // H, item % H
             g = h // r
+            if h % r == 0:
+                for t in range(T):
+                    for n in range(N):
+                        dB_h[b, t, g, n] = 0.0
+                        dC_h[b, t, g, n] = 0.0
             Ah, Dh = A[h], Dv[h]
             for p in range(P):
                 for n in range(N):
@@ -153,9 +160,10 @@ if NUMBA:
                     ea = da * a  # d a / d (dt A) = a
                     ddt[b, t, h] = dd + ea * Ah
                     dA += ea * d
+                    dBt, dCt = dB_h[b, t, g], dC_h[b, t, g]
                     for n in range(N):
-                        dB_h[b, t, h, n] = dBv[n]
-                        dC_h[b, t, h, n] = dCv[n]
+                        dBt[n] += dBv[n]
+                        dCt[n] += dCv[n]
             dA_b[b, h] = dA
             dD_b[b, h] = dD
             for p in range(P):
@@ -201,16 +209,14 @@ class _FusedSSD(torch.autograd.Function):
         glast_ = glast.contiguous() if has_glast else x.new_zeros(1, 1, 1, 1)
         dx, ddt = torch.empty_like(x), torch.empty_like(dt)
         dA_b, dD_b = x.new_empty(b, H), x.new_empty(b, H)
-        dB_h, dC_h = x.new_empty(b, T, H, N), x.new_empty(b, T, H, N)
+        dB, dC = torch.empty_like(B), torch.empty_like(C)
         dh0 = x.new_empty(b, H, P, N)
         parallel_for(
-            _ssd_bwd, b * H, 3 * b * T * H * P * N,
+            _ssd_bwd, b * G, 3 * b * T * H * P * N,
             _np(x), _np(dt), _np(A), _np(B), _np(C), _np(D), _CHUNK, _np(ckpt), _np(gy),
             _np(glast_), has_glast,
-            _np(dx), _np(ddt), _np(dA_b), _np(dD_b), _np(dB_h), _np(dC_h), _np(dh0),
+            _np(dx), _np(ddt), _np(dA_b), _np(dD_b), _np(dB), _np(dC), _np(dh0),
         )  # fmt: skip
-        dB = dB_h.view(b, T, G, H // G, N).sum(3)
-        dC = dC_h.view(b, T, G, H // G, N).sum(3)
         return dx, ddt, dA_b.sum(0), dB, dC, dD_b.sum(0), dh0 if ctx.has_h0 else None
 
 

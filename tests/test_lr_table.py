@@ -66,6 +66,18 @@ def test_derived_rate_is_inverse_in_width_and_labelled(tmp_path):
     assert rate_for_width("dense", "modern", 128, path).kind == "swept"
 
 
+def test_narrower_widths_may_take_the_inverse_rule_capped_at_the_grid(tmp_path):
+    """`archlab scale`'s narrow rungs: 1/width below the narrowest swept width too, never
+    above the largest rate the sweep ran (grid 3e-4..3e-2 here)."""
+    path = _table(tmp_path, _entry())
+    d32 = rate_for_width("dense", "modern", 32, path, narrower="inverse")
+    assert d32.rate == pytest.approx(1.2e-2) and d32.kind == "derived"
+    assert "x d_model 128 / 32" in d32.source and "capped" not in d32.source
+    d8 = rate_for_width("dense", "modern", 8, path, narrower="inverse")  # 4.8e-2 > 3e-2
+    assert d8.rate == pytest.approx(3e-2) and "capped at its grid's largest 0.03" in d8.source
+    assert rate_for_width("dense", "modern", 256, path, narrower="inverse").rate == 1.5e-3
+
+
 def test_nearest_swept_width_below_is_the_reference(tmp_path):
     path = _table(tmp_path, _entry(), _entry(size="micro", d_model=256, best=1e-3))
     assert table_learning_rate("dense", "micro", "modern", path).rate == 1e-3

@@ -17,8 +17,6 @@ TINY = [
     "1,2",
     "--tokens-per-param",
     "0.6",
-    "--learning-rate",
-    "0.01",
     "--seq-len",
     "16",
     "--batch-size",
@@ -30,7 +28,7 @@ TINY = [
     "--bootstrap",
     "100",
 ]  # fmt: skip
-# Why 0.6 tokens per parameter and 0.01: a run is fitted only if it learned (final val loss
+# Why 0.6 tokens per parameter: a run is fitted only if it learned (final val loss
 # 0.1 nat below the unigram baseline, 3.09 nats on this char data). The depth-1 rung (4,288
 # parameters) at 0.3 tokens per parameter trains 21 steps and ends at 3.10 (measured), so it
 # was left out and each architecture kept one point: no law. At 0.6 (42 steps) it reaches 2.92.
@@ -106,8 +104,10 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
 
     monkeypatch.setattr(plots, "save_figure", keep)
     argv = ["scale", "--architectures", "dense,moe", "--data", str(char_data), *TINY]
-    assert main([*argv, "--out-dir", str(out)]) == 0
+    compared = _compare_results(tmp_path / "cmp-a", {"dense": 2.0, "moe": 2.1, "mamba": 1.0})
+    assert main([*argv, "--compare-results", str(compared), "--out-dir", str(out)]) == 0
     printed = capsys.readouterr()
+    assert "estimate: " in printed.err and "for 4 run(s)" in printed.err  # before the runs
     for name in (*report.OUTPUT_FILES, "scale.json"):
         assert (out / name).stat().st_size > 0, name
     names = [f"{a}-d{d}-seed0" for d in (1, 2) for a in ("dense", "moe")]
@@ -160,6 +160,12 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
     assert "all" in plots.data_lines(fig, "frontier")
     # progress named the runs and the grid
     assert "[1/4 dense-d1-seed0] training" in printed.err and "4 runs" in printed.err
+    # the largest rung's ranking against a comparison's (dense < moe there; mamba not here)
+    top = [r["architecture"] for r in doc["top_rung_ranking"]]
+    versus = doc["top_rung_vs_compare"]
+    assert versus["common"] == top and versus["same_order"] == (top == ["dense", "moe"])
+    assert versus["line"] in md and versus["line"] in printed.out
+    assert set(doc["estimate"]["seconds_per_run"]) == set(names)
 
     # resume: a finished study has nothing to do
     assert main(["scale", "--resume", "--out-dir", str(out)]) == 0
@@ -171,12 +177,41 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
 
     monkeypatch.setattr(compare, "train_one", never)
     (out / "scale.md").unlink()
-    assert main(["scale", "--resume", "--out-dir", str(out)]) == 0
+    flipped = _compare_results(tmp_path / "cmp-b", {"dense": 2.1, "moe": 2.0})
+    resumed = ["scale", "--resume", "--compare-results", str(flipped), "--out-dir", str(out)]
+    assert main(resumed) == 0  # the comparison is a report setting: it may change
     assert (out / "scale.md").exists() and "already finished; skipped" in capsys.readouterr().err
+    again = json.loads((out / "results.json").read_text())["top_rung_vs_compare"]
+    assert again["same_order"] == (top == ["moe", "dense"])
     # changed settings are refused
     assert main(["scale", "--resume", "--tokens-per-param", "5", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--tokens-per-param 5.0 differs" in err and "\n" not in err
+
+
+def _compare_results(folder: Path, losses: dict[str, float]) -> Path:
+    """A minimal `archlab compare` results.json with these mean final val losses."""
+    folder.mkdir(parents=True)
+    archs = [
+        {"architecture": a, "stats": {"final_val_loss": {"mean": v}}} for a, v in losses.items()
+    ]
+    doc = {"settings": {"model_size": "nano", "max_tokens": 160000}, "architectures": archs}
+    (folder / "results.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_estimate_only_prints_the_ladder_and_trains_nothing(
+    char_data: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "never"
+    argv = ["scale", "--architectures", "dense,moe", "--data", str(char_data), *TINY]
+    assert main([*argv, "--estimate-only", "--out-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = _rows(printed)
+    assert [r[0] for r in rows] == ["dense-d1", "dense-d2", "moe-d1", "moe-d2"]
+    assert all(float(r[-1]) > 0 for r in rows)  # seconds per rung
+    assert "4 runs" in printed and "estimate: " in printed and "an estimate" in printed
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(
@@ -189,6 +224,8 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
         (["--width-per-depth", "25", "--depths", "2,3"], "--depths 2: dense refuses the shape"),
         (["--depths", "1,x"], "--depths: expected comma-separated integers"),
         (["--depths", "2,2"], "--depths: 2,2 repeats a depth"),
+        (["--compare-results", "/nonexistent/x"], "--compare-results: /nonexistent/x does not exist"),
+        (["--estimate-only", "--resume"], "--estimate-only: not with --resume"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(extra, message, tmp_path: Path, capsys) -> None:
@@ -225,6 +262,34 @@ def test_the_dial_keeps_parameters_comparable(recipe: str, depths: list[int]) ->
     )
 
 
+def test_every_rung_command_gives_train_the_planned_shape(tmp_path: Path) -> None:
+    """Each run's `archlab train` line parses, and the model it describes has the rung's shape
+    (the hybrid's window is --hybrid-local-window, not --local-window: a run that failed)."""
+    from archlab.bench.compare import loop as compare
+    from archlab.bench.scaling_laws.plan import plan_ladder
+    from archlab.cli import build_parser
+    from archlab.commands.model_args import model_config_from_args
+    from archlab.models import registry
+
+    s = settings.settings_from_flags(
+        {"architectures": list(registry.SPECS), "depths": [1, 3], "recipe": "classic"}
+    )
+    s.data = str(tmp_path)
+    runs = plan_ladder(s, ladder.build_ladder(s, 1024), tmp_path)
+    parser = build_parser()
+    for run in runs:
+        spec = run.spec
+        cmd = compare.child_command(run.protocol, spec.architecture, spec.seed, spec.run_dir,
+                                    resume=False, learning_rate=spec.learning_rate)  # fmt: skip
+        cmd += spec.extra_args
+        args = parser.parse_args(cmd[3:])
+        cfg = model_config_from_args(args, vocab_size=1024)
+        assert {k: getattr(cfg, k) for k in run.rung.shape} == run.rung.shape, run.name
+        assert args.learning_rate == run.rung.learning_rate
+        assert args.max_tokens == run.rung.tokens
+        assert cmd.count("--recipe") == 1 and args.recipe == "classic"
+
+
 def test_the_eta_is_weighted_by_each_runs_flops(tmp_path: Path) -> None:
     """Rungs differ in cost: after a 1-unit run took 10 s, 3 units are left -> about 30 s."""
     import io
@@ -255,6 +320,41 @@ def test_the_eta_is_weighted_by_each_runs_flops(tmp_path: Path) -> None:
     p.status("[2/3 b]", "step 5/10 loss 1.0")  # half of b: 1.5 units in 10 s, 2.5 left
     assert p.eta() == pytest.approx(10.0 * 2.5 / 1.5, rel=0.01)
     assert "scale: 1/3 runs done, eta 00:1" in p.stream.getvalue()
+
+
+def test_the_eta_starts_from_the_pre_run_estimate_and_learns_from_finished_runs(
+    tmp_path: Path,
+) -> None:
+    """With estimates (a 20 s, b 20 s, c 40 s): 80 s before anything ran, the estimate left
+    while the first run goes, then rescaled by how long the finished work really took."""
+    import io
+    import time
+
+    from archlab.bench.compare.plan import RunSpec
+    from archlab.bench.scaling_laws.plan import LadderProgress, LadderRun
+
+    def run(name: str) -> LadderRun:
+        rung = ladder.Rung("dense", 1, {"d_model": 16}, 10, 10, 1.0, 10, 10, 1e-3, "given")
+        return LadderRun(rung, 0, None, RunSpec("dense", 0, tmp_path / name))  # type: ignore[arg-type]
+
+    runs = [run("a"), run("b"), run("c")]
+    seconds = {"a": 20.0, "b": 20.0, "c": 40.0}
+    p = LadderProgress(io.StringIO(), runs, set(), mode="plain", every_s=0, seconds=seconds)
+    p.start(runs[0])
+    p.begin_run("[1/3 a]")
+    assert p.eta() == pytest.approx(80.0)
+    p.status("[1/3 a]", "step 1/10 loss 1.0")
+    p.status("[1/3 a]", "step 5/10 loss 1.0")  # half of a's 20 s done
+    assert p.eta() == pytest.approx(70.0)
+    p.status("[1/3 a]", "step 10/10 loss 1.0")
+    p.end_run()
+    p.t0 = time.monotonic() - 10.0  # a took 10 s, half its estimate: the rest will too
+    p.start(runs[1])
+    p.begin_run("[2/3 b]")
+    assert p.eta() == pytest.approx(30.0, rel=0.01)
+    # a resumed study: finished runs weigh nothing
+    q = LadderProgress(io.StringIO(), runs, {"a"}, mode="plain", every_s=0, seconds=seconds)
+    assert q.eta() == pytest.approx(60.0) and q.runs_done == 1
 
 
 def test_the_study_folder_is_locked(tmp_path: Path, capsys) -> None:

@@ -26,6 +26,7 @@ SETTING_KEYS = (
     "seed",
     "seeds",
     "bootstrap",
+    "compare_results",
 )
 
 
@@ -87,6 +88,19 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="continue the study in --out-dir: finished runs are skipped, settings must match",
     )
+    p.add_argument(
+        "--compare-results",
+        default=None,
+        metavar="PATH",
+        help="an `archlab compare` folder or its results.json: the report says whether the "
+        "ranking at the largest rung equals that comparison's ranking",
+    )
+    p.add_argument(
+        "--estimate-only",
+        action="store_true",
+        help="print the ladder (shapes, parameters against dense's, budgets, rates) and each "
+        "run's estimated time, then exit without training",
+    )
     p.add_argument("--out-dir", default=None, help="(default: runs/scale-<time>)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -116,6 +130,18 @@ def run(args: argparse.Namespace) -> int:
     raw["depths"] = _parse_depths(args.depths)
     if args.architectures is not None:
         raw["architectures"] = parse_architectures(args.architectures)
+    if args.estimate_only:
+        if args.resume:
+            raise UserError("--estimate-only: not with --resume (it trains nothing)")
+        raw.setdefault("architectures", parse_architectures(None))
+        settings = st.settings_from_flags(raw)
+        ladder.check_shapes(settings)
+        data_dir, meta = _prepare_data(args)
+        settings.data = str(data_dir)
+        from ..bench.scaling_laws import study
+
+        print(study.preview(settings, meta))
+        return 0
     if args.resume:
         if args.out_dir is None:
             raise UserError("--resume: give the study's folder with --out-dir")
@@ -150,6 +176,10 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
     if args.resume:
         settings = st.load_saved_settings(out_dir)
         st.check_resume_flags(settings, raw)
+        if args.compare_results is not None:  # a report setting: may change on --resume
+            settings.compare_results = st.settings_from_flags(
+                {"compare_results": args.compare_results, "architectures": []}
+            ).compare_results
         if args.data is not None and Path(args.data).resolve() != Path(settings.data).resolve():
             raise UserError(
                 f"--resume: this study trains on {settings.data} (scale.json); drop --data"
@@ -164,16 +194,7 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
     else:
         if _has_content(out_dir):
             raise UserError(f"--out-dir {out_dir} exists and is not empty; pass --resume")
-        from ..data.prepare import prepare_dataset, resolve_data
-
-        if args.data is None:
-            data_dir = prepare_dataset(
-                "stories", tokenizer="bpe", vocab_size=st.DEFAULT_VOCAB, verbose=False
-            )
-        else:
-            data_dir = resolve_data(args.data, "language", None)
-        data_dir = Path(data_dir).resolve()
-        meta = json.loads((data_dir / "meta.json").read_text())
+        data_dir, meta = _prepare_data(args)
         settings = st.settings_from_flags(raw)
         settings.data = str(data_dir)
     outcome = study.run_study(settings, out_dir, resume=args.resume, meta=meta, quiet=args.quiet)
@@ -189,8 +210,27 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
         print(f"Fit, {f.architecture}: alpha {f.law.alpha:.3f} {shown}, E {f.law.E:.3f}")
     for c in outcome.crossovers:
         print(f"Crossover, {c.first} vs {c.second}: {c.verdict}")
+    print(f"Largest rung against compare's ranking: {outcome.versus_compare}")
     print()
     print(f"Report: {out_dir / 'scale.md'} (results.json, results.csv, loss_vs_flops.png)")
     if outcome.exit_code:
         print("archlab scale: every run failed", file=sys.stderr)
     return outcome.exit_code
+
+
+def _prepare_data(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The study's prepared folder (default: the stories with a 1,024-token BPE) and its meta."""
+    import json
+    from pathlib import Path
+
+    from ..bench.scaling_laws import settings as st
+    from ..data.prepare import prepare_dataset, resolve_data
+
+    if args.data is None:
+        data_dir = prepare_dataset(
+            "stories", tokenizer="bpe", vocab_size=st.DEFAULT_VOCAB, verbose=False
+        )
+    else:
+        data_dir = resolve_data(args.data, "language", None)
+    data_dir = Path(data_dir).resolve()
+    return data_dir, json.loads((data_dir / "meta.json").read_text())

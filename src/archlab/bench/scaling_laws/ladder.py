@@ -155,16 +155,36 @@ def _matched_shape(
 
 
 def shape_flags(shape: dict[str, int]) -> list[str]:
-    """The `archlab train` flags of a shape: --d-model 32 --n-layers 2 ..."""
+    """The `archlab train` flags of a shape: --d-model 32 --n-layers 2 ... (each field's flag
+    as train's parser spells it: local_window is --hybrid-local-window)."""
+    flags = _train_flags()
     out: list[str] = []
     for key, value in shape.items():
-        out += ["--" + key.replace("_", "-"), str(value)]
+        out += [flags[key], str(value)]
     return out
+
+
+@lru_cache(maxsize=1)
+def _train_flags() -> dict[str, str]:
+    """ModelConfig field -> its `archlab train` option (the model flags' parser)."""
+    import argparse
+
+    from ...commands.model_args import add_model_args
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_args(parser)
+    return {
+        a.dest: next(o for o in a.option_strings if o.startswith("--"))
+        for a in parser._actions
+        if a.option_strings
+    }
 
 
 def learning_rate_for(s: ScaleSettings, arch: str, d_model: int) -> tuple[float, str]:
     """(rate, where it came from): --learning-rate, else the learning-rate table's rate for
-    this width (its stated rule between swept sizes), else compare's default, said so."""
+    this width (inverse in width from the nearest swept entry, also below the narrowest swept
+    width, capped at the largest rate its sweep ran: the dial's rungs are 2-8x narrower than
+    nano, and nano's rate left them 2-3 nats short), else compare's default, said so."""
     from ..compare.settings import DEFAULT_LEARNING_RATE
 
     if s.learning_rate is not None:
@@ -175,7 +195,7 @@ def learning_rate_for(s: ScaleSettings, arch: str, d_model: int) -> tuple[float,
         rate_for_width = None
     if rate_for_width is not None:
         try:
-            choice = rate_for_width(arch, s.recipe, d_model)
+            choice = rate_for_width(arch, s.recipe, d_model, narrower="inverse")
             return choice.rate, choice.source
         except UserError as exc:
             why = str(exc).split(";")[0]

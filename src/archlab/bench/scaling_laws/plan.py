@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from ...progress import eta_seconds
+from ...progress import Progress, eta_seconds, format_duration
 from ..compare.plan import RunSpec, run_finished
 from ..compare.runner import CompareProgress
 from ..compare.settings import CompareSettings, settings_from_flags
-from .ladder import Rung, recipes_available, shape_flags
+from .estimate import GridEstimate
+from .ladder import Rung, shape_flags
 from .settings import ScaleSettings
 
 
@@ -51,6 +52,7 @@ def rung_protocol(s: ScaleSettings, rung: Rung) -> CompareSettings:
             "use_amp": s.use_amp,
             "device": s.device,
             "num_threads": s.num_threads,
+            "recipe": s.recipe,
         }
     )
     protocol.data = s.data
@@ -59,7 +61,6 @@ def rung_protocol(s: ScaleSettings, rung: Rung) -> CompareSettings:
 
 def plan_ladder(s: ScaleSettings, rungs: list[Rung], out_dir: Path) -> list[LadderRun]:
     """Every (depth, architecture, seed), smallest rung first."""
-    extra_recipe = ["--recipe", s.recipe] if recipes_available() else []
     runs = []
     for depth in s.depths:
         for rung in (r for r in rungs if r.depth == depth):
@@ -71,15 +72,18 @@ def plan_ladder(s: ScaleSettings, rungs: list[Rung], out_dir: Path) -> list[Ladd
                     seed,
                     run_dir,
                     learning_rate=rung.learning_rate,
-                    extra_args=shape_flags(rung.shape) + extra_recipe,
+                    extra_args=shape_flags(rung.shape),
                 )
                 runs.append(LadderRun(rung, seed, protocol, spec))
     return runs
 
 
 class LadderProgress(CompareProgress):
-    """compare's progress lines and bars, with the ETA weighted by each run's FLOPs: a rung
-    costs about its FLOPs, so time per FLOP of the runs done predicts the ones left."""
+    """compare's progress lines and bars, with an ETA across the grid: each run weighs its
+    pre-run estimate (estimate.py; without one, its FLOPs). Before any run has finished in
+    this process the ETA is the estimate of what is left ("?" without one); then the time
+    the finished work took per unit of weight, times the weight left. In a terminal the
+    overall bar counts runs and shows that ETA."""
 
     label = "scale"
 
@@ -90,39 +94,65 @@ class LadderProgress(CompareProgress):
         finished: set[str],
         mode: str | None = None,
         every_s: float | None = None,
+        seconds: dict[str, float] | None = None,
     ) -> None:
         super().__init__(stream, 0, 0, mode=mode, every_s=every_s)  # no step-based overall bar
         self.n_runs = len(runs)
         self.runs_done = sum(r.name in finished for r in runs)
-        self.flops_left = sum(r.rung.train_flops for r in runs if r.name not in finished)
-        self.flops_session = 0.0  # FLOPs trained by this process so far (finished runs)
+        self.estimated = seconds is not None
+        self.weight = {
+            r.name: (seconds[r.name] if seconds is not None else r.rung.train_flops) for r in runs
+        }
+        self.weight_left = sum(w for name, w in self.weight.items() if name not in finished)
+        self.weight_session = 0.0  # weight of the runs finished by this process
         self.run: LadderRun | None = None
+        if self.mode == "bar" and self.n_runs:
+            self.overall = Progress(
+                self.n_runs, "scale", "run", mode="bar", stream=stream,
+                initial=self.runs_done, position=0,
+            )  # fmt: skip
+            self.overall.set_postfix(self._bar_text())
 
     def start(self, run: LadderRun) -> None:
-        """The next run: its steps size the current bar; its FLOPs the ETA."""
+        """The next run: its steps size the current bar; its weight the ETA."""
         self.run = run
         self.steps_per_run = run.rung.steps
 
-    def _current_flops(self) -> float:
+    def _current_weight(self) -> float:
         if self.run is None or not self.run.rung.steps:
             return 0.0
         done = self.run_step - (self.run_first or 0)
-        return self.run.rung.train_flops * done / self.run.rung.steps
+        return self.weight[self.run.name] * done / self.run.rung.steps
 
     def eta(self) -> float | None:
-        """Time per FLOP so far x FLOPs left; unknown ("?") until a run has finished in
-        this process (a run's start-up would dominate). Small rungs come first and pay more
-        start-up per FLOP, so early estimates run high."""
-        if self.flops_session <= 0:
-            return None
-        done = self.flops_session + self._current_flops()
-        left = self.flops_left - done
-        return eta_seconds(done, max(left, 0.0), time.monotonic() - self.t0)
+        done = self.weight_session + self._current_weight()
+        left = max(self.weight_left - done, 0.0)
+        if self.weight_session <= 0:  # nothing finished here yet: cold start-ups would mislead
+            return left if self.estimated else None
+        return eta_seconds(done, left, time.monotonic() - self.t0)
+
+    def _bar_text(self) -> str:
+        return f"{self._runs_text()}, eta {format_duration(self.eta())}"
+
+    def status(self, prefix: str, line: str) -> None:
+        overall, self.overall = self.overall, None  # compare's bar counts steps, this one runs
+        try:
+            super().status(prefix, line)
+        finally:
+            self.overall = overall
+        if overall is not None:
+            overall.set(self.runs_done, postfix=self._bar_text())
 
     def end_run(self) -> None:
         if self.run is not None:
-            self.flops_session += self.run.rung.train_flops
-        super().end_run()
+            self.weight_session += self.weight[self.run.name]
+        overall, self.overall = self.overall, None
+        try:
+            super().end_run()
+        finally:
+            self.overall = overall
+        if self.overall is not None:
+            self.overall.set(self.runs_done, postfix=self._bar_text())
         self.run = None
 
 
@@ -134,12 +164,14 @@ def train_ladder(
     stream: TextIO,
     say: Callable[[str], None] | None,
     quiet: bool,
+    estimate: GridEstimate | None = None,
 ) -> dict[str, tuple[int | None, str | None]]:
     """Train every run not finished yet (compare's train_one); run name -> (rc, stderr tail)."""
     from ..compare import loop as compare
 
     finished = {r.name for r in runs if resume and run_finished(r.spec.run_dir)}
-    progress = LadderProgress(stream, runs, finished, mode="off" if quiet else None)
+    seconds = estimate.seconds if estimate is not None else None
+    progress = LadderProgress(stream, runs, finished, "off" if quiet else None, seconds=seconds)
     say = say or progress.message
     total = sum(r.rung.train_flops for r in runs)
     left = sum(r.rung.train_flops for r in runs if r.name not in finished)
@@ -149,6 +181,8 @@ def train_ladder(
         + (f" ({left:.3g} left)" if finished else "")
         + f", {s.tokens_per_param:g} tokens per parameter, data {s.data} -> {out_dir}"
     )
+    if estimate is not None:
+        say(estimate.line(finished))
     codes: dict[str, tuple[int | None, str | None]] = {}
     try:
         for i, run in enumerate(runs, start=1):

@@ -57,6 +57,7 @@ class StudyOutcome:
     crossovers: list[fitting.Crossover]
     n_ok: int
     n_runs: int
+    versus_compare: str = ""
 
     @property
     def exit_code(self) -> int:
@@ -243,6 +244,41 @@ def top_rung_ranking(
     return [(a, loss) for loss, a in scored], stats.describe(decision)
 
 
+def versus_compare(s: ScaleSettings, ranking: list[tuple[str, float]]) -> dict[str, Any]:
+    """Whether the largest rung ranks the architectures as an `archlab compare` run did (over
+    the architectures both have); without --compare-results, says how to ask."""
+    from .settings import compare_ranking
+
+    if not s.compare_results:
+        return {
+            "same_order": None,
+            "line": "not compared with a compare ranking (pass --compare-results "
+            "<compare folder>, e.g. the default `archlab compare`'s)",
+        }
+    other = compare_ranking(s.compare_results)
+    mine = [a for a, _ in ranking]
+    theirs = [a for a, _ in other["ranking"]]
+    common = [a for a in mine if a in theirs]
+    mine_c, theirs_c = common, [a for a in theirs if a in common]
+    same = len(common) >= 2 and mine_c == theirs_c
+    where = (
+        f"compare {other['path']} (model size {other['model_size']}, {other['max_tokens']} tokens)"
+    )
+    if len(common) < 2:
+        line = f"fewer than two architectures in common with {where}: nothing to compare"
+    elif same:
+        line = f"same order as {where} over {len(common)} architectures: {' < '.join(mine_c)}"
+    else:
+        line = f"differs from {where}: here {' < '.join(mine_c)}; there {' < '.join(theirs_c)}"
+    return {
+        "same_order": same if len(common) >= 2 else None,
+        "line": line,
+        "compare_results": other["path"],
+        "compare_ranking": [{"architecture": a, "final_val_loss": v} for a, v in other["ranking"]],
+        "common": common,
+    }
+
+
 def write_outputs(
     s: ScaleSettings,
     out_dir: Path,
@@ -254,6 +290,7 @@ def write_outputs(
     command: str,
     wall_s: float | None,
     reference: Any = None,
+    estimate: Any = None,
 ) -> StudyOutcome:
     from ..common import plots
     from ..common.hardware import hardware_lines
@@ -269,6 +306,7 @@ def write_outputs(
     crossings = [fitting.crossover(f, g) for f, g in pairs]
     preds = predictions(s, fits)
     ranking, significance = top_rung_ranking(s, rungs, by_rung)
+    versus = versus_compare(s, ranking)
     points = {
         a: [(r.train_flops, r.final_val_loss) for r in results if r.architecture == a and r.ok]
         for a in s.architectures
@@ -290,6 +328,7 @@ def write_outputs(
         "data": data_meta,
         "hardware": hardware,
         "wall_time_s": wall_s,
+        "estimate": None if estimate is None else estimate.to_dict(),
         "table": {"columns": list(TABLE_COLUMNS), "rows": rows},
         "ladder": [r.to_dict() for r in rungs],
         "fits": [f.to_dict() for f in fits],
@@ -297,6 +336,7 @@ def write_outputs(
         "predictions": preds,
         "top_rung_ranking": [{"architecture": a, "final_val_loss": v} for a, v in ranking],
         "top_rung_significance": significance,
+        "top_rung_vs_compare": versus,
         "runs": [
             r.to_dict(curves=False) | {"depth": run.rung.depth, "rung": run.rung.name}
             for run, r in zip(runs, results, strict=True)
@@ -304,13 +344,18 @@ def write_outputs(
     }
     _atomic(out_dir / "results.json", json.dumps(doc, indent=2, default=str) + "\n")
     _write_csv(out_dir / "results.csv", runs, results)
+    timing = []
+    if wall_s is not None:
+        timing.append(f"Wall time of this process: {wall_s:.0f} s")
+    if estimate is not None:
+        timing.append(f"estimated before its runs: {estimate.total:.0f} s (an estimate)")
     md = scale_markdown(
-        s, table, fits, crossings, preds, (ranking, significance), data_meta, command, wall_s,
-        hardware_lines(hardware), runs, results,
+        s, table, fits, crossings, preds, (ranking, significance, versus), data_meta, command,
+        "; ".join(timing), hardware_lines(hardware), runs, results,
     )  # fmt: skip
     _atomic(out_dir / "scale.md", md)
     n_ok = sum(r.ok for r in results)
-    return StudyOutcome(out_dir, table, fits, crossings, n_ok, len(results))
+    return StudyOutcome(out_dir, table, fits, crossings, n_ok, len(results), versus["line"])
 
 
 def _write_csv(path: Path, runs: list[LadderRun], results: list[RunResult]) -> None:
@@ -391,14 +436,14 @@ def scale_markdown(
     ranking,
     data_meta,
     command,
-    wall_s,
+    timing,
     machine,
     runs,
     results,
 ) -> str:  # noqa: ANN001 (all built above)
     lines = ["# archlab scale: loss against compute", ""]
-    if wall_s is not None:
-        lines += [f"Wall time of this process: {wall_s:.0f} s.", ""]
+    if timing:
+        lines += [timing + ".", ""]
     lines += ["## Ladder", "", table, "", "![loss vs FLOPs](loss_vs_flops.png)", ""]
     lines += ["## Fits: L(C) = E + A * C^-alpha (C in FLOPs)", ""]
     lines.append(
@@ -427,9 +472,10 @@ def scale_markdown(
         )
     if not crossings:
         lines.append("- (one architecture: no pairs)")
-    ranking, significance = ranking
+    ranking, significance, versus = ranking
     lines += ["", "### Ranking at the largest rung (final val loss, lowest first)", ""]
     lines.append((", ".join(f"{a} {v:.4f}" for a, v in ranking) or "-") + f" ({significance})")
+    lines += ["", f"Against compare's ranking: {versus['line']}."]
     lines += ["", "## Protocol", ""]
     lines += [f"- {n}" for n in protocol_notes(s, [r.rung for r in runs])]
     lines += ["", "### Settings", ""]

@@ -47,6 +47,7 @@ FLAG_NAMES = {
     "seeds": "--seeds",
     "bootstrap": "--bootstrap",
     "data": "--data",
+    "compare_results": "--compare-results",
 }
 
 
@@ -71,6 +72,9 @@ class ScaleSettings:
     seeds: int = 1
     bootstrap: int = 1000  # bootstrap draws of every fit
     data: str = ""  # the prepared folder every run reads
+    # an `archlab compare` results.json whose ranking the largest rung's is checked against
+    # (a report setting: it may change on --resume)
+    compare_results: str = ""
 
     @property
     def seed_list(self) -> list[int]:
@@ -119,7 +123,36 @@ def settings_from_flags(raw: dict[str, Any]) -> ScaleSettings:
         raise UserError(f"--learning-rate: must be a positive number (got {lr})")
     if "recipe" in given:
         given["recipe"] = check_recipe(given["recipe"])
+    if given.get("compare_results"):
+        compare_ranking(given["compare_results"])  # readable, or one line now
     return ScaleSettings(**given)
+
+
+def compare_ranking(path: str) -> dict[str, Any]:
+    """An `archlab compare` results.json: its architectures by mean final val loss (lowest
+    first) and its protocol; anything else is one line naming --compare-results."""
+    where = Path(path)
+    if where.is_dir():
+        where = where / "results.json"
+    try:
+        doc = json.loads(where.read_text())
+        losses = [
+            (a["architecture"], a["stats"]["final_val_loss"]["mean"]) for a in doc["architectures"]
+        ]
+        settings = doc.get("settings", {})
+    except FileNotFoundError:
+        raise UserError(f"--compare-results: {where} does not exist") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"--compare-results: {where} is not an archlab compare results.json ({exc})"
+        ) from None
+    ranked = sorted((loss, arch) for arch, loss in losses if isinstance(loss, (int, float)))
+    return {
+        "path": str(where),
+        "ranking": [(arch, loss) for loss, arch in ranked],
+        "model_size": settings.get("model_size"),
+        "max_tokens": settings.get("max_tokens"),
+    }
 
 
 def _ints(values: list[int]) -> str:
@@ -153,7 +186,7 @@ def load_saved_settings(out_dir: Path) -> ScaleSettings:
 def check_resume_flags(saved: ScaleSettings, raw: dict[str, Any]) -> None:
     """Explicit flags given with --resume must agree with the saved study."""
     for key, value in raw.items():
-        if value is None or key == "data":
+        if value is None or key in ("data", "compare_results"):
             continue
         mine = getattr(saved, key)
         if key == "depths":

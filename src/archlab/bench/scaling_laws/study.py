@@ -18,6 +18,7 @@ from typing import Any, TextIO
 from ...errors import UserError
 from ..compare.plan import run_finished
 from . import report
+from .estimate import estimate_grid
 from .ladder import Rung, build_ladder
 from .plan import LadderRun, plan_ladder, train_ladder
 from .settings import FLAG_NAMES, ScaleSettings
@@ -33,6 +34,8 @@ def rerun_command(s: ScaleSettings, out_dir: Path) -> str:
         if value is not None:
             parts += [FLAG_NAMES[key], f"{value:g}" if isinstance(value, float) else str(value)]
     parts.append("--use-amp" if s.use_amp else "--no-use-amp")
+    if s.compare_results:
+        parts += ["--compare-results", s.compare_results]
     return shlex.join(parts + ["--out-dir", str(out_dir)])
 
 
@@ -72,22 +75,53 @@ def run_study(
     out_dir.mkdir(parents=True, exist_ok=True)
     command = rerun_command(s, out_dir)
     path = out_dir / "scale.json"
-    if resume and path.exists():
-        rungs = saved_ladder(out_dir)
-    else:
-        rungs = build_ladder(s, int(meta["vocab_size"]))
+    vocab = int(meta["vocab_size"])
+    fresh = not (resume and path.exists())
+    rungs = build_ladder(s, vocab) if fresh else saved_ladder(out_dir)
+    runs: list[LadderRun] = plan_ladder(s, rungs, out_dir)
+    estimate = estimate_grid(s, rungs, runs, vocab)
+    if fresh:
         doc = {
             "settings": s.to_dict(),
             "ladder": [r.to_dict() for r in rungs],
+            "estimate": estimate.to_dict(),
             "command": command,
             "created": time.time(),
         }
         path.write_text(json.dumps(doc, indent=2) + "\n")
-    runs: list[LadderRun] = plan_ladder(s, rungs, out_dir)
-    codes = train_ladder(s, runs, out_dir, resume, stream, say, quiet)
+    codes = train_ladder(s, runs, out_dir, resume, stream, say, quiet, estimate)
     reference = load_reference(Path(s.data), meta)
     results = [collect_run(r.spec, reference, *codes.get(r.name, (None, None))) for r in runs]
     return report.write_outputs(
         s, out_dir, rungs, runs, results, meta, hardware_info(), command,
-        time.monotonic() - t0, reference,
+        time.monotonic() - t0, reference, estimate,
     )  # fmt: skip
+
+
+def preview(s: ScaleSettings, meta: dict[str, Any]) -> str:
+    """--estimate-only: the ladder as it would be trained and each run's estimated time."""
+    from ..compare.report import format_flops
+
+    rungs = build_ladder(s, int(meta["vocab_size"]))
+    runs = plan_ladder(s, rungs, Path("."))
+    est = estimate_grid(s, rungs, runs, int(meta["vocab_size"]))
+    dense = {r.depth: r.params for r in rungs if r.architecture == "dense"}
+    rows = []
+    for r in rungs:
+        gap = f"{100 * (r.params / dense[r.depth] - 1):+.0f}%" if r.depth in dense else "-"
+        secs = sum(v for k, v in est.seconds.items() if k.startswith(r.name + "-seed"))
+        shape = " ".join(f"{k}={v}" for k, v in r.shape.items() if k != "max_seq_len")
+        rows.append([r.name, shape, f"{r.params:,}", gap, f"{r.tokens:,}", f"{r.steps:,}",
+                     format_flops(r.train_flops), f"{r.learning_rate:g}", f"{secs:.0f}"])  # fmt: skip
+    columns = ["Rung", "Shape", "Params (active)", "vs dense", "Tokens", "Steps",
+               "Train FLOPs", "LR", "Est. s (all seeds)"]  # fmt: skip
+    total = sum(r.train_flops for r in runs_rungs(runs))
+    return "\n".join([
+        report.markdown(columns, rows), "",
+        f"{len(runs)} runs, {total:.3g} training FLOPs; {est.line()}.",
+        f"(timing the rungs took {est.timing_s:.1f} s)",
+    ])  # fmt: skip
+
+
+def runs_rungs(runs: list[LadderRun]) -> list[Rung]:
+    return [r.rung for r in runs]

@@ -224,7 +224,10 @@ def test_estimate_only_prints_the_ladder_and_trains_nothing(
         (["--width-per-depth", "25", "--depths", "2,3"], "--depths 2: dense refuses the shape"),
         (["--depths", "1,x"], "--depths: expected comma-separated integers"),
         (["--depths", "2,2"], "--depths: 2,2 repeats a depth"),
-        (["--compare-results", "/nonexistent/x"], "--compare-results: /nonexistent/x does not exist"),
+        (
+            ["--compare-results", "/nonexistent/x"],
+            "--compare-results: /nonexistent/x does not exist",
+        ),
         (["--estimate-only", "--resume"], "--estimate-only: not with --resume"),
     ],
 )

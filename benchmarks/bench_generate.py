@@ -9,6 +9,7 @@ on the equivalent reference model at equal shapes, random init (no download):
     dense-rope  (RoPE; our GELU MLP vs Llama's SwiGLU)     LlamaForCausalLM
     mamba                                                 MambaForCausalLM (torch path)
     mamba2                                                Mamba2ForCausalLM (torch path)
+    gdn         (pure Gated DeltaNet: OlmoHybridForCausalLM needs attention layers)   none
     moe         (our GELU experts vs Mixtral's SwiGLU)     MixtralForCausalLM
     hypermixer, hybrid                                    no transformers equivalent
 
@@ -44,7 +45,7 @@ import torch
 from archlab import build_model, preset_config
 from archlab.generate import DecodeState, SamplingParams, generate_ids
 
-ARCHS = ("dense", "dense-rope", "hypermixer", "mamba", "moe", "hybrid", "mamba2")
+ARCHS = ("dense", "dense-rope", "hypermixer", "mamba", "moe", "hybrid", "mamba2", "gdn")
 BURST, BURST_WARM = 16, 4  # decode-latency tokens per architecture per turn, the first untimed
 VOCAB = 4096
 

@@ -1,6 +1,7 @@
 """Benchmark: training-step speed and memory of every architecture against reference models.
 
-One training step (forward + cross-entropy + backward) of each model at d_model 128, batch 8,
+One training step (forward + cross-entropy + backward + AdamW's update; ``--optimizer none``
+leaves the update out) of each model at d_model 128, batch 8,
 for several sequence lengths, beside the Hugging Face ``transformers`` reference models built at
 the same shapes from a config (random init, nothing downloaded):
 
@@ -197,11 +198,14 @@ def _make_step(name: str, T: int, args: argparse.Namespace) -> tuple[Callable[[]
         model = build_model(_ours_config(name.split("-")[0], T, args))
         logits_of = model
     model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if args.optimizer == "adamw" else None
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
         logits = logits_of(x)
         F.cross_entropy(logits.reshape(-1, V).float(), y.reshape(-1)).backward()
+        if opt is not None:
+            opt.step()
 
     return step, sum(p.numel() for p in model.parameters())
 
@@ -283,6 +287,11 @@ def worker(args: argparse.Namespace) -> dict:
         from archlab.models.kernels.mamba_cpu import warm_up_inner
 
         warm_up_inner(torch.float32)
+    if kernels.fused_available("ssd"):  # Mamba-2 and Gated DeltaNet's kernels
+        from archlab.models.kernels import conv_cpu, delta_cpu, gated_norm_cpu, ssd_cpu
+
+        for mod in (conv_cpu, delta_cpu, gated_norm_cpu, ssd_cpu):
+            mod.warm_up(torch.float32)
     # memory: the first step(s) from a clean state (later steps reuse what the allocator kept)
     from archlab.train.metrics import cpu_peak_bytes, current_memory_bytes, reset_cpu_peak
 
@@ -315,6 +324,7 @@ def run_point(model: str, T: int, args: argparse.Namespace) -> dict:
         "--vocab-size", str(args.vocab_size), "--n-layers", str(args.n_layers),
         "--threads", str(args.threads), "--warmup", str(args.warmup),
         "--repeats", str(args.repeats), "--swiglu-width", args.swiglu_width,
+        "--optimizer", args.optimizer,
     ]  # fmt: skip
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     try:
@@ -346,7 +356,8 @@ def print_report(results: dict, models: list[str], lens: list[int], args) -> Non
     def get(m, T):
         return results.get((m, T))
 
-    print(f"\n### Training step (forward + backward), batch {args.batch}, d_model {args.d_model}")
+    what = "forward + backward" + (" + AdamW" if args.optimizer == "adamw" else "")
+    print(f"\n### Training step ({what}), batch {args.batch}, d_model {args.d_model}")
     print(
         f"threads {args.threads}, median of {args.repeats} after {args.warmup} warm-up, "
         f"median over {args.rounds} interleaved round(s)\n"
@@ -433,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
         help="repeat the whole grid; each point reports the median over rounds (interleaved)",
     )  # fmt: skip
     p.add_argument("--swiglu-width", choices=("equal", "params"), default="equal")
+    p.add_argument(
+        "--optimizer", choices=("adamw", "none"), default="adamw",
+        help="the whole models' step ends with AdamW's update (default) or without one",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, help="also write all results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
@@ -449,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, torch threads {args.threads}")  # fmt: skip
+    print(f"load average at the start: {os.getloadavg()[0]:.2f}", flush=True)
     results: dict = {}
     stopped: dict[str, str] = {}
     for rnd in range(args.rounds):  # rounds interleave every point: shared-machine load hits all
@@ -476,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  [{rnd + 1}/{args.rounds}] {m:>18} T={T:<5} "
                       f"{r['round_step_s'][-1] * 1e3:.0f} ms, +{r['peak_increase_mib']:.0f} MiB",
                       flush=True)  # fmt: skip
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     print_report(results, models, lens, args)
     if args.json:
         args.json.write_text(json.dumps(list(results.values()), indent=1))

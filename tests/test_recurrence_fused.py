@@ -164,3 +164,51 @@ def test_models_with_kernels_equal_the_chunked_torch_forms(arch, monkeypatch):
     assert (fused_logits - ref_logits).abs().max().item() <= 1e-10
     for name, grad in ref_grads.items():
         assert (fused_grads[name] - grad).abs().max().item() <= 1e-10, name
+
+
+@pytest.mark.parametrize("arch", ["mamba2", "gdn"])
+def test_gpu_kernels_are_never_looked_up_on_cpu(arch, monkeypatch):
+    """mamba_ssm's chunk scan and fla's gated delta rule are CUDA-only extras: on CPU the
+    importers are not even called (training with a state and decoding included)."""
+    from archlab.generate import DecodeState
+    from archlab.models import gdn, mamba2
+
+    def refuse():
+        raise AssertionError("a CUDA kernel importer ran on CPU")
+
+    monkeypatch.setattr(mamba2, "_cuda_chunk_scan", refuse)
+    monkeypatch.setattr(gdn, "_fla_chunk", refuse)
+    cfg = preset_config(arch, "nano", vocab_size=64, n_layers=2, max_seq_len=64)
+    model = build_model(cfg)
+    x = torch.randint(0, 64, (2, 40))
+    F.cross_entropy(model(x).reshape(-1, 64), x.reshape(-1)).backward()
+    with torch.inference_mode():
+        state = DecodeState(model)
+        state.prefill(list(range(20)))
+        state.feed(3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("arch", ["mamba2", "gdn"])
+def test_fused_decode_steps_equal_the_torch_steps(arch, dtype, tol, monkeypatch):
+    """A prefill then single tokens (kernels/decode_ssd_gdn.py, one call per block) give the
+    logits of the torch path (ARCHLAB_KERNELS=off), with non-trivial parameters everywhere."""
+    from archlab.generate import DecodeState
+
+    torch.manual_seed(0)
+    cfg = preset_config(arch, "nano", vocab_size=64, n_layers=2, max_seq_len=128)
+    model = build_model(cfg).to(dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            state = DecodeState(model)
+            logits = [state.prefill(list(range(10)))]
+            logits += [state.feed(t) for t in (3, 5, 7, 9, 11, 2, 1)]
+        return torch.stack([t.reshape(-1) for t in logits])
+
+    fused = run()
+    monkeypatch.setenv("ARCHLAB_KERNELS", "off")
+    assert (fused - run()).abs().max().item() <= tol

@@ -246,6 +246,12 @@ class GatedDeltaNetBlock(nn.Module):
         self.ffn = make_mlp(cfg)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        if state is not None and x.shape[1] == 1:  # a decode token: one fused kernel on CPU
+            from .kernels.decode_ssd_gdn import gdn_block_step
+
+            out = gdn_block_step(self, x, state)
+            if out is not None:
+                return out, {}
         x = x + self.drop(self.mixer(self.norm1(x), state))
         x = x + self.ffn(self.norm2(x))
         return x, {}

@@ -227,6 +227,12 @@ class Mamba2Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, state: dict | None = None, pos: int = 0) -> tuple[Tensor, dict]:
+        if state is not None and x.shape[1] == 1:  # a decode token: one fused kernel on CPU
+            from .kernels.decode_ssd_gdn import mamba2_block_step
+
+            out = mamba2_block_step(self, x, state)
+            if out is not None:
+                return out, {}
         return x + self.drop(self.mixer(self.norm1(x), state)), {}
 
 

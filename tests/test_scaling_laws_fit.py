@@ -97,3 +97,13 @@ def test_too_few_points() -> None:
     assert not three.free_e and three.draws is not None and three.interval("alpha") is not None
     one = fitting.fit_power_law([1e10, 1e10], [3.0, 3.1], "x")
     assert one.law is None and "no fit" in one.note
+
+
+def test_an_architecture_without_points_has_no_crossover() -> None:
+    """Every run of one architecture failed: its pairs say so instead of stopping the report."""
+    empty = fitting.fit_power_law([], [], "hybrid")
+    full = fitting.fit_power_law([1e9, 1e10, 1e11], [3.0, 2.5, 2.2], "dense", draws=100)
+    assert empty.law is None and full.law is not None
+    for a, b in ((empty, full), (full, empty)):
+        c = fitting.crossover(a, b)
+        assert c.compute is None and not c.callable and c.verdict == "no fit for one of them"

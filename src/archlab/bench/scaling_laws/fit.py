@@ -253,13 +253,13 @@ def _first_crossing(p: np.ndarray, q: np.ndarray, grid: np.ndarray) -> np.ndarra
 
 def crossover(f: Fit, g: Fit) -> Crossover:
     """The compute at which f's and g's curves cross, with its interval and verdict."""
+    if f.law is None or g.law is None:  # (an architecture whose runs all failed has no points)
+        return Crossover(f.architecture, g.architecture, None, None, 0.0, False,
+                         verdict="no fit for one of them")  # fmt: skip
     lo = min(min(f.compute), min(g.compute)) / CROSS_RANGE
     hi = max(f.c_max, g.c_max) * CROSS_RANGE
     grid = np.geomspace(lo, hi, 2001)
     where = f"between {lo:.2e} and {hi:.2e} FLOPs"
-    if f.law is None or g.law is None:
-        return Crossover(f.architecture, g.architecture, None, None, 0.0, False,
-                         verdict="no fit for one of them")  # fmt: skip
     law = lambda fit: np.array([[fit.law.E, fit.law.A, fit.law.alpha]])  # noqa: E731
     point = float(_first_crossing(law(f), law(g), grid)[0])
     point_or_none = None if math.isnan(point) else point

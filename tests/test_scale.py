@@ -17,6 +17,8 @@ TINY = [
     "1,2",
     "--tokens-per-param",
     "0.6",
+    "--seeds",
+    "1",
     "--seq-len",
     "16",
     "--batch-size",

@@ -1,9 +1,10 @@
 """`archlab scale`: a size ladder per architecture, loss against compute, fitted scaling laws.
 
-With no arguments: every registered architecture at depths 1-4 of one dial, 10 tokens per
-active parameter, on the stories corpus with a 1,024-token BPE (see README, "Scaling laws", for its
-measured wall time). Exit code 0 when at least one run finished, 1 when all failed, 2 for a
-user error (a one-size ladder, a ratio <= 0, an unknown architecture, a refused shape, ...).
+With no arguments: every registered architecture at depths 1-3 of one dial, 10 tokens per
+active parameter, two seeds, on the stories corpus with a 1,024-token BPE (README, "Scaling
+laws": about 30 minutes on 2 CPU cores, an estimate). Exit code 0 when at least one run
+finished, 1 when all failed, 2 for a user error (a one-size ladder, a ratio <= 0, an unknown
+architecture, a refused shape, ...).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--depths",
         default=None,
-        help=f"the dial's values, e.g. 1,2,3,4 (default {','.join(map(str, d.DEFAULT_DEPTHS))})",
+        help=f"the dial's values, e.g. 1,2,3 (default {','.join(map(str, d.DEFAULT_DEPTHS))})",
     )
     p.add_argument(
         "--tokens-per-param",
@@ -81,7 +82,7 @@ def register(subparsers: Any) -> None:
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per run")
     g.add_argument("--seed", type=int, default=None, help="first seed (0)")
-    g.add_argument("--seeds", type=int, default=None, help="seeds per rung (1)")
+    g.add_argument("--seeds", type=int, default=None, help=f"seeds per rung ({d.DEFAULT_SEEDS})")
     g.add_argument("--bootstrap", type=int, default=None, help="bootstrap draws per fit (1000)")
     p.add_argument(
         "--resume",

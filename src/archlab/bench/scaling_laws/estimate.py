@@ -18,12 +18,16 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ...progress import format_duration
 from .ladder import Rung, rung_config
 from .settings import ScaleSettings
 
-START_S = 4.0  # seconds per `archlab train` process beyond its training steps (measured)
+# seconds per `archlab train` process beyond its training steps: 4.8-13.8 CPU-s measured for
+# the seven architectures' smallest rungs (Gated DeltaNet and Mamba-2 load numba kernels) by
+# benchmarks/bench_scale_budget.py, one thread; 8 is about their mean
+START_S = 8.0
 WARM_STEPS = 3  # timed steps after the cold one; the median is kept
 
 
@@ -65,8 +69,11 @@ class GridEstimate:
         }
 
 
-def time_step(s: ScaleSettings, rung: Rung, vocab_size: int, device: str) -> float:
-    """Median seconds of a warm training step of this rung's model (random tokens)."""
+def time_step(
+    s: ScaleSettings, rung: Rung, vocab_size: int, device: str, clock: Any = time.perf_counter
+) -> float:
+    """Median seconds of a warm training step of this rung's model (random tokens), by
+    ``clock`` (wall; benchmarks/bench_scale_budget.py passes the thread's CPU clock)."""
     import torch
 
     from ...models import build_model
@@ -79,7 +86,7 @@ def time_step(s: ScaleSettings, rung: Rung, vocab_size: int, device: str) -> flo
     x = torch.randint(0, vocab_size, (s.batch_size, s.seq_len + 1), generator=gen).to(device)
     times = []
     for _ in range(1 + WARM_STEPS):
-        t0 = time.perf_counter()
+        t0 = clock()
         logits = model(x[:, :-1])
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         loss.backward()
@@ -87,7 +94,7 @@ def time_step(s: ScaleSettings, rung: Rung, vocab_size: int, device: str) -> flo
         opt.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return statistics.median(times[1:])
 
 

@@ -15,14 +15,19 @@ from typing import Any
 
 from ...errors import UserError
 
-# The default ladder: four rungs of one dial (d_model 16..64) at 10 tokens per parameter, the
-# low end of the Chinchilla range (its compute-optimal ratio is about 20; 20 doubles the time),
-# on the stories corpus with a 1,024-token BPE (a small vocabulary keeps the embedding from
-# being most of a small model). Sized for about 30 minutes on 2 CPU cores for the registry's
-# architectures (measured: README, "Scaling laws"). Four rungs and one seed leave one degree of
-# freedom per fit: wide intervals, often too wide to call a crossover.
-DEFAULT_DEPTHS = (1, 2, 3, 4)
+# The default ladder: three rungs of one dial (d_model 16, 32, 48) at 10 tokens per active
+# parameter, the low end of the Chinchilla range (its compute-optimal ratio is about 20), two
+# seeds, on the stories corpus with a 1,024-token BPE (a small vocabulary keeps the embedding
+# from being all of a small model). Sized for about 30 minutes on 2 CPU cores with the seven
+# registered architectures: 42 runs, 2.1e13 training FLOPs, 1,890 CPU-seconds on one thread by
+# benchmarks/bench_scale_budget.py (an estimate from timed steps; README, "Scaling laws").
+# What the budget costs: a fourth rung (d_model 64) alone would take 33 more minutes, so
+# three compute values per architecture; two seeds at each make six runs, enough to fit E
+# with three degrees of freedom left and to bootstrap over seeds. Intervals stay wide and
+# the predictions at the seed sizes are extrapolations over 6-8 decades.
+DEFAULT_DEPTHS = (1, 2, 3)
 DEFAULT_RATIO = 10.0
+DEFAULT_SEEDS = 2
 DEFAULT_WIDTH_PER_DEPTH = 16
 DEFAULT_HEAD_DIM = 16
 DEFAULT_SEQ_LEN = 128
@@ -69,7 +74,7 @@ class ScaleSettings:
     device: str = "auto"
     num_threads: int | None = None
     seed: int = 0
-    seeds: int = 1
+    seeds: int = DEFAULT_SEEDS
     bootstrap: int = 1000  # bootstrap draws of every fit
     data: str = ""  # the prepared folder every run reads
     # an `archlab compare` results.json whose ranking the largest rung's is checked against

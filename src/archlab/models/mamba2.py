@@ -133,11 +133,20 @@ class Mamba2Mixer(nn.Module):
         di, H, P, G, N = self.d_inner, self.nheads, self.headdim, self.ngroups, self.state_size
         z, xBC, dt = self.in_proj(x).split([di, self.conv_dim, H], dim=-1)
         xBC = self._conv(xBC, state)  # (B, T, conv_dim), after SiLU
+        prev = state.get("ssm") if state is not None else None
+        if (state is None or T > 1) and self._fused_ready(xBC):  # the fused CPU recurrence
+            from .kernels.ssd_cpu import ssd_fused_packed
+
+            A = self._A()
+            delta = F.softplus(dt.to(A.dtype) + self.dt_bias.to(A.dtype))  # (B, T, H)
+            y, last = ssd_fused_packed(xBC, delta, A, self.D, (H, P, G, N), prev)  # + D x
+            if state is not None:
+                state["ssm"] = last
+            return self.out_proj(self.norm(y.reshape(b, T, di).to(x.dtype), z))
         xs, B, C = xBC.split([di, G * N, G * N], dim=-1)
         xs = xs.unflatten(-1, (H, P))  # (B, T, H, P)
         B, C = B.unflatten(-1, (G, N)), C.unflatten(-1, (G, N))  # (B, T, G, N)
         A = self._A()  # (H,)
-        prev = state.get("ssm") if state is not None else None
         if state is not None and T == 1 and prev is not None:
             delta = F.softplus(dt[:, 0].to(A.dtype) + self.dt_bias.to(A.dtype))  # (B, H)
             y, state["ssm"] = ssd_step(prev, xs[:, 0], delta, A, B[:, 0], C[:, 0])
@@ -153,8 +162,9 @@ class Mamba2Mixer(nn.Module):
     def _scan(
         self, xs: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, prev: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """The SSD over (B, T, H, P), from ``prev`` or zeros -> y + D x, last state: on CPU
-        the fused recurrence (kernels/ssd_cpu.py) where it can run, else the chunked form."""
+        """The SSD over (B, T, H, P), from ``prev`` or zeros -> y + D x, last state: the
+        chunked form, or mamba_ssm's kernel on CUDA (the fused CPU recurrence runs earlier, in
+        ``forward``, on the packed conv output)."""
         scan = _cuda_chunk_scan() if xs.is_cuda else None
         if scan is not None:  # dt_bias and softplus are applied inside the Triton kernel
             return scan(
@@ -163,10 +173,6 @@ class Mamba2Mixer(nn.Module):
                 dt_softplus=True, initial_states=prev, return_final_states=True,
             )  # fmt: skip
         delta = F.softplus(dt.to(A.dtype) + self.dt_bias.to(A.dtype))  # (B, T, H)
-        if self._fused_ready(xs):
-            from .kernels.ssd_cpu import ssd_fused
-
-            return ssd_fused(xs, delta, A, B, C, self.D, prev)
         y, last = ssd_chunked(xs, delta, A, B, C, self.chunk_size, prev)
         return y + xs.to(y.dtype) * self.D.to(y.dtype)[:, None], last  # the D skip, per head
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from ._numba import NUMBA, kernel, parallel_for, warm_up_once
 
-__all__ = ["ssd_fused", "warm_up"]
+__all__ = ["ssd_fused", "ssd_fused_packed", "warm_up"]
 
 _CHUNK = 64  # time steps between state checkpoints
 
@@ -175,49 +175,82 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
+def _views(xbc: np.ndarray, H: int, P: int, G: int, N: int) -> tuple[np.ndarray, ...]:
+    """x (b, T, H, P), B, C (b, T, G, N) as strided views of the packed (b, T, H P + 2 G N)."""
+    b, T, _ = xbc.shape
+    di = H * P
+    x = xbc[:, :, :di].reshape(b, T, H, P)
+    B = xbc[:, :, di : di + G * N].reshape(b, T, G, N)
+    C = xbc[:, :, di + G * N :].reshape(b, T, G, N)
+    assert all(np.may_share_memory(v, xbc) for v in (x, B, C))  # views, never copies
+    return x, B, C
+
+
 class _FusedSSD(torch.autograd.Function):
-    """(x, dt, A, B, C, D, h0 or None) -> (y with the D skip, final state); one dtype,
-    contiguous inputs (see :func:`ssd_fused`)."""
+    """(xbc = [x, B, C] packed (b, T, H P + 2 G N), as the conv hands them over, dt, A, D, h0
+    or None, (H, P, G, N)) -> (y with the D skip, final state); one dtype, contiguous inputs.
+    The kernels read and write strided views: no copies forward, no concatenation back."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, h0):  # type: ignore[override]
-        b, T, H, P = x.shape
-        N = B.shape[3]
-        nck = -(-T // _CHUNK)
-        y = x.new_empty(b, T, H, P)
-        last = x.new_empty(b, H, P, N)
-        ckpt = x.new_empty(b, H, nck, P, N)
+    def forward(ctx, xbc, dt, A, D, h0, dims):  # type: ignore[override]
+        H, P, G, N = dims
+        b, T, _ = xbc.shape
+        y = xbc.new_empty(b, T, H, P)
+        last = xbc.new_empty(b, H, P, N)
+        ckpt = xbc.new_empty(b, H, -(-T // _CHUNK), P, N)
         has_h0 = h0 is not None
-        h0_ = h0 if has_h0 else x.new_zeros(1, 1, 1, 1)
+        h0_ = h0 if has_h0 else xbc.new_zeros(1, 1, 1, 1)
         parallel_for(
             _ssd_fwd, b * H, b * T * H * P * N,
-            _np(x), _np(dt), _np(A), _np(B), _np(C), _np(D), _np(h0_), has_h0, _CHUNK,
+            *_views(_np(xbc), H, P, G, N)[:1], _np(dt), _np(A),
+            *_views(_np(xbc), H, P, G, N)[1:], _np(D), _np(h0_), has_h0, _CHUNK,
             _np(y), _np(last), _np(ckpt),
         )  # fmt: skip
-        ctx.save_for_backward(x, dt, A, B, C, D, ckpt)
-        ctx.has_h0 = has_h0
+        ctx.save_for_backward(xbc, dt, A, D, ckpt)
+        ctx.has_h0, ctx.dims = has_h0, dims
         return y, last
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, glast):  # type: ignore[override]
-        x, dt, A, B, C, D, ckpt = ctx.saved_tensors
-        b, T, H, P = x.shape
-        G, N = B.shape[2], B.shape[3]
-        gy = gy.contiguous() if gy is not None else torch.zeros_like(x)
+        xbc, dt, A, D, ckpt = ctx.saved_tensors
+        H, P, G, N = ctx.dims
+        b, T, _ = xbc.shape
+        gy = gy.contiguous() if gy is not None else xbc.new_zeros(b, T, H, P)
         has_glast = glast is not None
-        glast_ = glast.contiguous() if has_glast else x.new_zeros(1, 1, 1, 1)
-        dx, ddt = torch.empty_like(x), torch.empty_like(dt)
-        dA_b, dD_b = x.new_empty(b, H), x.new_empty(b, H)
-        dB, dC = torch.empty_like(B), torch.empty_like(C)
-        dh0 = x.new_empty(b, H, P, N)
+        glast_ = glast.contiguous() if has_glast else xbc.new_zeros(1, 1, 1, 1)
+        dxbc, ddt = torch.empty_like(xbc), torch.empty_like(dt)
+        dA_b, dD_b = xbc.new_empty(b, H), xbc.new_empty(b, H)
+        dh0 = xbc.new_empty(b, H, P, N)
+        x, B, C = _views(_np(xbc), H, P, G, N)
+        dx, dB, dC = _views(_np(dxbc), H, P, G, N)
         parallel_for(
             _ssd_bwd, b * G, 3 * b * T * H * P * N,
-            _np(x), _np(dt), _np(A), _np(B), _np(C), _np(D), _CHUNK, _np(ckpt), _np(gy),
-            _np(glast_), has_glast,
-            _np(dx), _np(ddt), _np(dA_b), _np(dD_b), _np(dB), _np(dC), _np(dh0),
+            x, _np(dt), _np(A), B, C, _np(D), _CHUNK, _np(ckpt), _np(gy), _np(glast_), has_glast,
+            dx, _np(ddt), _np(dA_b), _np(dD_b), dB, dC, _np(dh0),
         )  # fmt: skip
-        return dx, ddt, dA_b.sum(0), dB, dC, dD_b.sum(0), dh0 if ctx.has_h0 else None
+        dh0_ = dh0 if ctx.has_h0 else None
+        return dxbc, ddt, dA_b.sum(0), dD_b.sum(0), dh0_, None
+
+
+def ssd_fused_packed(
+    xbc: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    D: Tensor,
+    dims: tuple[int, int, int, int],
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The SSD from the conv's packed output xbc (b, T, H P + 2 G N) = [x, B, C], dims
+    (H, P, G, N); otherwise as :func:`ssd_fused`."""
+    dtype = xbc.dtype
+
+    def prep(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    with torch.autocast("cpu", enabled=False):
+        xbc_, dt_, A_, D_, s0 = (prep(t) for t in (xbc, dt, A, D, initial_state))
+        return _FusedSSD.apply(xbc_, dt_, A_, D_, s0, dims)
 
 
 def ssd_fused(
@@ -232,13 +265,10 @@ def ssd_fused(
     """x (b, T, H, P), dt (b, T, H) (after softplus), A, D (H,), B, C (b, T, G, N),
     initial_state (b, H, P, N) or None -> y (b, T, H, P) *with* the D skip, final state.
     CPU, float32 or float64 (everything is cast to x's dtype)."""
-    dtype = x.dtype
-
-    def prep(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(dtype).contiguous()
-
-    with torch.autocast("cpu", enabled=False):
-        return _FusedSSD.apply(*(prep(t) for t in (x, dt, A, B, C, D, initial_state)))
+    b, T, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    xbc = torch.cat([x.reshape(b, T, H * P), B.reshape(b, T, G * N), C.reshape(b, T, G * N)], -1)
+    return ssd_fused_packed(xbc, dt, A, D, (H, P, G, N), initial_state)
 
 
 _warm: set[torch.dtype] = set()

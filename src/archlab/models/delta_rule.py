@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _BASE = 8  # diagonal blocks of this size are inverted by forward substitution
+# fla's l2norm of q and k before the rule: x / sqrt(sum x^2 + eps) (gdn.l2norm; the fused
+# decode step reads it from here: kernels import no block module, which imports them)
+L2_EPS = 1e-6
 
 
 def _diag_blocks(M: Tensor, s: int) -> Tensor:

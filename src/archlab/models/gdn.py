@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .attention import CausalSelfAttention, kv_cache_elements
-from .delta_rule import chunk_gated_delta_rule, gated_delta_step
+from .delta_rule import L2_EPS, chunk_gated_delta_rule, gated_delta_step
 from .layers import make_mlp, make_norm
 from .spec import ArchitectureSpec, SummaryField, check_attention_heads
 
@@ -44,7 +44,6 @@ if TYPE_CHECKING:
 # initialisation of the reference (OLMo-hybrid / fla): A ~ U[0, 16], dt log-uniform, floored
 A_INIT_RANGE, DT_MIN, DT_MAX, DT_INIT_FLOOR = (0.0, 16.0), 1e-3, 1e-1, 1e-4
 O_NORM_EPS = 1e-5  # fla's FusedRMSNormGated, as OLMo-hybrid keeps it
-L2_EPS = 1e-6  # fla's l2norm: x / sqrt(sum x^2 + eps)
 _FUSED_DTYPES = (torch.float32, torch.float64)  # those of the fused CPU kernels
 
 

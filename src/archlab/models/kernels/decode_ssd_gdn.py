@@ -255,7 +255,7 @@ def mamba2_block_step(block, x: Tensor, state: dict) -> Tensor | None:
 
 # -- Gated DeltaNet ---------------------------------------------------------------------------
 def _gdn_plan(block) -> _Plan:
-    from ..gdn import L2_EPS
+    from ..delta_rule import L2_EPS
 
     m = block.mixer
     kind = _mlp_kind(block.ffn)

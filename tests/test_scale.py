@@ -362,6 +362,28 @@ def test_the_eta_starts_from_the_pre_run_estimate_and_learns_from_finished_runs(
     assert q.eta() == pytest.approx(60.0) and q.runs_done == 1
 
 
+def test_in_a_terminal_the_overall_bar_counts_runs(tmp_path: Path) -> None:
+    """The bar mode: one overall bar of runs (with the grid's ETA), not compare's steps."""
+    import io
+
+    from archlab.bench.compare.plan import RunSpec
+    from archlab.bench.scaling_laws.plan import LadderProgress, LadderRun
+
+    rung = ladder.Rung("dense", 1, {"d_model": 16}, 10, 10, 1.0, 10, 10, 1e-3, "given")
+    runs = [LadderRun(rung, 0, None, RunSpec("dense", 0, tmp_path / n)) for n in "abc"]  # type: ignore[arg-type]
+    seconds = {"a": 20.0, "b": 20.0, "c": 40.0}
+    p = LadderProgress(io.StringIO(), runs, {"a"}, mode="bar", every_s=0, seconds=seconds)
+    assert p.overall is not None and p.overall.n == 1 and p.overall.total == 3
+    p.start(runs[1])
+    p.begin_run("[2/3 b]")
+    p.status("[2/3 b]", "step 1/10 loss 1.0")
+    p.status("[2/3 b]", "step 5/10 loss 1.0")
+    assert p.overall.n == 1  # runs, not steps
+    p.end_run()
+    assert p.overall.n == 2
+    p.close()
+
+
 def test_the_study_folder_is_locked(tmp_path: Path, capsys) -> None:
     """A second `archlab scale` into a folder another process holds: one line, exit 2."""
     import subprocess

@@ -89,7 +89,7 @@ def table_rows(rungs: list[Rung], results: dict[str, list[RunResult]]) -> list[l
                 f"{r.tokens:,}",
                 format_flops(r.flops_per_token),
                 format_flops(flops.mean if flops.mean is not None else r.train_flops),
-                f"{r.learning_rate:g}",
+                f"{r.learning_rate:.3g}",
                 _cell(loss, ".4f"),
                 _cell(secs, ".1f"),
                 f"{len(ok)}/{len(mine)}"

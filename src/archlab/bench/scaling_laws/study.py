@@ -112,7 +112,7 @@ def preview(s: ScaleSettings, meta: dict[str, Any]) -> str:
         secs = sum(v for k, v in est.seconds.items() if k.startswith(r.name + "-seed"))
         shape = " ".join(f"{k}={v}" for k, v in r.shape.items() if k != "max_seq_len")
         rows.append([r.name, shape, f"{r.params:,}", gap, f"{r.tokens:,}", f"{r.steps:,}",
-                     format_flops(r.train_flops), f"{r.learning_rate:g}", f"{secs:.0f}"])  # fmt: skip
+                     format_flops(r.train_flops), f"{r.learning_rate:.3g}", f"{secs:.0f}"])  # fmt: skip
     columns = ["Rung", "Shape", "Params (active)", "vs dense", "Tokens", "Steps",
                "Train FLOPs", "LR", "Est. s (all seeds)"]  # fmt: skip
     total = sum(r.train_flops for r in runs_rungs(runs))

@@ -77,7 +77,10 @@ def register(subparsers: Any) -> None:
     g.add_argument("--recipe", default=None, help=f"modern or classic ({d.DEFAULT_RECIPE})")
     g.add_argument("--eval-steps", type=int, default=None, help="validation batches (4)")
     g.add_argument(
-        "--use-amp", action=argparse.BooleanOptionalAction, default=None, help="(off; GPUs: on)"
+        "--use-amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="mixed precision (off; pass it on GPUs)",
     )
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=None)
     g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads per run")

@@ -51,6 +51,19 @@ def test_swept_lookup_and_alias(tmp_path):
     assert choice.source == "swept at nano (modern recipe; grid 5 rates 0.0003..0.03, 2 seeds)"
 
 
+def test_the_label_says_when_later_seeds_ran_only_at_the_best_rates(tmp_path):
+    """A screened sweep (seed 1 only at the best rates of seed 0) must not read as a full
+    two-seed grid."""
+    entry = _entry()
+    for r in (3e-4, 3e-2):
+        del entry["losses"][repr(r)]["1"]
+    choice = table_learning_rate("dense", "nano", "modern", _table(tmp_path, entry))
+    assert choice.rate == 3e-3
+    assert choice.source == (
+        "swept at nano (modern recipe; grid 5 rates 0.0003..0.03, 2 seeds at 3 of them)"
+    )
+
+
 def test_derived_rate_is_inverse_in_width_and_labelled(tmp_path):
     path = _table(tmp_path, _entry())
     micro = table_learning_rate("dense", "micro", "modern", path)  # d_model 256

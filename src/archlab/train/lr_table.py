@@ -88,9 +88,14 @@ class SweptEntry:
 
     def label(self) -> str:
         lo, hi = min(self.grid), max(self.grid)
+        n = len(self.seeds)
+        seeds = f"{n} seed{'s' if n > 1 else ''}"
+        full = sum(1 for r in self.grid if set(self.losses.get(r, {})) == set(self.seeds))
+        if n > 1 and full < len(self.grid):  # the later seeds only at the best rates
+            seeds += f" at {full} of them"
         return (
             f"swept at {self.size} ({self.recipe} recipe; grid {len(self.grid)} rates "
-            f"{lo:g}..{hi:g}, {len(self.seeds)} seeds)"
+            f"{lo:g}..{hi:g}, {seeds})"
         )
 
 

@@ -8,7 +8,8 @@ guard, periodic evaluation on a fixed validation set, atomic checkpoints and exa
 This file is the order of setup and the loop; the parts live beside it: ``setup.py`` (the
 setup steps), ``step.py`` (``StepRunner``: accumulation, AMP, clipping, the NaN guard),
 ``evaluate.py``, ``run_state.py`` (checkpoint content, resume, RNG, data position),
-``report.py`` (log interval, metrics/progress sink, summary.json), ``stop.py``, ``hooks.py``.
+``report.py`` (log interval, metrics/progress sink, summary.json), ``finish.py`` (the last
+evaluation and checkpoint, summary.json at the end or on failure), ``stop.py``, ``hooks.py``.
 
 Batches and ranks. Each optimizer step consumes ``gradient_accumulation_steps`` global
 micro-batches of ``batch_size x world_size`` windows drawn from one shared torch.Generator
@@ -25,7 +26,6 @@ intervals. The next step's batches are gathered from the memmap while the device
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -39,17 +39,16 @@ from ..recipes import recipe_label
 from . import checkpoint as ckpt_mod
 from .config import TrainConfig
 from .device import amp_dtype, device_type, pick_device
-from .distributed import all_reduce_max, all_reduce_sum, init_distributed, shutdown
+from .distributed import all_reduce_sum, init_distributed, shutdown
 from .estimate import Estimate, estimate, warm_up
 from .evaluate import Evaluator, eval_batches
+from .finish import finish_run, write_failure
 from .flops import flops_per_token
 from .hooks import DebugHooks
 from .lr_table import rate_for_model
 from .metrics import (
     check_logging_backends,
-    peak_memory_bytes,
     reset_peak_memory,
-    write_json_atomic,
 )
 from .model_spec import ModelSpec, as_spec, requested_architecture, requested_preset
 from .optim import resume_note, warmup_warning
@@ -57,10 +56,6 @@ from .report import (
     LogInterval,
     RunLog,
     StepTimes,
-    failure_summary,
-    print_summary,
-    run_context,
-    run_summary,
 )
 from .run_state import (
     GlobalBatchSampler,
@@ -434,88 +429,12 @@ class Trainer:
             pending_log=pending_log,
         )
 
-    # ---- the end ---------------------------------------------------------------------------
-    def _finish(
-        self,
-        *,
-        run_estimate: Estimate | None,
-        val_loss: float,
-        evaluated: bool,
-        saved: bool,
-        data_rng: Tensor,
-        interval: LogInterval,
-        times: StepTimes,
-    ) -> dict[str, Any]:
-        """Final evaluation and checkpoint if the loop's last step had none; summary.json."""
-        stopped = self.stopped_by is not None
-        if not evaluated and not stopped:  # resumed a finished run
-            val_loss, evaluated = self.evaluator.evaluate(), True
-        checkpoint = None
-        if not saved and self.step > 0:
-            checkpoint = self._save(data_rng, interval.pending() if stopped else None)
-        elif self.dist.is_main and self.step > 0:
-            checkpoint = ckpt_mod.latest_checkpoint(self.run_dir)  # type: ignore[arg-type]
-        peak_mem = peak_memory_bytes(self.device)
-        if self.dist.enabled:  # the largest process's peak
-            box = torch.tensor([float(peak_mem)], device=self.device)
-            peak_mem = int(all_reduce_max(box, self.dist).item())
-        summary = run_summary(
-            model=self.model,
-            model_cfg=self.model_cfg,  # type: ignore[arg-type]
-            train_cfg=self.cfg,
-            steps=self.step,
-            tokens_per_step=self.tokens_per_step,
-            seq_len=self.seq_len,
-            world_size=self.dist.world_size,
-            device=self.device,
-            autocast_dtype=self.autocast_dtype,
-            peak_mem=peak_mem,
-            mem_before_model=self.mem_before_model,
-            clock=self.clock,
-            times=times,
-            val_loss=val_loss if evaluated else None,
-            nan_count=self.stepper.nan_count,
-            scaler_skips=self.stepper.scaler_skips,
-            entropy_floor=self.meta.get("entropy_floor"),
-            stopped_by=self.stopped_by,
-            checkpoint=checkpoint,
-            data_dir=self.data_dir,
-            resumed_from=self.resume_ckpt,
-        )
-        summary.update(run_context(self.meta, self.recipe, val_loss if evaluated else None))
-        if run_estimate is not None:  # the warm-up (compilation) is outside train_time_s
-            summary["warmup_s"] = run_estimate.warmup_s
-            summary["estimated_s"] = run_estimate.seconds
-        if self.dist.is_main:
-            write_json_atomic(self.run_dir / "summary.json", summary)  # type: ignore[operator]
-            self.summary_written = True
-            if self.report and not stopped:
-                print_summary(summary, self.run_dir)
-        return summary
+    # ---- the end (finish.py) --------------------------------------------------------------
+    def _finish(self, **kw: Any) -> dict[str, Any]:
+        return finish_run(self, **kw)
 
     def _write_failure(self, exc: BaseException) -> None:
-        """summary.json with status "failed" so a sweep can report the run honestly."""
-        if self.summary_written or not self.owns_run_dir or not self.dist.is_main:
-            return
-        if self.run_dir is None or not self.run_dir.exists():
-            return
-        stepper: StepRunner | None = getattr(self, "stepper", None)  # None: setup failed first
-        summary = failure_summary(
-            exc,
-            model_cfg=self.model_cfg,
-            model=self.model,
-            steps=self.step,
-            tokens_per_step=self.tokens_per_step,
-            train_time_s=self.clock.this_process(),
-            peak_mem_bytes=peak_memory_bytes(self.device),
-            nan_count=stepper.nan_count if stepper is not None else 0,
-            entropy_floor=self.meta.get("entropy_floor"),
-            train_cfg=self.cfg,
-        )
-        summary.update(run_context(self.meta, self.recipe, None))
-        with contextlib.suppress(OSError):
-            write_json_atomic(self.run_dir / "summary.json", summary)
-            self.summary_written = True
+        write_failure(self, exc)
 
 
 def run_training(

@@ -362,3 +362,21 @@ def test_pareto_frontier_and_the_flops_plot() -> None:
     assert list(line.get_xdata()) == [1e9, 2e9, 4e9]
     assert fig.axes[0].get_xscale() == "log"
     assert report.format_flops(5_519_000.0) == "5.52e6"
+
+
+def test_report_says_how_far_the_ranking_holds():
+    """The default protocol quotes its 4x-budget check; any other protocol says it was not
+    checked (issue #24: a default budget that tells the same story, or says how far)."""
+    from archlab.bench.compare.outputs import protocol_notes
+    from archlab.bench.compare.settings import DEFAULT_BUDGET_CHECK, settings_from_flags
+
+    meta = {"source": "stories", "tokenizer": "bpe", "vocab_size": 1441}
+    default = settings_from_flags({"architectures": ["dense", "mamba"]})
+    [line] = [n for n in protocol_notes(default, meta) if n.startswith("How far")]
+    assert line == "How far the ranking holds: " + DEFAULT_BUDGET_CHECK
+    assert "640k" in line and "not where it ends" in line
+    longer = settings_from_flags({"architectures": ["dense", "mamba"], "max_tokens": 640_000})
+    [line] = [n for n in protocol_notes(longer, meta) if n.startswith("How far")]
+    assert "not checked at other budgets" in line
+    [line] = [n for n in protocol_notes(default, {"source": "shakespeare"}) if "How far" in n]
+    assert "not checked" in line

@@ -16,7 +16,14 @@ from typing import Any
 from ..common.reference import Reference
 from ..common.results import RunResult, aggregate, best_points, read_run
 from .plan import RunSpec
-from .settings import CompareSettings, format_learning_rates
+from .settings import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BUDGET_CHECK,
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SEQ_LEN,
+    CompareSettings,
+    format_learning_rates,
+)
 
 
 def data_summary(data_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +84,28 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
         f"{s.use_gradient_checkpointing}; device {s.device}; torch threads per run: "
         + (str(s.num_threads) if s.num_threads else "torch's default (see Machine)")
         + ".",
+        "How far the ranking holds: " + ranking_scope(s, meta),
     ]
+
+
+def ranking_scope(s: CompareSettings, meta: dict[str, Any]) -> str:
+    """What is known of this ranking at other budgets: the default protocol was checked
+    against 4x its tokens; any other was not."""
+    default = (
+        s.max_tokens == DEFAULT_MAX_TOKENS
+        and s.model_size == "nano"
+        and s.seq_len == DEFAULT_SEQ_LEN
+        and s.batch_size == DEFAULT_BATCH_SIZE
+        and s.gradient_accumulation_steps == 1
+        and s.recipe == "modern"
+        and meta.get("source") == "stories"
+    )
+    if default:
+        return DEFAULT_BUDGET_CHECK
+    return (
+        "not checked at other budgets for this protocol (rankings at one budget can change "
+        "with more tokens: rerun with a larger --max-tokens, or use archlab scale)."
+    )
 
 
 def recipe_summary(s: CompareSettings) -> str:

@@ -8,7 +8,8 @@ explicitly (so a change of the trainer's defaults does not move it). Asserted: v
 least 1 nat below the unigram entropy of the data, and HyperMixer within 0.3 nats of dense.
 
 Slow variant (``-m slow``): a longer budget, every architecture below the bigram entropy.
-Tiny Shakespeare (char level, from ../shared/datasets when present): below the unigram entropy.
+Tiny Shakespeare (char level, from ../shared/datasets when present): below the unigram entropy
+(marked slow to keep the default suite near 10 minutes; .ci/run runs it).
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def test_longer_budget_every_architecture_below_the_bigram_entropy(stories, tmp_
         assert s["final_val_loss"] < base["bigram_entropy"], f"{arch}: " + report(results, base)
 
 
+@pytest.mark.slow  # ~90 s of two cores; .ci/run runs it explicitly
 def test_tinyshakespeare_char_level_every_architecture_below_the_unigram_entropy(
     shakespeare_path, tmp_path
 ):

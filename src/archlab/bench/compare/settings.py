@@ -26,6 +26,10 @@ from ...train.optim import default_warmup_steps
 # kernels (issue #12) on 2 idle cores of an AMD EPYC (Zen 5), torch's default threads:
 # dense 20,725, moe 16,325, hybrid 13,792, hypermixer 10,035, mamba 7,243 tokens/s; the
 # whole default `archlab compare` took 109 s of wall time, preparing the stories included.
+# Re-measured 2026-12-06 with seven architectures, the modern recipe and the table's rates, on
+# 2 idle cores of an Intel Xeon (torch's default threads): 240 s of wall time (366 s user),
+# train time dense 15.7 s, hybrid 18.2, gdn 21.7, moe 23.2, hypermixer 30.2, mamba 30.9,
+# mamba2 37.2 (177 s in all; the rest is preparing the stories and starting seven processes).
 DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
@@ -35,20 +39,20 @@ DEFAULT_RECIPE = "modern"  # the same Transformer++ choices for every architectu
 # its table rate under the modern recipe, the schedule scaled with the run), BPE stories, one
 # thread per run on a shared 2-core machine: see DEFAULT_BUDGET_CHECK, which report.md quotes.
 DEFAULT_BUDGET_CHECK = (
-    "checked against 4x the tokens (640k; same protocol and rates) on the built-in stories. "
-    "At the default 160k the order is mamba 1.002 < mamba2 1.018 < gdn 1.042 < hybrid 1.195 "
-    "< hypermixer 1.977 < moe 1.990 < dense 2.090 (final val loss, means of seeds 0 and 1); "
-    "at 640k all seven end within 0.026 nats (seed 0: hybrid 0.952, mamba 0.953, dense "
-    "0.955, mamba2 0.956, gdn 0.956, moe 0.958, hypermixer 0.978), 0.25 above the data's "
-    "entropy floor 0.698. So at this budget the table ranks how fast each architecture "
-    "learns (its loss after the first 160k tokens), not where it ends: for final quality "
-    "use a larger --max-tokens or harder data."
+    "checked against 4x the tokens (640k; same protocol and rates, seeds 0 and 1) on the "
+    "built-in stories. At the default 160k the order is mamba 1.002 < mamba2 1.018 < gdn "
+    "1.042 < hybrid 1.195 < hypermixer 1.977 < moe 1.990 < dense 2.090 (mean final val "
+    "loss); at 640k six end within 0.006 nats of each other (mamba 0.949, hybrid 0.951, dense "
+    "0.953, mamba2 0.954, moe 0.955, gdn 0.955; no neighbouring pair differs at p < 0.05) and "
+    "hypermixer 0.023 behind (0.978), 0.25 above the data's entropy floor 0.698. So at this "
+    "budget the table ranks how fast each architecture learns (its loss after the first 160k "
+    "tokens), not where it ends: for final quality use a larger --max-tokens or harder data."
 )
 DEFAULT_BUDGET_NOTE = (
     "default budget: 160,000 tokens per architecture (79 steps of 16 x 128 tokens, 4 warmup "
-    "steps), about 2 minutes for all five nano architectures on 2 idle CPU cores (109 s "
-    "measured on an AMD EPYC); its ranking "
-    "by final val loss matched a 4x longer run (seed 0)"
+    "steps), about 4 minutes for all seven nano architectures on 2 idle CPU cores (240 s "
+    "measured on an Intel Xeon, preparing the stories included); at this budget the ranking "
+    "measures how fast each architecture learns (report.md says how far it holds)"
 )
 FLAG_NAMES = {
     "architectures": "--architectures",

@@ -380,3 +380,6 @@ def test_report_says_how_far_the_ranking_holds():
     assert "not checked at other budgets" in line
     [line] = [n for n in protocol_notes(default, {"source": "shakespeare"}) if "How far" in n]
     assert "not checked" in line
+    given = settings_from_flags({"architectures": ["dense", "mamba"], "learning_rate": 1e-3})
+    [line] = [n for n in protocol_notes(given, meta) if n.startswith("How far")]
+    assert "not checked" in line  # the check was at the table's rates

@@ -20,6 +20,7 @@ from .settings import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BUDGET_CHECK,
     DEFAULT_MAX_TOKENS,
+    DEFAULT_RECIPE,
     DEFAULT_SEQ_LEN,
     CompareSettings,
     format_learning_rates,
@@ -89,15 +90,17 @@ def protocol_notes(s: CompareSettings, meta: dict[str, Any]) -> list[str]:
 
 
 def ranking_scope(s: CompareSettings, meta: dict[str, Any]) -> str:
-    """What is known of this ranking at other budgets: the default protocol was checked
-    against 4x its tokens; any other was not."""
+    """What is known of this ranking at other budgets: the default protocol (table rates
+    included) was checked against 4x its tokens; any other was not."""
     default = (
         s.max_tokens == DEFAULT_MAX_TOKENS
         and s.model_size == "nano"
         and s.seq_len == DEFAULT_SEQ_LEN
         and s.batch_size == DEFAULT_BATCH_SIZE
         and s.gradient_accumulation_steps == 1
-        and s.recipe == "modern"
+        and s.recipe == DEFAULT_RECIPE
+        and s.learning_rate is None
+        and not s.sweep
         and meta.get("source") == "stories"
     )
     if default:

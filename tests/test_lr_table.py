@@ -251,3 +251,55 @@ def test_every_registered_architecture_has_a_shipped_rate_at_every_size_and_reci
                 assert choice.source.startswith(prefix), choice
                 if (recipe, arch, size) in table:
                     assert choice.kind == "swept" and choice.rate == table[recipe, arch, size].rate
+
+
+# ---- the width rule's check (rule_checks) ------------------------------------------------------
+def _check(arch="dense", derived=1.5e-3, losses=(2.0, 1.9, 2.1), size="micro"):
+    rates = (derived / 3, derived, derived * 3)
+    return dict(
+        recipe="modern",
+        architecture=arch,
+        size=size,
+        derived_rate=derived,
+        seed=0,
+        losses={repr(r): v for r, v in zip(rates, losses, strict=True)},
+        command="python scripts/check_lr_rule.py --architectures dense",
+    )
+
+
+@pytest.mark.parametrize(
+    ("losses", "passed", "phrase"),
+    [
+        ((2.0, 1.9, 2.1), True, "the derived rate was the best of"),
+        ((1.87, 1.9, 2.1), True, "ended 0.030 nats above the best, 0.0005 (within 0.05"),
+        ((2.0, 1.9, 1.8), False, "ended 0.100 nats above the best, 0.0045 (MISSED: more than"),
+        ((2.0, None, 2.1), False, "failed to run at the derived rate"),
+    ],
+)
+def test_a_rule_check_passes_within_the_tolerance_and_its_label_says_how(
+    tmp_path, losses, passed, phrase
+):
+    from archlab.train.lr_table import load_rule_checks
+
+    doc = {"entries": [_entry()], "rule_checks": [_check(losses=losses)]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(doc))
+    check = load_rule_checks(path)["modern", "dense", "micro"]
+    assert check.passed is passed
+    assert phrase in check.verdict()
+    choice = table_learning_rate("dense", "micro", "modern", path)
+    assert choice.kind == "derived" and choice.rate == pytest.approx(1.5e-3)
+    assert choice.source.startswith("derived: nano rate 0.003 x d_model 128 / 256")
+    assert choice.source.endswith(check.verdict())
+
+
+def test_a_check_of_another_rate_is_not_quoted_and_a_bad_check_is_one_line(tmp_path):
+    doc = {"entries": [_entry()], "rule_checks": [_check(derived=1e-3)]}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(doc))
+    assert "rule checked" not in table_learning_rate("dense", "micro", "modern", path).source
+    bad = _check()
+    del bad["derived_rate"]
+    path.write_text(json.dumps({"entries": [_entry()], "rule_checks": [bad]}))
+    with pytest.raises(UserError, match="rule check 0 is malformed"):
+        table_learning_rate("dense", "micro", "modern", path)

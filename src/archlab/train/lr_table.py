@@ -11,6 +11,12 @@ architecture/recipe with no swept entry at all is a one-line error naming the ro
 never a silent constant; an architecture swept under one recipe only takes that rate under
 the other too, labelled "derived: the <recipe> recipe's rate", until its own sweep is in.
 
+The rule is checked, not only stated: ``rule_checks`` in the table holds, per (recipe,
+architecture, size) checked, a one-seed sweep of three rates around the derived one (derived / 3,
+derived, derived x 3; ``scripts/check_lr_rule.py``). The derived rate passes when it is the best
+of the three or within ``RULE_TOLERANCE`` nats of the best; a derived rate's label says how its
+check came out.
+
 Rules of a sweep (checked when the table is read): the chosen rate is the one with the lowest
 mean final val loss over seeds among the rates run with every seed of the sweep where no seed
 failed (a rate may be screened out with the first seed alone), and it must not sit at the
@@ -36,6 +42,7 @@ SWEEP_COMMAND = (
     "python scripts/sweep_learning_rates.py --architectures ARCH --recipes modern,classic"
 )
 RULE = "inverse in width (muP-style): rate = swept rate x d_model_swept / d_model"
+RULE_TOLERANCE = 0.05  # nats: how far above the check's best the derived rate may end
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,49 @@ class SweptEntry:
         )
 
 
+@dataclass(frozen=True)
+class RuleCheck:
+    """A check of the width rule at one size: one seed at derived / f, derived, derived x f."""
+
+    recipe: str
+    architecture: str
+    size: str
+    derived_rate: float
+    losses: dict[float, float | None]  # rate -> final val loss (None: the run failed)
+    command: str
+    notes: str = ""
+
+    def best(self) -> tuple[float, float] | None:
+        ok = {r: v for r, v in self.losses.items() if v is not None and math.isfinite(v)}
+        return min(ok.items(), key=lambda kv: kv[1]) if ok else None
+
+    def gap(self) -> float | None:
+        """Nats the derived rate ended above the best of the check (0: it is the best)."""
+        best, derived = self.best(), self.losses.get(self.derived_rate)
+        if best is None or derived is None or not math.isfinite(derived):
+            return None
+        return derived - best[1]
+
+    @property
+    def passed(self) -> bool:
+        gap = self.gap()
+        return gap is not None and gap <= RULE_TOLERANCE
+
+    def verdict(self) -> str:
+        """One phrase for labels and reports."""
+        grid = ", ".join(f"{r:g}" for r in sorted(self.losses))
+        gap, best = self.gap(), self.best()
+        if gap is None or best is None:
+            return f"rule check at {self.size} failed to run at the derived rate (grid {grid})"
+        if gap == 0:
+            return f"rule checked at {self.size}: the derived rate was the best of {grid}"
+        ok = "within" if gap <= RULE_TOLERANCE else "MISSED: more than"
+        return (
+            f"rule checked at {self.size}: the derived rate ended {gap:.3f} nats above the "
+            f"best, {best[0]:g} ({ok} {RULE_TOLERANCE:g}; grid {grid})"
+        )
+
+
 def table_path() -> Path:
     return Path(os.environ.get(ENV_TABLE) or TABLE_PATH)
 
@@ -140,6 +190,47 @@ def _parse_entry(path: Path, i: int, raw: Any) -> SweptEntry:
     if best is None or best != entry.rate:
         raise _fail(path, f"{name}: rate {entry.rate:g} is not its sweep's best ({best})")
     return entry
+
+
+def _parse_check(path: Path, i: int, raw: Any) -> RuleCheck:
+    try:
+        check = RuleCheck(
+            recipe=str(raw["recipe"]),
+            architecture=str(raw["architecture"]),
+            size=str(raw["size"]),
+            derived_rate=float(raw["derived_rate"]),
+            losses={float(r): None if v is None else float(v) for r, v in raw["losses"].items()},
+            command=str(raw["command"]),
+            notes=str(raw.get("notes", "")),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _fail(path, f"rule check {i} is malformed ({type(exc).__name__}: {exc})") from None
+    if check.derived_rate not in check.losses:
+        raise _fail(path, f"rule check {i}: its derived rate is not one of its rates")
+    return check
+
+
+def load_rule_checks(path: Path | None = None) -> dict[tuple[str, str, str], RuleCheck]:
+    """The table's checks of the width rule keyed by (recipe, architecture, size)."""
+    path = path or table_path()
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        raise _fail(path, "not found") from None
+    return _load_checks(str(path), mtime)
+
+
+@lru_cache(maxsize=8)
+def _load_checks(path_str: str, mtime: float) -> dict[tuple[str, str, str], RuleCheck]:
+    path = Path(path_str)
+    try:
+        rows = json.loads(path.read_text()).get("rule_checks", [])
+        if not isinstance(rows, list):
+            raise TypeError("'rule_checks' is not a list")
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise _fail(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
+    checks = [_parse_check(path, i, raw) for i, raw in enumerate(rows)]
+    return {(c.recipe, c.architecture, c.size): c for c in checks}
 
 
 @lru_cache(maxsize=8)
@@ -271,7 +362,13 @@ def table_learning_rate(
     for e in rows:
         if e.size == size:
             return _choice(e.rate, e.label(), transfer)
-    return rate_for_width(arch, recipe, int(size_fields(arch, size)["d_model"]), path)
+    choice = rate_for_width(arch, recipe, int(size_fields(arch, size)["d_model"]), path)
+    from ..recipes import check_recipe
+
+    check = load_rule_checks(path).get((check_recipe(recipe), arch, size))
+    if check is not None and math.isclose(check.derived_rate, choice.rate, rel_tol=1e-6):
+        return LearningRateChoice(choice.rate, f"{choice.source}; {check.verdict()}", choice.kind)
+    return choice
 
 
 class SweepEntryError(ValueError):

@@ -24,6 +24,7 @@ from typing import Any
 from sweep_learning_rates import collect_runs, run_one
 
 from archlab.config import canonical_architecture
+from archlab.errors import UserError
 from archlab.train.lr_table import RULE_TOLERANCE, TABLE_PATH, RuleCheck, table_learning_rate
 
 DEFAULT_ARCHITECTURES = "dense,hypermixer,mamba,moe,hybrid,mamba2,gdn"
@@ -117,7 +118,14 @@ def update_table(table: Path, rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return check(parse_args(argv))
+    except UserError as exc:
+        print(f"check_lr_rule: {exc}", file=sys.stderr)
+        return 2
+
+
+def check(args: argparse.Namespace) -> int:
     archs = [canonical_architecture(a) for a in args.architectures.split(",") if a.strip()]
     table = Path(args.table)
     plan = {}

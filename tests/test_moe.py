@@ -377,6 +377,17 @@ def test_top_k_above_num_experts_is_a_config_error() -> None:
         small_cfg(num_experts=4, top_k=5)
 
 
+def test_more_experts_than_a_model_can_be_built_with_is_one_line(capsys) -> None:
+    """A million experts used to hang `archlab summary` (a module per expert, even on meta)."""
+    from archlab.cli import main
+
+    with pytest.raises(ConfigError, match="--num-experts: at most 4096"):
+        small_cfg(num_experts=4097)
+    assert main(["summary", "--architecture", "moe", "--num-experts", "1000000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "at most 4096 (got 1000000)" in err
+
+
 # ---- learning --------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_nano_moe_overfits_one_batch() -> None:

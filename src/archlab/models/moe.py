@@ -236,10 +236,21 @@ class MoEBlock(nn.Module):
         return x + y, aux
 
 
+# Each expert is its own module (a ModuleList of MLPs): building 4,096 of them per layer takes
+# ~40 s even on the meta device (`archlab summary`), a million would take hours. Fine-grained
+# MoEs of the field stay far below (DeepSeek-V3: 256 routed experts).
+MAX_EXPERTS = 4096
+
+
 def _validate(cfg: ModelConfig) -> None:
     check_attention_heads(cfg)
     if cfg.num_experts <= 0:
         raise ConfigError(f"--num-experts: must be a positive number (got {cfg.num_experts})")
+    if cfg.num_experts > MAX_EXPERTS:
+        raise ConfigError(
+            f"--num-experts: at most {MAX_EXPERTS} (got {cfg.num_experts}): each expert is its "
+            "own module, and building more would take minutes to hours"
+        )
     if cfg.top_k <= 0:
         raise ConfigError(f"--expert-capacity: must be a positive number (got {cfg.top_k})")
     if cfg.top_k > cfg.num_experts:

@@ -30,3 +30,23 @@ def shakespeare_path() -> str:
     if not os.path.exists(path):
         pytest.skip("../shared/datasets/tinyshakespeare not present")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """In-process runs set torch's thread count; give the rest of the suite its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def stories_chars_300(tmp_path_factory):
+    """300 built-in stories at character level, prepared once per session: read it, never write
+    into it (a test that changes its data folder prepares its own)."""
+    from archlab.data.prepare import prepare_dataset
+
+    root = tmp_path_factory.mktemp("stories_chars_300")
+    return prepare_dataset(
+        "stories", root / "chars", tokenizer="char", num_stories=300, verbose=False
+    )

@@ -24,21 +24,9 @@ SMALL = ["--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64",
          "--num-threads", "1", "--seq-len", "32", "--batch-size", "2"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    from archlab.data.prepare import prepare_dataset
-
-    return prepare_dataset(
-        "stories", tmp_path_factory.mktemp("est") / "chars", tokenizer="char", num_stories=300,
-        verbose=False,
-    )  # fmt: skip
+@pytest.fixture
+def char_data(stories_chars_300):
+    return stories_chars_300
 
 
 def _estimate(**kw) -> Estimate:

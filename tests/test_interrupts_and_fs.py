@@ -35,13 +35,6 @@ COMMON = [*SMALL, "--seq-len", "32", "--batch-size", "4", "--steps-per-epoch", "
           "--dropout", "0.1", "--seed", "5"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     from archlab.data.prepare import prepare_dataset

@@ -29,13 +29,6 @@ NANO = ["--d-model", "16", "--n-heads", "2", "--n-layers", "1", "--d-ff", "32",
         "--max-seq-len", "32", "--seq-len", "16", "--batch-size", "2"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- one tree of real folders, built once -------------------------------------------------------
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory) -> Path:

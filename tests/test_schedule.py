@@ -20,21 +20,9 @@ from archlab.train.optim import (
 SMALL = ["--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    from archlab.data.prepare import prepare_dataset
-
-    root = tmp_path_factory.mktemp("schedule_data")
-    return prepare_dataset(
-        "stories", root / "char", tokenizer="char", num_stories=300, verbose=False
-    )
+@pytest.fixture
+def char_data(stories_chars_300):
+    return stories_chars_300
 
 
 def test_wsd_warms_up_holds_then_decays_linearly_to_the_floor() -> None:

@@ -29,14 +29,6 @@ THREADS = ["--num-threads", "1"]
 SMALL = ["--d-model", "32", "--n-heads", "2", "--n-layers", "2", "--d-ff", "64"]
 
 
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """In-process runs set torch's thread count; give the rest of the suite its own back."""
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory):
     return tmp_path_factory.mktemp("train_data")

@@ -72,6 +72,31 @@ def test_two_families_cross_where_they_should() -> None:
     assert lo <= truth <= hi
 
 
+def test_curves_that_cross_twice_are_judged_by_the_last_crossing() -> None:
+    """f: E 0.9, A 300, alpha 0.5 (shallow, lower floor); g: E 1.0, A 1e6, alpha 1.5 (steep).
+    g passes below f between two crossings, then f's lower E wins back: "beyond" must be
+    read from the second crossing (the first one said the wrong architecture wins at scale)."""
+    from scipy.optimize import brentq
+
+    fparams, gparams = dict(e=0.9, a=300.0, alpha=0.5), dict(e=1.0, a=1e6, alpha=1.5)
+
+    def diff(x: float) -> float:
+        return float(law(np.exp(x), **fparams) - law(np.exp(x), **gparams))
+
+    first = np.exp(brentq(diff, np.log(1e3), np.log(1e5)))
+    second = np.exp(brentq(diff, np.log(1e5), np.log(1e9)))
+    cs = np.geomspace(1e3, 1e9, 7)
+    fits = [
+        fitting.fit_power_law(list(cs), list(law(cs, **params)), name, draws=200)
+        for name, params in (("f", fparams), ("g", gparams))
+    ]
+    cross = fitting.crossover(*fits)
+    assert cross.compute == pytest.approx(second, rel=0.02)
+    assert cross.below == "f" and cross.callable
+    assert cross.verdict.startswith(f"f is lower beyond {cross.compute:.2e} FLOPs")
+    assert f"also cross earlier, at {first:.2e}"[:-3] in cross.verdict  # to the grid's step
+
+
 def test_parallel_families_are_called_without_a_crossing_and_noise_is_too_wide() -> None:
     cs = np.repeat(C, 2)
     rng = np.random.default_rng(5)

@@ -232,16 +232,21 @@ class Crossover:
         return d
 
 
-def _first_crossing(p: np.ndarray, q: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """For (B, 3) parameter rows p and q: the first compute on ``grid`` where they cross
-    (log-linear interpolation of the difference), NaN where they do not."""
+def _crossing(p: np.ndarray, q: np.ndarray, grid: np.ndarray, last: bool = True) -> np.ndarray:
+    """For (B, 3) parameter rows p and q: the last (or first) compute on ``grid`` where they
+    cross (log-linear interpolation of the difference), NaN where they do not. Two laws
+    E + A C^-alpha can cross twice (the steeper one passes the other, then the lower E wins
+    back): the last crossing decides which is lower at scale."""
     fp = p[:, :1] + p[:, 1:2] * np.power(grid[None], -p[:, 2:3])
     fq = q[:, :1] + q[:, 1:2] * np.power(grid[None], -q[:, 2:3])
     diff = fp - fq  # (B, G)
     sign = np.sign(diff)
-    change = (sign[:, :-1] * sign[:, 1:]) < 0
+    change = (sign[:, :-1] * sign[:, 1:]) < 0  # (B, G - 1)
     has = change.any(axis=1)
-    k = np.argmax(change, axis=1)
+    if last:
+        k = change.shape[1] - 1 - np.argmax(change[:, ::-1], axis=1)
+    else:
+        k = np.argmax(change, axis=1)
     rows = np.arange(len(k))
     d0, d1 = diff[rows, k], diff[rows, np.minimum(k + 1, grid.size - 1)]
     lg = np.log(grid)
@@ -261,8 +266,14 @@ def crossover(f: Fit, g: Fit) -> Crossover:
     grid = np.geomspace(lo, hi, 2001)
     where = f"between {lo:.2e} and {hi:.2e} FLOPs"
     law = lambda fit: np.array([[fit.law.E, fit.law.A, fit.law.alpha]])  # noqa: E731
-    point = float(_first_crossing(law(f), law(g), grid)[0])
+    point = float(_crossing(law(f), law(g), grid)[0])
     point_or_none = None if math.isnan(point) else point
+    first = float(_crossing(law(f), law(g), grid, last=False)[0])
+    also = (
+        f" (the fitted curves also cross earlier, at {first:.2e} FLOPs)"
+        if point_or_none is not None and first < point * (1 - 1e-9)
+        else ""
+    )
     below = None
     if point_or_none is not None:
         beyond = point * 10
@@ -272,7 +283,7 @@ def crossover(f: Fit, g: Fit) -> Crossover:
         return Crossover(f.architecture, g.architecture, point_or_none, None, 0.0, False, below,
                          verdict)  # fmt: skip
     n = min(len(f.draws), len(g.draws))
-    at = _first_crossing(f.draws[:n], g.draws[:n], grid)
+    at = _crossing(f.draws[:n], g.draws[:n], grid)
     frac = float(np.mean(np.isfinite(at)))
     interval = None
     if np.isfinite(at).sum() >= 2:
@@ -281,7 +292,7 @@ def crossover(f: Fit, g: Fit) -> Crossover:
     decades = math.log10(interval[1] / interval[0]) if interval else math.inf
     ok = point_or_none is not None and frac >= CALL_FRACTION and decades < CALL_DECADES
     if ok:
-        verdict = f"{below} is lower beyond {point:.2e} FLOPs"
+        verdict = f"{below} is lower beyond {point:.2e} FLOPs{also}"
     elif point_or_none is None and frac <= 1 - CALL_FRACTION:
         ahead = f.architecture if f.law(f.c_max) < g.law(f.c_max) else g.architecture
         verdict = f"no crossover {where}: {ahead} stays lower"

@@ -187,6 +187,14 @@ def test_tiny_ladder_writes_everything_and_resumes_without_rerunning(
     assert (out / "scale.md").exists() and "already finished; skipped" in capsys.readouterr().err
     again = json.loads((out / "results.json").read_text())["top_rung_vs_compare"]
     assert again["same_order"] == (top == ["moe", "dense"])
+    # a finished study with its outputs: --compare-results rewrites the report, trains nothing
+    back = _compare_results(tmp_path / "cmp-c", {"dense": 2.0, "moe": 2.1})
+    assert main(["scale", "--resume", "--compare-results", str(back), "--out-dir", str(out)]) == 0
+    assert "already finished; rewriting its report against" in capsys.readouterr().err
+    versus = json.loads((out / "results.json").read_text())["top_rung_vs_compare"]
+    assert (
+        versus["same_order"] == (top == ["dense", "moe"]) and "cmp-c" in versus["compare_results"]
+    )
     # changed settings are refused
     assert main(["scale", "--resume", "--tokens-per-param", "5", "--out-dir", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -189,8 +189,18 @@ def _run(args: argparse.Namespace, out_dir: Any, raw: dict[str, Any]) -> int:
                 f"--resume: this study trains on {settings.data} (scale.json); drop --data"
             )
         if study.study_finished(settings, out_dir):
-            print(f"archlab scale: {out_dir} is already finished (scale.md written); nothing to do")
-            return 0
+            if args.compare_results is None:
+                print(
+                    f"archlab scale: {out_dir} is already finished (scale.md written); nothing "
+                    "to do (--compare-results <compare folder> rewrites its report against a "
+                    "comparison)"
+                )
+                return 0
+            print(
+                f"archlab scale: {out_dir} is already finished; rewriting its report against "
+                f"{settings.compare_results}",
+                file=sys.stderr,
+            )
         data_dir = Path(settings.data)
         if not (data_dir / "meta.json").exists():
             raise UserError(f"--resume: the study's data folder {data_dir} is gone")

@@ -172,3 +172,18 @@ def test_one_seed_gives_a_leader_not_a_winner(tmp_path):
         "2.0000)"
     )
     assert not any(w.headline().startswith("Winner") for w in wins)
+
+
+def test_a_single_candidate_is_not_crowned(tmp_path):
+    """One architecture (a one-rate sweep, or every other row excluded): nothing was compared,
+    so no line may read "Winner"."""
+    runs = _read(tmp_path, "hybrid", {0: dict(final=1.14)})
+    wins = report.winners(aggregate(runs, ["hybrid"]))
+    best = {w.criterion: w for w in wins}["best loss"]
+    assert best.kind == "only"
+    assert best.headline() == "Only candidate, best loss: hybrid (final val loss 1.1400)"
+    assert not any(w.headline().startswith("Winner") for w in wins)
+    # two seeds change nothing: there is still no one to beat
+    runs = _read(tmp_path / "two", "hybrid", {0: dict(final=1.14), 1: dict(final=1.15)})
+    wins = report.winners(aggregate(runs, ["hybrid"]))
+    assert all(w.kind in ("only", "none") for w in wins)

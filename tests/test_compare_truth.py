@@ -347,7 +347,9 @@ def test_a_run_forced_not_to_learn_says_so_and_wins_nothing(
         f"did not learn: final val loss not 0.1 nats below the unigram baseline {unigram:.4f}"
     )
     assert "did not learn" not in rows["dense"][C["Notes"]]
-    winner_lines = [ln for ln in printed.splitlines() if ln.startswith("Winner, ")]
+    # moe is excluded, so dense is the only candidate: named, but not crowned
+    assert not [ln for ln in printed.splitlines() if ln.startswith("Winner, ")]
+    winner_lines = [ln for ln in printed.splitlines() if ln.startswith("Only candidate, ")]
     assert len(winner_lines) == 4
     for line in winner_lines:
         assert ": dense (" in line and "excluded, did not learn: moe" in line, line

@@ -53,7 +53,8 @@ def format_p(p: float) -> str:
 class Decision:
     """The outcome of one criterion among candidates (each a list of per-seed values).
 
-    kind: "winner" (significant against every other candidate, or the only candidate),
+    kind: "winner" (significant against every other candidate), "only" (a single candidate:
+    nothing to compare it with),
     "tie" (the leader and everyone not significantly worse), "unproven" (the leader, but
     some candidate has one seed: no significance can be claimed), "none" (no candidates).
     """
@@ -90,7 +91,7 @@ def decide(
     leader = order[0]
     effect = (f"{100 * min_effect:g}%" if relative else f"{min_effect:g}") if min_effect else ""
     if len(order) == 1:
-        return Decision("winner", leader, min_effect=effect)
+        return Decision("only", leader, min_effect=effect)
     runner_up = order[1]
     if any(len(cands[k]) < 2 for k in order):
         return Decision("unproven", leader, runner_up=runner_up, min_effect=effect)
@@ -123,9 +124,9 @@ def describe(d: Decision) -> str:
         return ""
     if d.kind == "unproven":
         return "one seed: no significance can be claimed"
+    if d.kind == "only":
+        return "the only candidate: nothing to compare it with"
     if d.kind == "winner":
-        if d.runner_up is None:
-            return "the only candidate"
         # the weakest of its wins (usually the runner-up's) is the one to quote
         closest = max(d.p_values, key=lambda k: d.p_values[k])
         text = f"Welch's t-test vs {closest}: p = {format_p(d.p_values[closest])}"

@@ -39,7 +39,7 @@ class Winner:
     detail: str
     tied: list[str] = field(default_factory=list)
     p_value: float | None = None
-    kind: str = "winner"  # "winner" | "tie" | "unproven" | "none"
+    kind: str = "winner"  # "winner" | "only" | "tie" | "unproven" | "none"
 
     def line(self) -> str:
         if self.kind == "tie":
@@ -53,6 +53,8 @@ class Winner:
             return f"Winner, {self.line()}"
         if self.kind == "unproven":
             return f"Leader ({ONE_SEED}), {self.line()}"
+        if self.kind == "only":
+            return f"Only candidate, {self.line()}"
         return f"No winner, {self.line()}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,7 +99,7 @@ def _significance_winner(
         detail = f"{d.leader} {what} vs {shown}: {sig}"
         return Winner(criterion, None, detail + excluded, d.tied, p, "tie")
     p = max(d.p_values.values()) if d.p_values else None
-    if d.kind == "unproven":
+    if d.kind in ("unproven", "only"):
         sig = ""  # the headline says it
     detail = what + (f"; {sig}" if sig else "")
     return Winner(criterion, d.leader, detail + excluded, [], p, d.kind)

@@ -303,3 +303,23 @@ def test_a_check_of_another_rate_is_not_quoted_and_a_bad_check_is_one_line(tmp_p
     path.write_text(json.dumps({"entries": [_entry()], "rule_checks": [bad]}))
     with pytest.raises(UserError, match="rule check 0 is malformed"):
         table_learning_rate("dense", "micro", "modern", path)
+
+
+def test_the_shipped_rule_checks_cover_micro_and_no_failed_rule_is_shipped():
+    """Issue #24: the width rule is checked at micro (modern recipe, 3 rates, 1 seed) for every
+    architecture of the default comparison. A derived rate whose check missed is never what
+    `compare` uses: that size must have its own sweep."""
+    from archlab.bench.common.options import parse_architectures
+    from archlab.train.lr_table import TABLE_PATH, load_rule_checks
+
+    checks = load_rule_checks(TABLE_PATH)
+    table = load_table(TABLE_PATH)
+    for arch in parse_architectures(None):  # compare's default list
+        check = checks.get(("modern", arch, "micro"))
+        assert check is not None, f"no rule check of {arch} at micro"
+        assert len(check.losses) == 3 and check.best() is not None
+        choice = table_learning_rate(arch, "micro", "modern", TABLE_PATH)
+        if check.passed:
+            assert ("modern", arch, "micro") in table or check.verdict() in choice.source
+        else:
+            assert choice.kind == "swept", f"{arch}: a derived rate whose rule check missed"

@@ -30,6 +30,9 @@ from ...train.optim import default_warmup_steps
 # 2 idle cores of an Intel Xeon (torch's default threads): 240 s of wall time (366 s user),
 # train time dense 15.7 s, hybrid 18.2, gdn 21.7, moe 23.2, hypermixer 30.2, mamba 30.9,
 # mamba2 37.2 (177 s in all; the rest is preparing the stories and starting seven processes).
+# Re-measured 2026-12-07 on the same idle cores, in an empty folder: 201 s of wall time on a
+# fresh checkout (numba compiles the CPU kernels on first use: 4-10 s of warm-up in each of
+# the hypermixer, mamba, gdn and mamba2 runs) and 169 s once they are cached (275 s user).
 DEFAULT_MAX_TOKENS = 160_000
 DEFAULT_SEQ_LEN = 128
 DEFAULT_BATCH_SIZE = 16
@@ -50,8 +53,9 @@ DEFAULT_BUDGET_CHECK = (
 )
 DEFAULT_BUDGET_NOTE = (
     "default budget: 160,000 tokens per architecture (79 steps of 16 x 128 tokens, 4 warmup "
-    "steps), about 4 minutes for all seven nano architectures on 2 idle CPU cores (240 s "
-    "measured on an Intel Xeon, preparing the stories included); at this budget the ranking "
+    "steps), about 3 minutes for all seven nano architectures on 2 idle CPU cores (measured "
+    "on an Intel Xeon, preparing the stories included: 201 s on the first run, which compiles "
+    "the CPU kernels, 169 s after); at this budget the ranking "
     "measures how fast each architecture learns (report.md says how far it holds)"
 )
 FLAG_NAMES = {

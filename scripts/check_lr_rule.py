@@ -63,7 +63,7 @@ def compare_command(args: argparse.Namespace, arch: str, grid: list[float]) -> l
     return cmd
 
 
-def check_row(args: argparse.Namespace, arch: str, derived: float, grid: list[float]) -> dict:
+def check_row(args: argparse.Namespace, arch: str, grid: list[float]) -> dict:
     """The table's ``rule_checks`` row from the runs in DIR/<arch>."""
     losses: dict[str, float | None] = {repr(r): None for r in grid}
     for run in collect_runs(Path(args.out_dir) / arch, arch):
@@ -80,7 +80,7 @@ def check_row(args: argparse.Namespace, arch: str, derived: float, grid: list[fl
         "recipe": args.recipe,
         "architecture": arch,
         "size": args.model_size,
-        "derived_rate": derived,
+        "derived_rate": grid[1],  # the derived rate as run (6 significant digits)
         "seed": args.seed,
         "losses": losses,
         "command": script,
@@ -144,7 +144,7 @@ def check(args: argparse.Namespace) -> int:
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             list(pool.map(job, plan))
-    rows = [check_row(args, arch, *plan[arch]) for arch in plan]
+    rows = [check_row(args, arch, plan[arch][1]) for arch in plan]
     print(f"\n{args.recipe} recipe at {args.model_size}, seed {args.seed}: final val loss")
     print("| arch | derived | derived / F | derived | derived x F | gap to best | verdict |")
     print("|---|---|---|---|---|---|---|")

@@ -355,6 +355,8 @@ def table_learning_rate(
     architecture: str, size: str, recipe: str, path: Path | None = None
 ) -> LearningRateChoice:
     """The shipped rate of a size preset: swept at that size, or derived by width."""
+    from ..recipes import check_recipe
+
     if size not in MODEL_SIZES:
         raise UserError(f"--model-size: unknown size {size!r} (allowed: {', '.join(MODEL_SIZES)})")
     arch = canonical_architecture(architecture)
@@ -363,8 +365,6 @@ def table_learning_rate(
         if e.size == size:
             return _choice(e.rate, e.label(), transfer)
     choice = rate_for_width(arch, recipe, int(size_fields(arch, size)["d_model"]), path)
-    from ..recipes import check_recipe
-
     check = load_rule_checks(path).get((check_recipe(recipe), arch, size))
     if check is not None and math.isclose(check.derived_rate, choice.rate, rel_tol=1e-6):
         return LearningRateChoice(choice.rate, f"{choice.source}; {check.verdict()}", choice.kind)

@@ -232,8 +232,14 @@ def _param_gap(rungs: list[Rung]) -> str:
 
 
 def protocol_notes(s: ScaleSettings, rungs: list[Rung]) -> list[str]:
-    rates = sorted({(r.architecture, r.learning_rate, r.lr_source) for r in rungs})
-    sources = sorted({src for _, _, src in rates})
+    by_arch: dict[str, dict[int, float]] = {}  # architecture -> depth -> rate (seeds share it)
+    for r in sorted(rungs, key=lambda r: r.depth):
+        by_arch.setdefault(r.architecture, {})[r.depth] = r.learning_rate
+    sources = [
+        f"{arch} " + " / ".join(f"{rate:.3g}" for rate in rates.values())
+        for arch, rates in by_arch.items()
+    ]
+    kinds = sorted({r.lr_source.split(" ")[0].rstrip(":") for r in rungs})  # derived, swept, given
     return [
         f"Ladder: one dial, depth D in {', '.join(map(str, s.depths))}: the dense shape is D "
         f"layers of width {s.width_per_depth} x D (heads of {s.head_dim}, MLP 4 x width), "
@@ -243,9 +249,12 @@ def protocol_notes(s: ScaleSettings, rungs: list[Rung]) -> list[str]:
         f"Budget: {s.tokens_per_param:g} training tokens per active parameter (rounded up to "
         f"whole steps of {s.tokens_per_step:,} tokens: batch {s.batch_size} x seq-len "
         f"{s.seq_len}); compute = FLOPs/token (train/flops.py) x tokens.",
-        "Learning rate per (architecture, width): "
+        f"Learning rate per architecture at depths {' / '.join(map(str, s.depths))}: "
         + ("; ".join(sources) if sources else "-")
-        + ". Warmup and cosine schedule as compare's (5% warmup, at most 100 steps).",
+        + f" ({', '.join(kinds)}; each run's source is listed under Runs; the learning-rate "
+        "table's rule is inverse in width from the swept rate, capped below the swept width at "
+        "the largest rate its sweep ran). Warmup and cosine schedule as compare's (5% warmup, at "
+        "most 100 steps).",
         (
             f"Recipe {s.recipe}"
             if recipes_available()

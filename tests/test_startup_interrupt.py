@@ -42,7 +42,14 @@ def test_a_library_import_leaves_ctrl_c_to_the_caller():
         "import signal, archlab; "
         "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        # Python installs its handler only when SIGINT is not ignored, and a runner started as
+        # a background job (`cmd &` in a script) ignores it: give the child the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert res.returncode == 0, res.stderr
 
 

@@ -15,13 +15,12 @@ any check missed or failed::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sweep_learning_rates import collect_runs, run_one
+from sweep_learning_rates import collect_runs, run_one, update_table
 
 from archlab.config import canonical_architecture
 from archlab.errors import UserError
@@ -101,22 +100,6 @@ def as_check(row: dict) -> RuleCheck:
     )
 
 
-def update_table(table: Path, rows: list[dict]) -> None:
-    doc = json.loads(table.read_text())
-    keys = {(r["recipe"], r["architecture"], r["size"]) for r in rows}
-    kept = [
-        r
-        for r in doc.get("rule_checks", [])
-        if (r["recipe"], r["architecture"], r["size"]) not in keys
-    ]
-    doc["rule_checks"] = sorted(
-        kept + rows, key=lambda r: (r["recipe"], r["size"], r["architecture"])
-    )
-    tmp = table.with_name(table.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(table)
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return check(parse_args(argv))
@@ -165,7 +148,7 @@ def check(args: argparse.Namespace) -> int:
         )
     complete = [r for r in rows if any(v is not None for v in r["losses"].values())]
     if complete:
-        update_table(table, complete)
+        update_table(table, complete, section="rule_checks")
         print(f"\nwrote {len(complete)} rule checks into {table}")
     return 1 if bad else 0
 

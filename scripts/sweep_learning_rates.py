@@ -150,13 +150,17 @@ def same_model(arch: str, size: str, a: str, b: str) -> bool:
     return bool(torch.equal(ya, yb))
 
 
-def update_table(table: Path, entries: list[dict[str, Any]]) -> None:
+def update_table(table: Path, rows: list[dict[str, Any]], section: str = "entries") -> None:
+    """Replace (or add) ``rows`` in the table's ``section`` by (recipe, architecture, size),
+    kept sorted; written atomically (a temporary file, then a rename)."""
     doc = json.loads(table.read_text())
-    keys = {(e["recipe"], e["architecture"], e["size"]) for e in entries}
-    kept = [e for e in doc["entries"] if (e["recipe"], e["architecture"], e["size"]) not in keys]
-    doc["entries"] = sorted(
-        kept + entries, key=lambda e: (e["recipe"], e["size"], e["architecture"])
-    )
+
+    def key(r: dict[str, Any]) -> tuple[str, str, str]:
+        return (r["recipe"], r["architecture"], r["size"])
+
+    new = {key(r) for r in rows}
+    kept = [r for r in doc.get(section, []) if key(r) not in new]
+    doc[section] = sorted(kept + rows, key=lambda r: (r["recipe"], r["size"], r["architecture"]))
     tmp = table.with_name(table.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(table)

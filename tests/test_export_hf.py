@@ -23,13 +23,6 @@ SMALL_CFG = dict(d_model=32, n_layers=2, n_heads=2, d_ff=64, max_seq_len=64)
 PROMPT = "Once upon a time, the little"
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bpe_data(tmp_path_factory) -> Path:
     from archlab.data.prepare import prepare_dataset

@@ -89,17 +89,6 @@ def check_row(args: argparse.Namespace, arch: str, grid: list[float]) -> dict:
     return row
 
 
-def as_check(row: dict) -> RuleCheck:
-    return RuleCheck(
-        row["recipe"],
-        row["architecture"],
-        row["size"],
-        float(row["derived_rate"]),
-        {float(r): v for r, v in row["losses"].items()},
-        row["command"],
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         return check(parse_args(argv))
@@ -133,7 +122,7 @@ def check(args: argparse.Namespace) -> int:
     print("|---|---|---|---|---|---|---|")
     bad = 0
     for row in rows:
-        check = as_check(row)
+        check = RuleCheck.from_row(row)
         cells = [
             "failed" if v is None else f"{v:.4f}"
             for v in (check.losses[r] for r in sorted(check.losses))

@@ -118,6 +118,19 @@ class RuleCheck:
     command: str
     notes: str = ""
 
+    @classmethod
+    def from_row(cls, raw: dict[str, Any]) -> RuleCheck:
+        """A ``rule_checks`` row of the table (as scripts/check_lr_rule.py writes it)."""
+        return cls(
+            recipe=str(raw["recipe"]),
+            architecture=str(raw["architecture"]),
+            size=str(raw["size"]),
+            derived_rate=float(raw["derived_rate"]),
+            losses={float(r): None if v is None else float(v) for r, v in raw["losses"].items()},
+            command=str(raw["command"]),
+            notes=str(raw.get("notes", "")),
+        )
+
     def best(self) -> tuple[float, float] | None:
         ok = {r: v for r, v in self.losses.items() if v is not None and math.isfinite(v)}
         return min(ok.items(), key=lambda kv: kv[1]) if ok else None
@@ -194,15 +207,7 @@ def _parse_entry(path: Path, i: int, raw: Any) -> SweptEntry:
 
 def _parse_check(path: Path, i: int, raw: Any) -> RuleCheck:
     try:
-        check = RuleCheck(
-            recipe=str(raw["recipe"]),
-            architecture=str(raw["architecture"]),
-            size=str(raw["size"]),
-            derived_rate=float(raw["derived_rate"]),
-            losses={float(r): None if v is None else float(v) for r, v in raw["losses"].items()},
-            command=str(raw["command"]),
-            notes=str(raw.get("notes", "")),
-        )
+        check = RuleCheck.from_row(raw)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _fail(path, f"rule check {i} is malformed ({type(exc).__name__}: {exc})") from None
     if check.derived_rate not in check.losses:
@@ -212,35 +217,24 @@ def _parse_check(path: Path, i: int, raw: Any) -> RuleCheck:
 
 def load_rule_checks(path: Path | None = None) -> dict[tuple[str, str, str], RuleCheck]:
     """The table's checks of the width rule keyed by (recipe, architecture, size)."""
-    path = path or table_path()
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        raise _fail(path, "not found") from None
-    return _load_checks(str(path), mtime)
+    return _read(path)[1]
+
+
+_Keyed = dict[tuple[str, str, str], Any]
 
 
 @lru_cache(maxsize=8)
-def _load_checks(path_str: str, mtime: float) -> dict[tuple[str, str, str], RuleCheck]:
-    path = Path(path_str)
-    try:
-        rows = json.loads(path.read_text()).get("rule_checks", [])
-        if not isinstance(rows, list):
-            raise TypeError("'rule_checks' is not a list")
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        raise _fail(path, f"cannot be read ({type(exc).__name__}: {exc})") from None
-    checks = [_parse_check(path, i, raw) for i, raw in enumerate(rows)]
-    return {(c.recipe, c.architecture, c.size): c for c in checks}
-
-
-@lru_cache(maxsize=8)
-def _load(path_str: str, mtime: float) -> dict[tuple[str, str, str], SweptEntry]:
+def _load(path_str: str, mtime: float) -> tuple[_Keyed, _Keyed]:
+    """(swept entries, rule checks) of one read of the file, each keyed by (recipe,
+    architecture, size)."""
     path = Path(path_str)
     try:
         doc = json.loads(path.read_text())
-        rows = doc["entries"]
+        rows, check_rows = doc["entries"], doc.get("rule_checks", [])
         if not isinstance(rows, list):
             raise TypeError("'entries' is not a list")
+        if not isinstance(check_rows, list):
+            raise TypeError("'rule_checks' is not a list")
     except FileNotFoundError:
         raise _fail(path, "not found") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -252,17 +246,22 @@ def _load(path_str: str, mtime: float) -> dict[tuple[str, str, str], SweptEntry]
         if key in table:
             raise _fail(path, f"entry {i} repeats ({', '.join(key)})")
         table[key] = entry
-    return table
+    checks = [_parse_check(path, i, raw) for i, raw in enumerate(check_rows)]
+    return table, {(c.recipe, c.architecture, c.size): c for c in checks}
 
 
-def load_table(path: Path | None = None) -> dict[tuple[str, str, str], SweptEntry]:
-    """The swept entries keyed by (recipe, architecture, size); a bad file is one line."""
+def _read(path: Path | None) -> tuple[_Keyed, _Keyed]:
     path = path or table_path()
     try:
         mtime = path.stat().st_mtime
     except OSError:
         raise _fail(path, "not found") from None
     return _load(str(path), mtime)
+
+
+def load_table(path: Path | None = None) -> dict[tuple[str, str, str], SweptEntry]:
+    """The swept entries keyed by (recipe, architecture, size); a bad file is one line."""
+    return _read(path)[0]
 
 
 def _rows(arch: str, recipe: str, path: Path | None) -> list[SweptEntry]:

@@ -94,16 +94,9 @@ def _olmo_hybrid_config(cfg: ModelConfig, common: dict[str, Any]) -> Any:
     from ..models.gdn import is_attention_layer, key_head_dim
 
     kinds = ("full_attention", "linear_attention")
+    shape = _llama_shape(cfg, cfg.ffn_hidden, common)
+    del shape["head_dim"], shape["rope_theta"]  # OLMo-hybrid: d_model / heads, rope_parameters
     return tf.OlmoHybridConfig(
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        hidden_act="silu",
-        attention_dropout=cfg.dropout,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         layer_types=[kinds[not is_attention_layer(cfg, i)] for i in range(cfg.n_layers)],
         linear_num_key_heads=cfg.n_heads,
@@ -112,7 +105,7 @@ def _olmo_hybrid_config(cfg: ModelConfig, common: dict[str, Any]) -> Any:
         linear_value_head_dim=cfg.gdn_expand_v * key_head_dim(cfg),
         linear_conv_kernel_dim=cfg.conv_size,
         linear_allow_neg_eigval=False,
-        **common,
+        **shape,
     )
 
 

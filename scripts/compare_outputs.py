@@ -100,13 +100,7 @@ def mask_text(text):
             elif all(set(c) <= set("-: ") for c in cells):
                 pass
             else:
-                new = []
-                for h, c in zip(header, cells, strict=False):
-                    if TIMING_COL.search(h):
-                        masked["cells"] += 1
-                        c = "<t>"
-                    new.append(c)
-                cells = new
+                cells = mask_cells(header, cells, TIMING_COL)
             out.append("|".join(cells))
             continue
         header = None
@@ -116,21 +110,22 @@ def mask_text(text):
     return "\n".join(out)
 
 
+def mask_cells(header, cells, pattern):
+    """The row with every cell under a header that ``pattern`` matches replaced by <t>."""
+    out = []
+    for h, c in zip(header, cells, strict=False):
+        if pattern.search(h):
+            masked["cells"] += 1
+            c = "<t>"
+        out.append(c)
+    return out
+
+
 def mask_csv(text):
     rows = list(csv.reader(io.StringIO(text)))
     if not rows:
         return rows
-    head = rows[0]
-    res = [head]
-    for r in rows[1:]:
-        nr = []
-        for h, c in zip(head, r, strict=False):
-            if TIMING_KEY.search(h):
-                masked["cells"] += 1
-                c = "<t>"
-            nr.append(c)
-        res.append(nr)
-    return res
+    return [rows[0]] + [mask_cells(rows[0], r, TIMING_KEY) for r in rows[1:]]
 
 
 def load_pt(p):

@@ -15,6 +15,7 @@ any check missed or failed::
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.factor) and args.factor > 1):
+        raise UserError(f"--factor: must be a finite number above 1 (got {args.factor:g})")
     archs = [canonical_architecture(a) for a in args.architectures.split(",") if a.strip()]
     table = Path(args.table)
     plan = {}

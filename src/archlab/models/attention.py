@@ -33,6 +33,51 @@ def kv_cache_elements(cfg: ModelConfig, seq_len: int, window: int | None = None)
     return 2 * kept * cfg.d_model
 
 
+KV_GROWTH = 1.5  # capacity factor when a decode cache's buffer is full
+
+
+def append_kv(cache: Tensor | None, new: Tensor) -> Tensor:
+    """cache (B, H, S, hd) followed by new (B, H, T, hd) along the positions, as a prefix view
+    of a (B, H, capacity, hd) buffer with room to spare: the next append writes into that room
+    instead of copying the whole cache (torch.cat per token made decoding at context 4096
+    spend most of each step copying keys and values). A full buffer is replaced by one
+    KV_GROWTH times larger. The view is all the cache holds (its size counts only the positions
+    seen); the room is found from its strides and storage (inference tensors keep no ``_base``).
+    A cache that is not such a view, or one autograd records, is concatenated as before."""
+    B, H, T, hd = new.shape
+    recorded = torch.is_grad_enabled() and (
+        new.requires_grad or (cache is not None and cache.requires_grad)
+    )
+    if recorded:
+        return new if cache is None else torch.cat([cache, new], dim=2)
+    S = 0
+    if cache is not None:
+        S = cache.shape[2]
+        st = cache.stride()
+        cap = st[1] // hd if hd else 0
+        if (
+            cache.shape[:2] == (B, H)
+            and cache.shape[3] == hd
+            and cache.dtype == new.dtype
+            and cache.device == new.device
+            and cache.storage_offset() == 0
+            and st[3] == 1
+            and st[2] == hd
+            and st[1] == cap * hd
+            and (B == 1 or st[0] == H * cap * hd)
+            and cap >= S + T
+            and cache.untyped_storage().nbytes() >= B * H * cap * hd * cache.element_size()
+        ):
+            grown = cache.as_strided((B, H, S + T, hd), st)
+            grown[:, :, S:] = new
+            return grown
+    buf = new.new_empty(B, H, max(int((S + T) * KV_GROWTH), S + T + 16), hd)
+    if S:
+        buf[:, :, :S] = cache
+    buf[:, :, S : S + T] = new
+    return buf[:, :, : S + T]
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal attention.
 
@@ -79,9 +124,14 @@ class CausalSelfAttention(nn.Module):
         k_start = pos
         if state is not None:
             if "k" in state:
-                k = torch.cat([state["k"], k], dim=2)
-                v = torch.cat([state["v"], v], dim=2)
                 k_start = pos - state["k"].shape[2]
+                if self.window is None:  # grows in place (amortised), no copy per token
+                    k, v = append_kv(state["k"], k), append_kv(state["v"], v)
+                else:  # bounded by the window: concatenate and keep its last positions
+                    k = torch.cat([state["k"], k], dim=2)
+                    v = torch.cat([state["v"], v], dim=2)
+            elif self.window is None:
+                k, v = append_kv(None, k), append_kv(None, v)
             keep = k.shape[2] if self.window is None else min(k.shape[2], self.window)
             state["k"], state["v"] = k[:, :, -keep:], v[:, :, -keep:]
         drop = self.dropout if self.training else 0.0

@@ -154,15 +154,21 @@ def _cap_threads(threads: int, exc: BaseException) -> None:
 
 if NUMBA:
 
-    @intrinsic
-    def _i32_as_f32(typingctx, i):  # noqa: ARG001
-        """Reinterpret the bits of an int32 as a float32 (vectorisable; no memory round trip)."""
-        sig = types.float32(types.int32)
+    def _bitcast(src: Any, dst: Any, llvm_type: Any) -> Any:
+        """An intrinsic reinterpreting the bits of a ``src`` as a ``dst`` (an LLVM bitcast:
+        vectorisable, no memory round trip); it builds 2^k from exponent bits in the exps."""
 
-        def codegen(context, builder, signature, args):  # noqa: ARG001
-            return builder.bitcast(args[0], ir.FloatType())
+        @intrinsic
+        def cast(typingctx, i):  # noqa: ARG001
+            def codegen(context, builder, signature, args):  # noqa: ARG001
+                return builder.bitcast(args[0], llvm_type)
 
-        return sig, codegen
+            return dst(src), codegen
+
+        return cast
+
+    _i32_as_f32 = _bitcast(types.int32, types.float32, ir.FloatType())
+    _i64_as_f64 = _bitcast(types.int64, types.float64, ir.DoubleType())
 
     _F = np.float32
     _LOG2E, _LN2_HI, _LN2_LO = _F(1.4426950408889634), _F(0.693359375), _F(-2.12194440e-4)
@@ -203,16 +209,6 @@ if NUMBA:
         if x == types.float32:
             return lambda x: exp32(x)
         return lambda x: math.exp(x)
-
-    @intrinsic
-    def _i64_as_f64(typingctx, i):  # noqa: ARG001
-        """Reinterpret the bits of an int64 as a float64 (vectorisable, as ``_i32_as_f32``)."""
-        sig = types.float64(types.int64)
-
-        def codegen(context, builder, signature, args):  # noqa: ARG001
-            return builder.bitcast(args[0], ir.DoubleType())
-
-        return sig, codegen
 
     _D = np.float64
     _D_LOG2E, _D_LN2 = _D(1.4426950408889634), _D(0.6931471805599453)

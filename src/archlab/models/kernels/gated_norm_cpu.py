@@ -21,11 +21,21 @@ from ._numba import NUMBA, kernel, parallel_for, warm_up_once
 __all__ = ["gated_rms_norm", "warm_up"]
 
 if NUMBA:
-    from ._numba import vsigmoid
+    from ._numba import helper, vsigmoid
 
     # the sigmoid is vsigmoid (float32 through a float64 exp: within 1 ulp, torch's within 2),
     # not one over exp32 (2 ulp in the exp): that error, times the gate's gradient summed into
     # in_proj's, came to 1e-5 against transformers' Mamba-2
+
+    @helper
+    def _normed_input(xr, s, gate_first, u):
+        """u = x * SiLU(gate) (gate first) or x (gate after): what the RMSNorm normalises."""
+        if gate_first:
+            for c in range(u.shape[0]):
+                u[c] = xr[c] * s[c]
+        else:
+            for c in range(u.shape[0]):
+                u[c] = xr[c]
 
     @kernel
     def _norm_fwd(lo, hi, x, gate, w, size, eps, gate_first, out):
@@ -39,12 +49,7 @@ if NUMBA:
                 xr, gr, orow = x[b, t], gate[b, t], out[b, t]
                 for c in range(C):
                     s[c] = gr[c] * vsigmoid(gr[c])
-                if gate_first:
-                    for c in range(C):
-                        u[c] = xr[c] * s[c]
-                else:
-                    for c in range(C):
-                        u[c] = xr[c]
+                _normed_input(xr, s, gate_first, u)
                 for g0 in range(0, C, size):
                     ss = 0.0  # the sums in float64: float32 rounding here showed in gradients
                     for c in range(g0, g0 + size):
@@ -77,12 +82,7 @@ if NUMBA:
                     sg = vsigmoid(gr[c])
                     s[c] = gr[c] * sg
                     ds[c] = sg * (one + gr[c] * (one - sg))
-                if gate_first:
-                    for c in range(C):
-                        u[c] = xr[c] * s[c]
-                else:
-                    for c in range(C):
-                        u[c] = xr[c]
+                _normed_input(xr, s, gate_first, u)
                 for g0 in range(0, C, size):
                     ss = 0.0
                     for c in range(g0, g0 + size):

@@ -53,22 +53,16 @@ def append_kv(cache: Tensor | None, new: Tensor) -> Tensor:
     S = 0
     if cache is not None:
         S = cache.shape[2]
-        st = cache.stride()
-        cap = st[1] // hd if hd else 0
+        cap = cache.untyped_storage().nbytes() // max(1, B * H * hd * cache.element_size())
         if (
-            cache.shape[:2] == (B, H)
-            and cache.shape[3] == hd
+            cache.shape == (B, H, S, hd)
             and cache.dtype == new.dtype
             and cache.device == new.device
             and cache.storage_offset() == 0
-            and st[3] == 1
-            and st[2] == hd
-            and st[1] == cap * hd
-            and (B == 1 or st[0] == H * cap * hd)
             and cap >= S + T
-            and cache.untyped_storage().nbytes() >= B * H * cap * hd * cache.element_size()
-        ):
-            grown = cache.as_strided((B, H, S + T, hd), st)
+            and cache.stride() == (H * cap * hd, cap * hd, hd, 1)
+        ):  # a prefix view of a (B, H, cap, hd) buffer: write into its room
+            grown = cache.as_strided((B, H, S + T, hd), cache.stride())
             grown[:, :, S:] = new
             return grown
     buf = new.new_empty(B, H, max(int((S + T) * KV_GROWTH), S + T + 16), hd)
@@ -125,13 +119,11 @@ class CausalSelfAttention(nn.Module):
         if state is not None:
             if "k" in state:
                 k_start = pos - state["k"].shape[2]
-                if self.window is None:  # grows in place (amortised), no copy per token
-                    k, v = append_kv(state["k"], k), append_kv(state["v"], v)
-                else:  # bounded by the window: concatenate and keep its last positions
-                    k = torch.cat([state["k"], k], dim=2)
-                    v = torch.cat([state["v"], v], dim=2)
-            elif self.window is None:
-                k, v = append_kv(None, k), append_kv(None, v)
+            if self.window is None:  # grows in place (amortised), no copy per token
+                k, v = append_kv(state.get("k"), k), append_kv(state.get("v"), v)
+            elif "k" in state:  # bounded by the window: concatenate and keep its last positions
+                k = torch.cat([state["k"], k], dim=2)
+                v = torch.cat([state["v"], v], dim=2)
             keep = k.shape[2] if self.window is None else min(k.shape[2], self.window)
             state["k"], state["v"] = k[:, :, -keep:], v[:, :, -keep:]
         drop = self.dropout if self.training else 0.0
